@@ -1,0 +1,1 @@
+//! Benchmarks: boot time, virtiofs throughput and metadata, store import.

@@ -1,0 +1,1 @@
+//! tvix-boot vmm.
