@@ -1,1 +1,40 @@
-fn main() {}
+//! `tvix-boot`: boot a microVM whose /nix/store is served from a content-addressed store.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod store_cmd;
+mod vm;
+
+#[derive(Parser)]
+#[command(name = "tvix-boot", version, about = "Boot a Linux microVM with /nix/store served from a content-addressed store")]
+struct Cli {
+    #[command(flatten)]
+    vm: vm::VmArgs,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with the content-addressed store.
+    Store(store_cmd::StoreArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TVIX_BOOT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Store(args)) => store_cmd::run(args),
+        None => vm::run(cli.vm),
+    }
+}
