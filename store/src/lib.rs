@@ -1,1 +1,24 @@
-//! tvix-boot store.
+//! The content-addressed store behind tvix-boot: the tvix castore model (blobs,
+//! directories, path info) with Nix's store paths and NAR format on top.
+//!
+//! Nothing here knows about VMs. The API is synchronous; see `runtime` for why.
+
+pub mod blobservice;
+pub mod castore;
+pub mod digest;
+pub mod directoryservice;
+pub mod import;
+pub mod kv;
+pub mod nar;
+pub mod nixbase32;
+pub mod pathinfo;
+pub mod proto;
+mod runtime;
+pub mod store;
+pub mod store_path;
+
+pub use castore::{Directory, Node, PathComponent};
+pub use digest::B3Digest;
+pub use pathinfo::PathInfo;
+pub use store::{Store, StoreAddrs, StoreError};
+pub use store_path::StorePath;

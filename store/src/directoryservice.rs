@@ -1,0 +1,127 @@
+//! Directories, addressed by the BLAKE3 digest of their protobuf encoding.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::castore::{Directory, ValidateError};
+use crate::digest::B3Digest;
+use crate::kv::{Kv, KvError};
+
+#[derive(Debug, Error)]
+pub enum DirectoryError {
+    #[error("directory {digest} is corrupt: its bytes hash to {actual}")]
+    Corrupt { digest: B3Digest, actual: B3Digest },
+    #[error("directory {digest} is invalid: {source}")]
+    Invalid {
+        digest: B3Digest,
+        source: ValidateError,
+    },
+    #[error("directory {digest} refers to child directory {child}, which is not in the store")]
+    MissingChild { digest: B3Digest, child: B3Digest },
+    #[error(transparent)]
+    Backend(#[from] KvError),
+}
+
+pub trait DirectoryService: Send + Sync {
+    /// `None` when absent; an error when present but corrupt or invalid.
+    fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, DirectoryError>;
+    fn has(&self, digest: &B3Digest) -> Result<bool, DirectoryError>;
+    /// Store a directory whose child directories are already stored (so a stored
+    /// directory's whole tree is always present: put leaves first).
+    fn put(&self, directory: &Directory) -> Result<B3Digest, DirectoryError>;
+}
+
+/// Directories in any key-value backend, keyed by digest.
+pub struct KvDirectoryService {
+    kv: Arc<dyn Kv>,
+}
+
+impl KvDirectoryService {
+    pub fn new(kv: Arc<dyn Kv>) -> Self {
+        Self { kv }
+    }
+}
+
+impl DirectoryService for KvDirectoryService {
+    fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, DirectoryError> {
+        let Some(bytes) = self.kv.get(digest.as_bytes())? else {
+            return Ok(None);
+        };
+        let actual = B3Digest::of(&bytes);
+        if actual != *digest {
+            return Err(DirectoryError::Corrupt {
+                digest: *digest,
+                actual,
+            });
+        }
+        Directory::decode(&bytes)
+            .map(Some)
+            .map_err(|source| DirectoryError::Invalid {
+                digest: *digest,
+                source,
+            })
+    }
+
+    fn has(&self, digest: &B3Digest) -> Result<bool, DirectoryError> {
+        Ok(self.kv.contains(digest.as_bytes())?)
+    }
+
+    fn put(&self, directory: &Directory) -> Result<B3Digest, DirectoryError> {
+        let bytes = directory.encode();
+        let digest = B3Digest::of(&bytes);
+        for (_, child) in directory.child_directories() {
+            if !self.has(child)? {
+                return Err(DirectoryError::MissingChild {
+                    digest,
+                    child: *child,
+                });
+            }
+        }
+        self.kv.put(digest.as_bytes(), Bytes::from(bytes))?;
+        Ok(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::castore::{Node, PathComponent};
+    use crate::kv::MemoryKv;
+
+    #[test]
+    fn put_get_and_closure_rule() {
+        let kv = Arc::new(MemoryKv::default());
+        let service = KvDirectoryService::new(kv.clone());
+        let leaf = Directory::new();
+        let mut parent = Directory::new();
+        let name = PathComponent::try_from(&b"leaf"[..]).unwrap();
+        parent
+            .add(
+                name,
+                Node::Directory {
+                    digest: leaf.digest(),
+                    size: 0,
+                },
+            )
+            .unwrap();
+
+        assert!(matches!(
+            service.put(&parent),
+            Err(DirectoryError::MissingChild { .. })
+        ));
+        assert_eq!(service.put(&leaf).unwrap(), leaf.digest());
+        let digest = service.put(&parent).unwrap();
+        assert_eq!(service.get(&digest).unwrap(), Some(parent));
+        assert_eq!(service.get(&B3Digest::of(b"nothing")).unwrap(), None);
+
+        // Bytes that do not hash to their key are refused, never decoded.
+        kv.put(digest.as_bytes(), Bytes::from_static(b"garbage"))
+            .unwrap();
+        assert!(matches!(
+            service.get(&digest),
+            Err(DirectoryError::Corrupt { .. })
+        ));
+    }
+}

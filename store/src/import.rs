@@ -1,0 +1,264 @@
+//! Importing host files into the store, giving the very store path `nix-store --add` gives.
+//!
+//! One pass over the tree: each file is read once, its bytes going both into a blob and
+//! into the SHA-256 of the tree's NAR, which names the store path.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::castore::{Directory, Node, PathComponent, ValidateError, validate_symlink_target};
+use crate::nar::{MAX_DEPTH, NarEmitter, NarHasher};
+use crate::pathinfo::{ContentAddress, PathInfo};
+use crate::proto::nar_info::ca::Hash as CaHash;
+use crate::store::{Store, StoreError};
+use crate::store_path::{StorePath, StorePathError};
+
+const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error("cannot import {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot import {path}: it is a {kind}, and the store holds only files, directories and symlinks"
+    )]
+    UnsupportedType { path: PathBuf, kind: &'static str },
+    #[error("cannot import {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: ValidateError,
+    },
+    #[error("cannot import {path}: its name does not make a valid store path name: {source}")]
+    BadName {
+        path: PathBuf,
+        source: StorePathError,
+    },
+    #[error("cannot import {path}: directories nest deeper than {MAX_DEPTH} levels")]
+    TooDeep { path: PathBuf },
+    #[error(
+        "cannot import {path}: the file changed size while being read ({expected} bytes expected)"
+    )]
+    Changed { path: PathBuf, expected: u64 },
+    #[error("cannot import {path}: {source}")]
+    Store { path: PathBuf, source: StoreError },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImportError + '_ {
+    move |source| ImportError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Import `path` (a directory, file or symlink; a symlink is stored as a symlink, as Nix
+/// does) and record its path info. `progress` is told how many file bytes were read.
+pub fn import_path(
+    store: &Store,
+    path: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<PathInfo, ImportError> {
+    let name = store_path_name(path)?;
+    fs::symlink_metadata(path).map_err(io_err(path))?;
+
+    let mut walker = Walker {
+        store,
+        nar: NarEmitter::new(NarHasher::default()).map_err(io_err(path))?,
+        progress,
+    };
+    let node = walker.node(path, 0)?;
+    let (nar_sha256, nar_size) = walker.nar.into_inner().finish();
+    let store_path =
+        StorePath::for_nar_sha256(&name, &nar_sha256).map_err(|source| ImportError::BadName {
+            path: path.to_owned(),
+            source,
+        })?;
+    let info = PathInfo {
+        store_path,
+        node,
+        references: Vec::new(),
+        nar_size,
+        nar_sha256,
+        signatures: Vec::new(),
+        deriver: None,
+        ca: Some(ContentAddress {
+            hash: CaHash::NarSha256,
+            digest: nar_sha256.to_vec().into(),
+        }),
+    };
+    store
+        .put_path_info(&info)
+        .map_err(|source| ImportError::Store {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(info)
+}
+
+/// The store path name Nix takes for `path`: its base name, after resolving `.` and `..`.
+fn store_path_name(path: &Path) -> Result<String, ImportError> {
+    let absolute = std::path::absolute(path).map_err(io_err(path))?;
+    let normalized: PathBuf = absolute.components().fold(PathBuf::new(), |mut acc, c| {
+        match c {
+            std::path::Component::ParentDir => {
+                acc.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => acc.push(other),
+        }
+        acc
+    });
+    let bad = |source| ImportError::BadName {
+        path: path.to_owned(),
+        source,
+    };
+    let name = normalized
+        .file_name()
+        .ok_or_else(|| bad(StorePathError::BadName(String::new())))?
+        .to_str()
+        .ok_or_else(|| bad(StorePathError::BadName(path.display().to_string())))?
+        .to_owned();
+    crate::store_path::validate_name(&name).map_err(bad)?;
+    Ok(name)
+}
+
+struct Walker<'a> {
+    store: &'a Store,
+    nar: NarEmitter<NarHasher>,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl Walker<'_> {
+    fn node(&mut self, path: &Path, depth: usize) -> Result<Node, ImportError> {
+        if depth > MAX_DEPTH {
+            return Err(ImportError::TooDeep {
+                path: path.to_owned(),
+            });
+        }
+        let meta = fs::symlink_metadata(path).map_err(io_err(path))?;
+        let file_type = meta.file_type();
+        if file_type.is_symlink() {
+            let target = fs::read_link(path).map_err(io_err(path))?;
+            let target = target.as_os_str().as_bytes();
+            validate_symlink_target(target).map_err(|source| ImportError::Invalid {
+                path: path.to_owned(),
+                source,
+            })?;
+            self.nar.symlink(target).map_err(io_err(path))?;
+            Ok(Node::Symlink {
+                target: bytes::Bytes::copy_from_slice(target),
+            })
+        } else if file_type.is_file() {
+            // Nix marks a file executable when its owner may execute it.
+            let executable = meta.permissions().mode() & 0o100 != 0;
+            self.file(path, meta.len(), executable)
+        } else if file_type.is_dir() {
+            self.directory(path, depth)
+        } else {
+            let kind = if file_type.is_socket() {
+                "socket"
+            } else if file_type.is_fifo() {
+                "named pipe"
+            } else if file_type.is_block_device() {
+                "block device"
+            } else if file_type.is_char_device() {
+                "character device"
+            } else {
+                "special file"
+            };
+            Err(ImportError::UnsupportedType {
+                path: path.to_owned(),
+                kind,
+            })
+        }
+    }
+
+    fn file(&mut self, path: &Path, size: u64, executable: bool) -> Result<Node, ImportError> {
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let blob_err = |e: crate::blobservice::BlobError| ImportError::Store {
+            path: path.to_owned(),
+            source: e.into(),
+        };
+        let mut blob = self.store.blobs.writer().map_err(blob_err)?;
+        self.nar
+            .start_file(executable, size)
+            .map_err(io_err(path))?;
+        let mut buf = vec![0u8; READ_CHUNK.min(size as usize + 1)];
+        let mut total = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(path)(e)),
+            };
+            total += n as u64;
+            if total > size {
+                break;
+            }
+            blob.write_all(&buf[..n]).map_err(io_err(path))?;
+            self.nar.contents(&buf[..n]).map_err(io_err(path))?;
+            (self.progress)(n as u64);
+        }
+        if total != size {
+            return Err(ImportError::Changed {
+                path: path.to_owned(),
+                expected: size,
+            });
+        }
+        self.nar.end_file(size).map_err(io_err(path))?;
+        let digest = blob.close().map_err(blob_err)?;
+        Ok(Node::File {
+            digest,
+            size,
+            executable,
+        })
+    }
+
+    fn directory(&mut self, path: &Path, depth: usize) -> Result<Node, ImportError> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(path).map_err(io_err(path))? {
+            names.push(entry.map_err(io_err(path))?.file_name());
+        }
+        // NAR and castore both order entries by their bytes.
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+
+        self.nar.start_directory().map_err(io_err(path))?;
+        let mut directory = Directory::new();
+        for name in names {
+            let child_path = path.join(&name);
+            let component = PathComponent::try_from(name.as_bytes()).map_err(|source| {
+                ImportError::Invalid {
+                    path: child_path.clone(),
+                    source,
+                }
+            })?;
+            self.nar
+                .start_entry(name.as_bytes())
+                .map_err(io_err(path))?;
+            let child = self.node(&child_path, depth + 1)?;
+            self.nar.close().map_err(io_err(path))?;
+            directory
+                .add(component, child)
+                .map_err(|source| ImportError::Invalid {
+                    path: child_path,
+                    source,
+                })?;
+        }
+        self.nar.close().map_err(io_err(path))?;
+        let size = directory.size();
+        let digest = self
+            .store
+            .directories
+            .put(&directory)
+            .map_err(|e| ImportError::Store {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+        Ok(Node::Directory { digest, size })
+    }
+}

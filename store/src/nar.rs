@@ -1,0 +1,448 @@
+//! NAR, the Nix archive format: rendering store nodes as NAR bytes identical to
+//! `nix-store --dump`, and ingesting NAR streams with strict validation.
+//!
+//! Written here rather than taken from a crate: the tvix implementation (nix-compat) is not
+//! published on crates.io, and ingestion must stream file contents straight into blobs
+//! while hashing, with byte offsets in every error.
+
+use std::io::{self, Read, Write};
+
+use sha2::{Digest as _, Sha256};
+use thiserror::Error;
+
+use crate::blobservice::{BlobError, BlobService};
+use crate::castore::{Directory, Node, PathComponent, ValidateError, validate_symlink_target};
+use crate::digest::B3Digest;
+use crate::directoryservice::{DirectoryError, DirectoryService};
+
+const MAGIC: &[u8] = b"nix-archive-1";
+/// Longest token ingestion accepts; the longest valid one is a 4095-byte symlink target.
+const MAX_TOKEN_LEN: u64 = 4096;
+/// Directory nesting deeper than this is refused rather than risking the stack.
+pub const MAX_DEPTH: usize = 1024;
+const COPY_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, Error)]
+pub enum NarError {
+    #[error("NAR ends early at byte {offset}")]
+    UnexpectedEof { offset: u64 },
+    #[error("NAR byte {offset}: expected {expected}, found {found:?}")]
+    UnexpectedToken {
+        offset: u64,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("NAR byte {offset}: a token of {len} bytes is longer than any valid one")]
+    TokenTooLong { offset: u64, len: u64 },
+    #[error("NAR byte {offset}: padding is not zero")]
+    NonZeroPadding { offset: u64 },
+    #[error("NAR byte {offset}: {source}")]
+    Invalid { offset: u64, source: ValidateError },
+    #[error("NAR byte {offset}: entry {name:?} is not sorted after {previous:?}")]
+    EntryOrder {
+        offset: u64,
+        name: String,
+        previous: String,
+    },
+    #[error("NAR byte {offset}: directories nest deeper than {MAX_DEPTH} levels")]
+    TooDeep { offset: u64 },
+    #[error("NAR has trailing data after byte {offset}")]
+    TrailingData { offset: u64 },
+    #[error("reading NAR: {0}")]
+    Io(#[from] io::Error),
+    #[error("blob {digest} of the tree is missing from the store")]
+    MissingBlob { digest: B3Digest },
+    #[error("directory {digest} of the tree is missing from the store")]
+    MissingDirectory { digest: B3Digest },
+    #[error("blob {digest} changed size: expected {expected} bytes, got {actual}")]
+    BlobSize {
+        digest: B3Digest,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+}
+
+fn padding(len: u64) -> usize {
+    ((8 - len % 8) % 8) as usize
+}
+
+/// Emits NAR tokens in order. The caller drives the tree walk, so the same emitter serves
+/// rendering from the store and hashing a host tree during import.
+pub struct NarEmitter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> NarEmitter<W> {
+    pub fn new(mut out: W) -> io::Result<Self> {
+        write_str(&mut out, MAGIC)?;
+        Ok(Self { out })
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    pub fn symlink(&mut self, target: &[u8]) -> io::Result<()> {
+        self.tokens(&[b"(", b"type", b"symlink", b"target", target, b")"])
+    }
+
+    /// Starts a regular file of `size` bytes; follow with `contents` and `end_file`.
+    pub fn start_file(&mut self, executable: bool, size: u64) -> io::Result<()> {
+        self.tokens(&[b"(", b"type", b"regular"])?;
+        if executable {
+            self.tokens(&[b"executable", b""])?;
+        }
+        self.tokens(&[b"contents"])?;
+        self.out.write_all(&size.to_le_bytes())
+    }
+
+    pub fn contents(&mut self, data: &[u8]) -> io::Result<()> {
+        self.out.write_all(data)
+    }
+
+    pub fn end_file(&mut self, size: u64) -> io::Result<()> {
+        self.out.write_all(&[0u8; 8][..padding(size)])?;
+        self.tokens(&[b")"])
+    }
+
+    pub fn start_directory(&mut self) -> io::Result<()> {
+        self.tokens(&[b"(", b"type", b"directory"])
+    }
+
+    pub fn start_entry(&mut self, name: &[u8]) -> io::Result<()> {
+        self.tokens(&[b"entry", b"(", b"name", name, b"node"])
+    }
+
+    /// Ends an entry or a directory: both close with ")".
+    pub fn close(&mut self) -> io::Result<()> {
+        self.tokens(&[b")"])
+    }
+
+    fn tokens(&mut self, tokens: &[&[u8]]) -> io::Result<()> {
+        for token in tokens {
+            write_str(&mut self.out, token)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_str(out: &mut impl Write, data: &[u8]) -> io::Result<()> {
+    out.write_all(&(data.len() as u64).to_le_bytes())?;
+    out.write_all(data)?;
+    out.write_all(&[0u8; 8][..padding(data.len() as u64)])
+}
+
+/// Write the NAR of `node` (a store path's root) to `out`.
+pub fn render_nar(
+    node: &Node,
+    blobs: &dyn BlobService,
+    directories: &dyn DirectoryService,
+    out: impl Write,
+) -> Result<(), NarError> {
+    let mut nar = NarEmitter::new(out)?;
+    render_node(&mut nar, node, blobs, directories)
+}
+
+fn render_node<W: Write>(
+    nar: &mut NarEmitter<W>,
+    node: &Node,
+    blobs: &dyn BlobService,
+    directories: &dyn DirectoryService,
+) -> Result<(), NarError> {
+    match node {
+        Node::Symlink { target } => nar.symlink(target)?,
+        Node::File {
+            digest,
+            size,
+            executable,
+        } => {
+            let blob = blobs
+                .open(digest)?
+                .ok_or(NarError::MissingBlob { digest: *digest })?;
+            if blob.size() != *size {
+                return Err(NarError::BlobSize {
+                    digest: *digest,
+                    expected: *size,
+                    actual: blob.size(),
+                });
+            }
+            nar.start_file(*executable, *size)?;
+            let mut buf = vec![0u8; COPY_CHUNK.min(*size as usize)];
+            let mut offset = 0u64;
+            while offset < *size {
+                let n = blob.read_at(&mut buf, offset)?;
+                if n == 0 {
+                    return Err(NarError::BlobSize {
+                        digest: *digest,
+                        expected: *size,
+                        actual: offset,
+                    });
+                }
+                nar.contents(&buf[..n])?;
+                offset += n as u64;
+            }
+            nar.end_file(*size)?;
+        }
+        Node::Directory { digest, .. } => {
+            let directory = directories
+                .get(digest)?
+                .ok_or(NarError::MissingDirectory { digest: *digest })?;
+            nar.start_directory()?;
+            for (name, child) in directory.entries() {
+                nar.start_entry(name.as_bytes())?;
+                render_node(nar, child, blobs, directories)?;
+                nar.close()?;
+            }
+            nar.close()?;
+        }
+    }
+    Ok(())
+}
+
+/// SHA-256 and length of a byte stream, as Nix records them for a NAR.
+#[derive(Default)]
+pub struct NarHasher {
+    sha256: Sha256,
+    len: u64,
+}
+
+impl NarHasher {
+    pub fn finish(self) -> ([u8; 32], u64) {
+        (self.sha256.finalize().into(), self.len)
+    }
+}
+
+impl Write for NarHasher {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sha256.update(buf);
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What ingesting a NAR produced.
+#[derive(Debug)]
+pub struct IngestedNar {
+    pub node: Node,
+    pub nar_sha256: [u8; 32],
+    pub nar_size: u64,
+}
+
+/// Parse a NAR from `input`, storing its files as blobs and its directories, and return the
+/// root node with the NAR's hash and size. The stream must hold exactly one NAR. On error,
+/// blobs and directories already written stay as unreferenced garbage: nothing points at
+/// them, so the store stays consistent.
+pub fn ingest_nar(
+    input: impl Read,
+    blobs: &dyn BlobService,
+    directories: &dyn DirectoryService,
+) -> Result<IngestedNar, NarError> {
+    let mut reader = NarReader {
+        input,
+        hasher: NarHasher::default(),
+        blobs,
+        directories,
+    };
+    reader.expect(MAGIC, "the NAR magic \"nix-archive-1\"")?;
+    let node = reader.node(0)?;
+    let mut probe = [0u8; 1];
+    if reader.input.read(&mut probe)? != 0 {
+        return Err(NarError::TrailingData {
+            offset: reader.hasher.len,
+        });
+    }
+    let (nar_sha256, nar_size) = reader.hasher.finish();
+    Ok(IngestedNar {
+        node,
+        nar_sha256,
+        nar_size,
+    })
+}
+
+struct NarReader<'a, R> {
+    input: R,
+    hasher: NarHasher,
+    blobs: &'a dyn BlobService,
+    directories: &'a dyn DirectoryService,
+}
+
+impl<R: Read> NarReader<'_, R> {
+    fn offset(&self) -> u64 {
+        self.hasher.len
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), NarError> {
+        match self.input.read_exact(buf) {
+            Ok(()) => {
+                self.hasher.write_all(buf)?;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(NarError::UnexpectedEof {
+                offset: self.offset(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn read_u64(&mut self) -> Result<u64, NarError> {
+        let mut buf = [0u8; 8];
+        self.read_exact(&mut buf)?;
+        Ok(u64::from_le_bytes(buf))
+    }
+
+    fn read_padding(&mut self, len: u64) -> Result<(), NarError> {
+        let mut pad = [0u8; 8];
+        let pad = &mut pad[..padding(len)];
+        let offset = self.offset();
+        self.read_exact(pad)?;
+        if pad.iter().any(|b| *b != 0) {
+            return Err(NarError::NonZeroPadding { offset });
+        }
+        Ok(())
+    }
+
+    fn read_token(&mut self) -> Result<Vec<u8>, NarError> {
+        let offset = self.offset();
+        let len = self.read_u64()?;
+        if len > MAX_TOKEN_LEN {
+            return Err(NarError::TokenTooLong { offset, len });
+        }
+        let mut token = vec![0u8; len as usize];
+        self.read_exact(&mut token)?;
+        self.read_padding(len)?;
+        Ok(token)
+    }
+
+    fn expect(&mut self, token: &[u8], expected: &'static str) -> Result<(), NarError> {
+        let offset = self.offset();
+        let found = self.read_token()?;
+        if found != token {
+            return Err(NarError::UnexpectedToken {
+                offset,
+                expected,
+                found: String::from_utf8_lossy(&found).into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn node(&mut self, depth: usize) -> Result<Node, NarError> {
+        if depth > MAX_DEPTH {
+            return Err(NarError::TooDeep {
+                offset: self.offset(),
+            });
+        }
+        self.expect(b"(", "\"(\"")?;
+        self.expect(b"type", "\"type\"")?;
+        let offset = self.offset();
+        let node = match self.read_token()?.as_slice() {
+            b"regular" => self.regular()?,
+            b"symlink" => {
+                self.expect(b"target", "\"target\"")?;
+                let offset = self.offset();
+                let target = self.read_token()?;
+                validate_symlink_target(&target)
+                    .map_err(|source| NarError::Invalid { offset, source })?;
+                Node::Symlink {
+                    target: target.into(),
+                }
+            }
+            b"directory" => return self.directory(depth),
+            other => {
+                return Err(NarError::UnexpectedToken {
+                    offset,
+                    expected: "a node type (regular, symlink, directory)",
+                    found: String::from_utf8_lossy(other).into(),
+                });
+            }
+        };
+        self.expect(b")", "\")\"")?;
+        Ok(node)
+    }
+
+    fn regular(&mut self) -> Result<Node, NarError> {
+        let offset = self.offset();
+        let executable = match self.read_token()?.as_slice() {
+            b"executable" => {
+                self.expect(b"", "an empty string after \"executable\"")?;
+                self.expect(b"contents", "\"contents\"")?;
+                true
+            }
+            b"contents" => false,
+            other => {
+                return Err(NarError::UnexpectedToken {
+                    offset,
+                    expected: "\"executable\" or \"contents\"",
+                    found: String::from_utf8_lossy(other).into(),
+                });
+            }
+        };
+        let size = self.read_u64()?;
+        let mut writer = self.blobs.writer()?;
+        let mut buf = vec![0u8; COPY_CHUNK.min(size as usize)];
+        let mut remaining = size;
+        while remaining > 0 {
+            let chunk = &mut buf[..remaining.min(COPY_CHUNK as u64) as usize];
+            self.read_exact(chunk)?;
+            writer.write_all(chunk)?;
+            remaining -= chunk.len() as u64;
+        }
+        let digest = writer.close()?;
+        self.read_padding(size)?;
+        Ok(Node::File {
+            digest,
+            size,
+            executable,
+        })
+    }
+
+    fn directory(&mut self, depth: usize) -> Result<Node, NarError> {
+        let mut directory = Directory::new();
+        let mut previous: Option<PathComponent> = None;
+        loop {
+            let offset = self.offset();
+            match self.read_token()?.as_slice() {
+                b")" => break,
+                b"entry" => {}
+                other => {
+                    return Err(NarError::UnexpectedToken {
+                        offset,
+                        expected: "\"entry\" or \")\"",
+                        found: String::from_utf8_lossy(other).into(),
+                    });
+                }
+            }
+            self.expect(b"(", "\"(\"")?;
+            self.expect(b"name", "\"name\"")?;
+            let offset = self.offset();
+            let name = PathComponent::try_from(bytes::Bytes::from(self.read_token()?))
+                .map_err(|source| NarError::Invalid { offset, source })?;
+            if let Some(previous) = &previous
+                && previous >= &name
+            {
+                return Err(NarError::EntryOrder {
+                    offset,
+                    name: name.to_string(),
+                    previous: previous.to_string(),
+                });
+            }
+            self.expect(b"node", "\"node\"")?;
+            let child = self.node(depth + 1)?;
+            self.expect(b")", "\")\"")?;
+            directory
+                .add(name.clone(), child)
+                .map_err(|source| NarError::Invalid { offset, source })?;
+            previous = Some(name);
+        }
+        let size = directory.size();
+        let digest = self.directories.put(&directory)?;
+        Ok(Node::Directory { digest, size })
+    }
+}

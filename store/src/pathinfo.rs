@@ -1,0 +1,419 @@
+//! Path info: what the store knows about a store path — its root node, NAR hash and size,
+//! references, signatures, deriver and content address.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use thiserror::Error;
+
+use crate::castore::{Node, ValidateError};
+use crate::kv::{Kv, KvError};
+use crate::nixbase32;
+use crate::proto::{self, nar_info::ca::Hash as CaHash};
+use crate::store_path::{DIGEST_LEN, StorePath, StorePathError};
+
+#[derive(Debug, Error)]
+pub enum PathInfoError {
+    #[error("path info has no root node")]
+    MissingNode,
+    #[error("path info has no narinfo")]
+    MissingNarInfo,
+    #[error("root node name {name:?} is not a store path: {source}")]
+    BadRootName {
+        name: String,
+        source: StorePathError,
+    },
+    #[error("root node is invalid: {0}")]
+    BadNode(#[from] ValidateError),
+    #[error("NAR sha256 must have 32 bytes, got {0}")]
+    BadNarSha256(usize),
+    #[error("reference {index} has {len} bytes, expected {DIGEST_LEN}")]
+    BadReferenceDigest { index: usize, len: usize },
+    #[error("reference name {name:?} is invalid: {source}")]
+    BadReferenceName {
+        name: String,
+        source: StorePathError,
+    },
+    #[error("references ({digests}) and reference names ({names}) disagree")]
+    ReferenceMismatch { digests: usize, names: usize },
+    #[error("deriver is invalid: {0}")]
+    BadDeriver(StorePathError),
+    #[error("content address {0:?} is not understood")]
+    BadCa(String),
+    #[error("stored path info for {key} cannot be decoded: {source}")]
+    Decode {
+        key: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("stored path info under {key} describes {found}")]
+    WrongKey { key: String, found: StorePath },
+    #[error(transparent)]
+    Backend(#[from] KvError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signature {
+    pub name: String,
+    pub data: Bytes,
+}
+
+impl fmt::Display for Signature {
+    /// As in a .narinfo `Sig:` line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}",
+            self.name,
+            data_encoding::BASE64.encode(&self.data)
+        )
+    }
+}
+
+/// A content address, as in Nix's `CA:` field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentAddress {
+    pub hash: CaHash,
+    pub digest: Bytes,
+}
+
+impl ContentAddress {
+    fn prefix_and_algo(hash: CaHash) -> (&'static str, &'static str) {
+        match hash {
+            CaHash::NarSha256 => ("fixed:r:", "sha256"),
+            CaHash::NarSha1 => ("fixed:r:", "sha1"),
+            CaHash::NarSha512 => ("fixed:r:", "sha512"),
+            CaHash::NarMd5 => ("fixed:r:", "md5"),
+            CaHash::TextSha256 => ("text:", "sha256"),
+            CaHash::FlatSha1 => ("fixed:", "sha1"),
+            CaHash::FlatMd5 => ("fixed:", "md5"),
+            CaHash::FlatSha256 => ("fixed:", "sha256"),
+            CaHash::FlatSha512 => ("fixed:", "sha512"),
+        }
+    }
+
+    fn digest_len(algo: &str) -> usize {
+        match algo {
+            "md5" => 16,
+            "sha1" => 20,
+            "sha256" => 32,
+            _ => 64,
+        }
+    }
+}
+
+impl fmt::Display for ContentAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (prefix, algo) = Self::prefix_and_algo(self.hash);
+        write!(f, "{prefix}{algo}:{}", nixbase32::encode(&self.digest))
+    }
+}
+
+impl std::str::FromStr for ContentAddress {
+    type Err = PathInfoError;
+    fn from_str(s: &str) -> Result<Self, PathInfoError> {
+        let bad = || PathInfoError::BadCa(s.to_owned());
+        let all = [
+            CaHash::NarSha256,
+            CaHash::NarSha1,
+            CaHash::NarSha512,
+            CaHash::NarMd5,
+            CaHash::TextSha256,
+            CaHash::FlatSha1,
+            CaHash::FlatMd5,
+            CaHash::FlatSha256,
+            CaHash::FlatSha512,
+        ];
+        for hash in all {
+            let (prefix, algo) = Self::prefix_and_algo(hash);
+            if let Some(encoded) = s
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix(algo))
+                .and_then(|r| r.strip_prefix(':'))
+            {
+                let digest =
+                    nixbase32::decode(encoded, Self::digest_len(algo)).map_err(|_| bad())?;
+                return Ok(Self {
+                    hash,
+                    digest: digest.into(),
+                });
+            }
+        }
+        Err(bad())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathInfo {
+    pub store_path: StorePath,
+    pub node: Node,
+    pub references: Vec<StorePath>,
+    pub nar_size: u64,
+    pub nar_sha256: [u8; 32],
+    pub signatures: Vec<Signature>,
+    pub deriver: Option<StorePath>,
+    pub ca: Option<ContentAddress>,
+}
+
+impl PathInfo {
+    pub fn to_proto(&self) -> proto::PathInfo {
+        proto::PathInfo {
+            node: Some(self.node.to_proto(self.store_path.to_basename().into())),
+            references: self
+                .references
+                .iter()
+                .map(|r| Bytes::copy_from_slice(r.digest()))
+                .collect(),
+            narinfo: Some(proto::NarInfo {
+                nar_size: self.nar_size,
+                nar_sha256: Bytes::copy_from_slice(&self.nar_sha256),
+                signatures: self
+                    .signatures
+                    .iter()
+                    .map(|s| proto::nar_info::Signature {
+                        name: s.name.clone(),
+                        data: s.data.clone(),
+                    })
+                    .collect(),
+                reference_names: self.references.iter().map(StorePath::to_basename).collect(),
+                // tvix stores the deriver without its ".drv" suffix.
+                deriver: self.deriver.as_ref().map(|d| proto::StorePath {
+                    name: d.name().strip_suffix(".drv").unwrap_or(d.name()).to_owned(),
+                    digest: Bytes::copy_from_slice(d.digest()),
+                }),
+                ca: self.ca.as_ref().map(|ca| proto::nar_info::Ca {
+                    r#type: ca.hash as i32,
+                    digest: ca.digest.clone(),
+                }),
+            }),
+        }
+    }
+}
+
+impl TryFrom<proto::PathInfo> for PathInfo {
+    type Error = PathInfoError;
+
+    fn try_from(info: proto::PathInfo) -> Result<Self, PathInfoError> {
+        let (name, node) = Node::from_proto(info.node.ok_or(PathInfoError::MissingNode)?)?;
+        let name = String::from_utf8_lossy(&name).into_owned();
+        let store_path = StorePath::from_basename(&name)
+            .map_err(|source| PathInfoError::BadRootName { name, source })?;
+        let narinfo = info.narinfo.ok_or(PathInfoError::MissingNarInfo)?;
+        let nar_sha256 = narinfo
+            .nar_sha256
+            .as_ref()
+            .try_into()
+            .map_err(|_| PathInfoError::BadNarSha256(narinfo.nar_sha256.len()))?;
+        if info.references.len() != narinfo.reference_names.len() {
+            return Err(PathInfoError::ReferenceMismatch {
+                digests: info.references.len(),
+                names: narinfo.reference_names.len(),
+            });
+        }
+        let mut references = Vec::with_capacity(info.references.len());
+        for (index, (digest, name)) in info
+            .references
+            .iter()
+            .zip(&narinfo.reference_names)
+            .enumerate()
+        {
+            if digest.len() != DIGEST_LEN {
+                return Err(PathInfoError::BadReferenceDigest {
+                    index,
+                    len: digest.len(),
+                });
+            }
+            let reference = StorePath::from_basename(name).map_err(|source| {
+                PathInfoError::BadReferenceName {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+            if reference.digest()[..] != digest[..] {
+                return Err(PathInfoError::ReferenceMismatch {
+                    digests: index,
+                    names: index,
+                });
+            }
+            references.push(reference);
+        }
+        let deriver = narinfo
+            .deriver
+            .map(|d| {
+                let digest: [u8; DIGEST_LEN] = d.digest.as_ref().try_into().map_err(|_| {
+                    PathInfoError::BadDeriver(StorePathError::TooShort(format!(
+                        "{} digest bytes",
+                        d.digest.len()
+                    )))
+                })?;
+                StorePath::new(digest, &format!("{}.drv", d.name))
+                    .map_err(PathInfoError::BadDeriver)
+            })
+            .transpose()?;
+        let ca = narinfo
+            .ca
+            .map(|ca| {
+                let hash = CaHash::try_from(ca.r#type)
+                    .map_err(|_| PathInfoError::BadCa(format!("type {}", ca.r#type)))?;
+                Ok::<_, PathInfoError>(ContentAddress {
+                    hash,
+                    digest: ca.digest,
+                })
+            })
+            .transpose()?;
+        Ok(PathInfo {
+            store_path,
+            node,
+            references,
+            nar_size: narinfo.nar_size,
+            nar_sha256,
+            signatures: narinfo
+                .signatures
+                .into_iter()
+                .map(|s| Signature {
+                    name: s.name,
+                    data: s.data,
+                })
+                .collect(),
+            deriver,
+            ca,
+        })
+    }
+}
+
+pub trait PathInfoService: Send + Sync {
+    /// Look a path up by the 20-byte digest in its name.
+    fn get(&self, digest: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, PathInfoError>;
+    fn put(&self, info: &PathInfo) -> Result<(), PathInfoError>;
+    fn list(&self) -> Result<Vec<PathInfo>, PathInfoError>;
+}
+
+/// Path info in any key-value backend, keyed by the store path digest.
+pub struct KvPathInfoService {
+    kv: Arc<dyn Kv>,
+}
+
+impl KvPathInfoService {
+    pub fn new(kv: Arc<dyn Kv>) -> Self {
+        Self { kv }
+    }
+
+    fn decode(key: &[u8], bytes: &[u8]) -> Result<PathInfo, PathInfoError> {
+        let key_text = nixbase32::encode(key);
+        let decode_err = |source: Box<dyn std::error::Error + Send + Sync>| PathInfoError::Decode {
+            key: key_text.clone(),
+            source,
+        };
+        let proto = proto::PathInfo::decode(bytes).map_err(|e| decode_err(Box::new(e)))?;
+        let info = PathInfo::try_from(proto).map_err(|e| decode_err(Box::new(e)))?;
+        if info.store_path.digest()[..] != *key {
+            return Err(PathInfoError::WrongKey {
+                key: key_text,
+                found: info.store_path,
+            });
+        }
+        Ok(info)
+    }
+}
+
+impl PathInfoService for KvPathInfoService {
+    fn get(&self, digest: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, PathInfoError> {
+        self.kv
+            .get(digest)?
+            .map(|bytes| Self::decode(digest, &bytes))
+            .transpose()
+    }
+
+    fn put(&self, info: &PathInfo) -> Result<(), PathInfoError> {
+        self.kv.put(
+            info.store_path.digest(),
+            info.to_proto().encode_to_vec().into(),
+        )?;
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<PathInfo>, PathInfoError> {
+        let mut infos = Vec::new();
+        for key in self.kv.keys()? {
+            if let Some(bytes) = self.kv.get(&key)? {
+                infos.push(Self::decode(&key, &bytes)?);
+            }
+        }
+        infos.sort_by(|a, b| {
+            a.store_path
+                .name()
+                .cmp(b.store_path.name())
+                .then(a.store_path.cmp(&b.store_path))
+        });
+        Ok(infos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::B3Digest;
+    use crate::kv::MemoryKv;
+
+    fn sample() -> PathInfo {
+        let reference = StorePath::from_basename("00bgd045z0d4icpbc2yyz4gx48ak44la-dep").unwrap();
+        PathInfo {
+            store_path: StorePath::from_basename("1b1w9l4x2ay6hy4bdwiqy2m0rhcjgd20-hello").unwrap(),
+            node: Node::File {
+                digest: B3Digest::of(b"x"),
+                size: 1,
+                executable: true,
+            },
+            references: vec![reference],
+            nar_size: 120,
+            nar_sha256: [7; 32],
+            signatures: vec![Signature {
+                name: "cache.example-1".into(),
+                data: Bytes::from_static(&[1; 64]),
+            }],
+            deriver: Some(
+                StorePath::from_basename("2c3w9l4x2ay6hy4bdwiqy2m0rhcjgd20-hello.drv").unwrap(),
+            ),
+            ca: Some(
+                "fixed:r:sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
+                    .parse()
+                    .unwrap(),
+            ),
+        }
+    }
+
+    #[test]
+    fn proto_roundtrip_and_service() {
+        let info = sample();
+        assert_eq!(PathInfo::try_from(info.to_proto()).unwrap(), info);
+        assert_eq!(
+            info.ca.as_ref().unwrap().to_string(),
+            "fixed:r:sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
+        );
+
+        let service = KvPathInfoService::new(Arc::new(MemoryKv::default()));
+        service.put(&info).unwrap();
+        assert_eq!(
+            service.get(info.store_path.digest()).unwrap(),
+            Some(info.clone())
+        );
+        assert_eq!(service.get(&[0; 20]).unwrap(), None);
+        assert_eq!(service.list().unwrap(), vec![info]);
+    }
+
+    #[test]
+    fn rejects_inconsistent_references() {
+        let mut proto = sample().to_proto();
+        proto.references[0] = Bytes::from_static(&[9; 20]);
+        assert!(matches!(
+            PathInfo::try_from(proto.clone()),
+            Err(PathInfoError::ReferenceMismatch { .. })
+        ));
+        proto.references.clear();
+        assert!(matches!(
+            PathInfo::try_from(proto),
+            Err(PathInfoError::ReferenceMismatch { .. })
+        ));
+    }
+}

@@ -1,0 +1,305 @@
+//! The store: blob, directory and path-info services opened from addresses, and the
+//! operations that span them.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::blobservice::{BlobError, BlobService, MemoryBlobService, ObjectStoreBlobService};
+use crate::castore::Node;
+use crate::directoryservice::{DirectoryError, DirectoryService, KvDirectoryService};
+use crate::kv::{Kv, KvError, ObjectStoreKv, RedbKv, shared_memory_kv};
+use crate::nar::{IngestedNar, NarError, ingest_nar, render_nar};
+use crate::pathinfo::{KvPathInfoService, PathInfo, PathInfoError, PathInfoService};
+use crate::store_path::StorePath;
+
+pub const BLOB_SERVICE_ADDR_ENV: &str = "BLOB_SERVICE_ADDR";
+pub const DIRECTORY_SERVICE_ADDR_ENV: &str = "DIRECTORY_SERVICE_ADDR";
+pub const PATH_INFO_SERVICE_ADDR_ENV: &str = "PATH_INFO_SERVICE_ADDR";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("invalid {service} service address {url:?}: {reason}")]
+    BadAddress {
+        service: &'static str,
+        url: String,
+        reason: String,
+    },
+    #[error("cannot find a data directory for the embedded store: set XDG_DATA_HOME or HOME")]
+    NoDataDir,
+    #[error("cannot create store directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} refers to {what}, which is not in the store")]
+    Incomplete { path: StorePath, what: String },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error(transparent)]
+    PathInfo(#[from] PathInfoError),
+    #[error(transparent)]
+    Nar(#[from] NarError),
+    #[error(transparent)]
+    Backend(#[from] KvError),
+}
+
+/// Where the three services live, as URLs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreAddrs {
+    pub blob: String,
+    pub directory: String,
+    pub path_info: String,
+}
+
+impl StoreAddrs {
+    /// The embedded persistent store under the user's data directory. Every part is a
+    /// directory of files written by atomic rename, so several tvix-boot processes (a VM and
+    /// an import, say) can use it at once, with no daemon.
+    pub fn embedded() -> Result<Self, StoreError> {
+        let data_home = std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|h| PathBuf::from(h).join(".local/share"))
+            })
+            .ok_or(StoreError::NoDataDir)?;
+        Ok(Self::in_directory(&data_home.join("tvix-boot")))
+    }
+
+    /// A file-based store in `root`.
+    pub fn in_directory(root: &Path) -> Self {
+        let url = |part: &str| format!("objectstore+file://{}", root.join(part).display());
+        Self {
+            blob: url("blobs"),
+            directory: url("directories"),
+            path_info: url("pathinfo"),
+        }
+    }
+
+    pub fn memory() -> Self {
+        Self {
+            blob: "memory://".into(),
+            directory: "memory://".into(),
+            path_info: "memory://".into(),
+        }
+    }
+}
+
+pub struct Store {
+    pub blobs: Arc<dyn BlobService>,
+    pub directories: Arc<dyn DirectoryService>,
+    pub path_infos: Arc<dyn PathInfoService>,
+}
+
+enum Backend {
+    Memory(String),
+    LocalObjectStore(PathBuf),
+    MemoryObjectStore,
+    Redb(PathBuf),
+}
+
+fn parse_address(service: &'static str, url: &str) -> Result<Backend, StoreError> {
+    let bad = |reason: &str| StoreError::BadAddress {
+        service,
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    let absolute_path = || {
+        if parsed.host_str().is_some_and(|h| !h.is_empty()) {
+            return Err(bad(
+                "a file path needs three slashes, as in scheme:///abs/path",
+            ));
+        }
+        let path = PathBuf::from(parsed.path());
+        if !path.is_absolute() || parsed.path().len() <= 1 {
+            return Err(bad("needs an absolute path, as in scheme:///abs/path"));
+        }
+        Ok(path)
+    };
+    match parsed.scheme() {
+        "memory" => Ok(Backend::Memory(format!(
+            "{}{}",
+            parsed.host_str().unwrap_or(""),
+            parsed.path()
+        ))),
+        "objectstore+file" => Ok(Backend::LocalObjectStore(absolute_path()?)),
+        "objectstore+memory" => Ok(Backend::MemoryObjectStore),
+        "redb" if service != "blob" => Ok(Backend::Redb(absolute_path()?)),
+        "redb" => Err(bad("redb holds directories and path info, not blobs")),
+        other => Err(bad(&format!(
+            "unknown scheme {other:?}; supported: memory://, objectstore+file:///path, objectstore+memory://{}",
+            if service == "blob" {
+                ""
+            } else {
+                ", redb:///path"
+            }
+        ))),
+    }
+}
+
+fn create_dir(path: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn local_object_store(
+    path: &Path,
+    service: &'static str,
+    url: &str,
+) -> Result<Arc<object_store::local::LocalFileSystem>, StoreError> {
+    create_dir(path)?;
+    object_store::local::LocalFileSystem::new_with_prefix(path)
+        .map(Arc::new)
+        .map_err(|e| StoreError::BadAddress {
+            service,
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+fn open_kv(
+    service: &'static str,
+    url: &str,
+    redb_table: &'static str,
+) -> Result<Arc<dyn Kv>, StoreError> {
+    Ok(match parse_address(service, url)? {
+        Backend::Memory(name) => shared_memory_kv(&format!("{service}:{name}")),
+        Backend::LocalObjectStore(path) => Arc::new(ObjectStoreKv::new(
+            local_object_store(&path, service, url)?,
+            url,
+        )),
+        Backend::MemoryObjectStore => Arc::new(ObjectStoreKv::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            url,
+        )),
+        Backend::Redb(path) => {
+            if let Some(parent) = path.parent() {
+                create_dir(parent)?;
+            }
+            Arc::new(RedbKv::open(&path, redb_table)?)
+        }
+    })
+}
+
+pub fn open_blob_service(url: &str) -> Result<Arc<dyn BlobService>, StoreError> {
+    Ok(match parse_address("blob", url)? {
+        Backend::Memory(_) => Arc::new(MemoryBlobService::default()),
+        Backend::LocalObjectStore(path) => {
+            let store = local_object_store(&path, "blob", url)?;
+            Arc::new(ObjectStoreBlobService::new(store, url, Some(path)))
+        }
+        Backend::MemoryObjectStore => Arc::new(ObjectStoreBlobService::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            url,
+            None,
+        )),
+        Backend::Redb(_) => unreachable!("parse_address refuses redb for blobs"),
+    })
+}
+
+pub fn open_directory_service(url: &str) -> Result<Arc<dyn DirectoryService>, StoreError> {
+    Ok(Arc::new(KvDirectoryService::new(open_kv(
+        "directory",
+        url,
+        "directories",
+    )?)))
+}
+
+pub fn open_path_info_service(url: &str) -> Result<Arc<dyn PathInfoService>, StoreError> {
+    Ok(Arc::new(KvPathInfoService::new(open_kv(
+        "path info",
+        url,
+        "pathinfo",
+    )?)))
+}
+
+impl Store {
+    pub fn open(addrs: &StoreAddrs) -> Result<Self, StoreError> {
+        Ok(Self {
+            blobs: open_blob_service(&addrs.blob)?,
+            directories: open_directory_service(&addrs.directory)?,
+            path_infos: open_path_info_service(&addrs.path_info)?,
+        })
+    }
+
+    /// A fresh store that lives only in this process.
+    pub fn memory() -> Self {
+        Self {
+            blobs: Arc::new(MemoryBlobService::default()),
+            directories: Arc::new(KvDirectoryService::new(Arc::new(
+                crate::kv::MemoryKv::default(),
+            ))),
+            path_infos: Arc::new(KvPathInfoService::new(Arc::new(
+                crate::kv::MemoryKv::default(),
+            ))),
+        }
+    }
+
+    /// Record `info`, after checking that the content it points to is in the store (the
+    /// directory service guarantees a stored directory's whole tree is present).
+    pub fn put_path_info(&self, info: &PathInfo) -> Result<(), StoreError> {
+        let present = match &info.node {
+            Node::Directory { digest, .. } => self.directories.has(digest)?,
+            Node::File { digest, .. } => self.blobs.has(digest)?,
+            Node::Symlink { .. } => true,
+        };
+        if !present {
+            return Err(StoreError::Incomplete {
+                path: info.store_path.clone(),
+                what: format!("{:?}", info.node),
+            });
+        }
+        self.path_infos.put(info)?;
+        Ok(())
+    }
+
+    pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
+        Ok(self
+            .path_infos
+            .get(path.digest())?
+            .filter(|info| info.store_path == *path))
+    }
+
+    pub fn write_nar(&self, node: &Node, out: impl Write) -> Result<(), StoreError> {
+        Ok(render_nar(node, &*self.blobs, &*self.directories, out)?)
+    }
+
+    /// Ingest one NAR: blobs and directories are stored, no path info is written.
+    pub fn ingest_nar(&self, input: impl Read) -> Result<IngestedNar, StoreError> {
+        Ok(ingest_nar(input, &*self.blobs, &*self.directories)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        for (url, ok) in [
+            ("memory://", true),
+            ("objectstore+file:///tmp/x", true),
+            ("objectstore+file://tmp/x", false),
+            ("objectstore+file://", false),
+            ("objectstore+memory://", true),
+            ("redb:///tmp/x.redb", true),
+            ("s4://bucket", false),
+            ("not a url", false),
+        ] {
+            assert_eq!(parse_address("directory", url).is_ok(), ok, "{url}");
+        }
+        assert!(parse_address("blob", "redb:///tmp/x").is_err());
+        let err = open_blob_service("bogus://x").err().unwrap().to_string();
+        assert!(err.contains("bogus://x") && err.contains("blob"), "{err}");
+    }
+}
