@@ -1,12 +1,137 @@
 //! Booting a VM from the command line: a thin layer over the vmm crate.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use tvix_boot_vmm::{Console, Vm, VmConfig, VmExit};
+
+/// Arguments every guest gets; `--cmdline` / CH_CMDLINE are appended (later arguments
+/// win in Linux, so they can override these).
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Exit status when the guest kernel panicked (VMM errors exit with 1).
+const GUEST_PANIC_STATUS: u8 = 2;
 
 /// Flags that describe the VM to boot.
 #[derive(clap::Args)]
-pub struct VmArgs {}
+pub struct VmArgs {
+    /// Guest kernel, vmlinux (ELF) or bzImage. Default: the kernel built by
+    /// boot/kernel/build.sh ($XDG_CACHE_HOME/tvix-boot/kernel/current/vmlinux).
+    #[arg(long, env = "TVIX_BOOT_KERNEL", value_name = "PATH")]
+    kernel: Option<PathBuf>,
 
-pub fn run(_args: VmArgs) -> ExitCode {
-    eprintln!("tvix-boot: booting a VM is not implemented yet");
-    ExitCode::FAILURE
+    /// initramfs (cpio archive, optionally compressed) for the guest.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Extra kernel command-line arguments, appended to the defaults
+    /// ("console=ttyS0 reboot=k panic=-1").
+    #[arg(long, env = "CH_CMDLINE", value_name = "STR")]
+    cmdline: Option<String>,
+
+    /// Number of vCPUs.
+    #[arg(long, env = "CH_NUM_CPUS", value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(tvix_boot_vmm::MAX_VCPUS)))]
+    cpus: u8,
+
+    /// Guest memory: bytes, or with a K, M, G or T suffix (e.g. 512M, 1G).
+    #[arg(long, env = "CH_MEM_SIZE", value_name = "SIZE", default_value = "512M",
+          value_parser = parse_size)]
+    memory: u64,
+}
+
+pub fn run(args: VmArgs) -> ExitCode {
+    let kernel = match args.kernel.or_else(default_kernel) {
+        Some(kernel) => kernel,
+        None => {
+            eprintln!(
+                "tvix-boot: no guest kernel: pass --kernel PATH, set TVIX_BOOT_KERNEL, or build \
+                 one with boot/kernel/build.sh"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut cmdline = DEFAULT_CMDLINE.to_owned();
+    if let Some(extra) = args
+        .cmdline
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let config = VmConfig {
+        kernel,
+        initrd: args.initrd,
+        cmdline,
+        vcpus: args.cpus,
+        mem_size: args.memory,
+        console: Console::Stdio,
+    };
+
+    let result = Vm::new(config).and_then(Vm::run);
+    match result {
+        Ok(VmExit::PowerOff | VmExit::Reset) => ExitCode::SUCCESS,
+        Ok(VmExit::Panic) => {
+            eprintln!("tvix-boot: the guest kernel panicked");
+            ExitCode::from(GUEST_PANIC_STATUS)
+        }
+        Err(e) => {
+            eprintln!("tvix-boot: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The kernel boot/kernel/build.sh maintains, if it exists.
+fn default_kernel() -> Option<PathBuf> {
+    let cache_root = match std::env::var_os("TVIX_BOOT_CACHE") {
+        Some(root) => PathBuf::from(root),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?
+            .join("tvix-boot"),
+    };
+    Some(cache_root.join("kernel/current/vmlinux"))
+}
+
+/// Parses "512M", "1G", "1024K", "1073741824"; an optional "B"/"iB" after the
+/// unit is accepted (units are powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let without_b = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (digits, shift) = match without_b.char_indices().last() {
+        Some((i, 'k')) => (&without_b[..i], 10),
+        Some((i, 'm')) => (&without_b[..i], 20),
+        Some((i, 'g')) => (&without_b[..i], 30),
+        Some((i, 't')) => (&without_b[..i], 40),
+        _ => (without_b, 0),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 512M or 1G"))?;
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_size("64MB"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

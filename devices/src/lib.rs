@@ -1,1 +1,17 @@
-//! tvix-boot devices.
+//! Emulated devices for tvix-boot guests.
+//!
+//! Every device implements [`bus::BusDevice`] and is registered on a port-I/O or MMIO
+//! [`bus::Bus`] by the VMM, which also decides where it lives (all addresses are in the
+//! vmm crate's memory layout). Devices that end the VM (reset, power-off, panic) report
+//! that through an [`exit::ExitNotifier`].
+
+pub mod acpi_sleep;
+pub mod bus;
+pub mod exit;
+pub mod i8042;
+pub mod pvpanic;
+pub mod serial;
+pub mod terminal;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use exit::{ExitNotifier, GuestExit};

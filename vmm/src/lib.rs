@@ -1,1 +1,24 @@
-//! tvix-boot vmm.
+//! tvix-boot's virtual machine monitor: a KVM microVM that boots a Linux kernel.
+//!
+//! ```no_run
+//! use tvix_boot_vmm::{Console, Vm, VmConfig};
+//! let config = VmConfig {
+//!     initrd: Some("initrd.cpio".into()),
+//!     cmdline: "console=ttyS0 reboot=k panic=-1".into(),
+//!     vcpus: 2,
+//!     mem_size: 512 << 20,
+//!     ..VmConfig::new("vmlinux")
+//! };
+//! let exit = Vm::new(config)?.run()?;
+//! println!("guest stopped: {exit:?}");
+//! # Ok::<(), tvix_boot_vmm::VmError>(())
+//! ```
+
+pub mod arch;
+mod vcpu;
+mod vm;
+
+pub use tvix_boot_devices::GuestExit as VmExit;
+pub use tvix_boot_devices::bus::{BusDevice, SharedDevice};
+pub use vcpu::VcpuError;
+pub use vm::{Console, MAX_VCPUS, MmioSlot, Vm, VmConfig, VmError};

@@ -1,0 +1,294 @@
+//! The 16550 UART at COM1, backed by vm-superio, wired to the host's stdout and stdin.
+//!
+//! Interrupts matter: Linux's 8250 driver sends user-space output from its
+//! transmit-holding-register-empty (THRE) interrupt, so without one only the first
+//! character of each write would ever appear.
+
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{BusDevice, lock};
+
+/// Number of byte registers a 16550 decodes.
+pub const REGISTER_COUNT: u64 = 8;
+
+/// What Linux prints first when it panics; see [`ConsoleOutput`].
+const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
+
+/// Raises the UART's interrupt line: an eventfd registered with KVM as an irqfd.
+pub struct IrqTrigger(EventFd);
+
+impl IrqTrigger {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self(irqfd)
+    }
+}
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where guest console bytes go, watching them for the kernel's panic banner.
+///
+/// The pvpanic device is the reliable way to learn about a guest panic, but it needs
+/// the guest kernel's PVPANIC driver. Seeing the banner on the console, followed by the
+/// reset that `panic=-1` triggers, is the fallback for kernels without it.
+pub struct ConsoleOutput {
+    out: Box<dyn Write + Send>,
+    matched: usize,
+    panic_seen: Arc<AtomicBool>,
+}
+
+impl ConsoleOutput {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self {
+            out,
+            matched: 0,
+            panic_seen: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Becomes true once the panic banner went by.
+    pub fn panic_seen(&self) -> Arc<AtomicBool> {
+        self.panic_seen.clone()
+    }
+
+    fn watch(&mut self, byte: u8) {
+        // The marker's first byte does not occur in the rest of it, so on a mismatch
+        // the only possible new partial match is this byte starting over.
+        if byte == PANIC_MARKER[self.matched] {
+            self.matched += 1;
+        } else {
+            self.matched = usize::from(byte == PANIC_MARKER[0]);
+        }
+        if self.matched == PANIC_MARKER.len() {
+            self.panic_seen.store(true, Ordering::Relaxed);
+            self.matched = 0;
+        }
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        buf.iter().for_each(|&b| self.watch(b));
+        self.out.write_all(buf)?;
+        // The guest writes a byte at a time; interactive prompts have no newline.
+        self.out.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// COM1 as seen by the guest.
+pub struct SerialConsole {
+    uart: Serial<IrqTrigger, NoEvents, ConsoleOutput>,
+}
+
+impl SerialConsole {
+    pub fn new(irq: IrqTrigger, out: ConsoleOutput) -> Self {
+        Self {
+            uart: Serial::new(irq, out),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn queue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        self.uart
+            .enqueue_raw_bytes(&bytes[..room])
+            .unwrap_or_else(|e| {
+                tracing::warn!("serial: could not queue input: {e:?}");
+                0
+            })
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = u8::try_from(offset).map_or(0, |o| self.uart.read(o));
+        data.fill(value);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Ok(offset), [value]) = (u8::try_from(offset), data) else {
+            return;
+        };
+        if let Err(e) = self.uart.write(offset, *value) {
+            // Losing console output (host stdout closed) must not kill the guest.
+            tracing::debug!("serial: write to register {offset}: {e:?}");
+        }
+    }
+}
+
+/// Forwards the host's stdin to the guest's COM1 until `stop` is set or stdin ends.
+pub fn forward_stdin(
+    console: Arc<Mutex<SerialConsole>>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("serial-stdin".into())
+        .spawn(move || {
+            if let Err(e) = forward_input(&io::stdin(), &console, &stop) {
+                tracing::warn!("serial: reading stdin: {e}");
+            }
+        })
+}
+
+fn forward_input(
+    input: &impl AsRawFd,
+    console: &Mutex<SerialConsole>,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    const POLL_INTERVAL_MS: i32 = 50;
+    let fd = input.as_raw_fd();
+    let mut buf = [0u8; 64];
+    // Bytes read but not yet taken by the guest: buf[start..end].
+    let (mut start, mut end) = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        if start < end {
+            start += lock(console).queue_input(&buf[start..end]);
+            if start < end {
+                // The guest has not drained its FIFO yet.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            continue;
+        }
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pollfd` is a valid, exclusively borrowed array of one pollfd for the
+        // duration of the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, POLL_INTERVAL_MS) };
+        if ready < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if ready == 0 {
+            continue;
+        }
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes and `fd` stays open
+        // for as long as `input` is borrowed.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => return Ok(()), // end of input
+            n if n < 0 => {
+                let err = io::Error::last_os_error();
+                if !matches!(
+                    err.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) {
+                    return Err(err);
+                }
+            }
+            n => (start, end) = (0, n as usize),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Write` whose bytes the test can look at afterwards.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const THR: u64 = 0;
+    const IER: u64 = 1;
+    const IER_THR_EMPTY: u8 = 0x02;
+    const LSR: u64 = 5;
+    const LSR_DATA_READY: u8 = 0x01;
+
+    fn console() -> (SerialConsole, Capture, EventFd, Arc<AtomicBool>) {
+        let capture = Capture::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let out = ConsoleOutput::new(Box::new(capture.clone()));
+        let panic_seen = out.panic_seen();
+        let console = SerialConsole::new(IrqTrigger::new(irq.try_clone().unwrap()), out);
+        (console, capture, irq, panic_seen)
+    }
+
+    #[test]
+    fn output_reaches_the_writer_and_raises_thre_interrupt() {
+        let (mut uart, capture, irq, _) = console();
+        uart.write(IER, &[IER_THR_EMPTY]);
+        for b in b"hi\n" {
+            uart.write(THR, &[*b]);
+        }
+        assert_eq!(&*capture.0.lock().unwrap(), b"hi\n");
+        assert!(irq.read().unwrap() > 0, "THRE interrupt was raised");
+    }
+
+    #[test]
+    fn input_is_readable_by_the_guest() {
+        let (mut uart, _, _, _) = console();
+        assert_eq!(uart.queue_input(b"ab"), 2);
+        let mut lsr = [0];
+        uart.read(LSR, &mut lsr);
+        assert_ne!(lsr[0] & LSR_DATA_READY, 0);
+        let mut byte = [0];
+        uart.read(THR, &mut byte);
+        assert_eq!(byte, [b'a']);
+    }
+
+    #[test]
+    fn panic_banner_is_noticed() {
+        let (mut uart, _, _, panic_seen) = console();
+        for b in b"[ 1.0] KKernel panic - not syncing: Attempted to kill init!" {
+            uart.write(THR, &[*b]);
+        }
+        assert!(panic_seen.load(Ordering::Relaxed));
+        let (mut uart, _, _, panic_seen) = console();
+        for b in b"Kernel panic - not" {
+            uart.write(THR, &[*b]);
+        }
+        assert!(!panic_seen.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn stdin_forwarding_stops_at_end_of_input() {
+        let (uart, _, _, _) = console();
+        let uart = Mutex::new(uart);
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        writer.write_all(b"x").unwrap();
+        drop(writer);
+        forward_input(&reader, &uart, &AtomicBool::new(false)).unwrap();
+        let mut byte = [0];
+        uart.lock().unwrap().read(THR, &mut byte);
+        assert_eq!(byte, [b'x']);
+    }
+}

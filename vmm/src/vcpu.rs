@@ -1,0 +1,183 @@
+//! One thread per vCPU: run the vCPU, dispatch its I/O exits to the buses, stop when
+//! the guest or the VMM says so.
+
+use std::sync::Arc;
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use tvix_boot_devices::{Bus, ExitNotifier, GuestExit};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {index}: KVM_RUN failed: {source}")]
+    Run {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM could not enter the guest (hardware reason {reason:#x})")]
+    FailEntry { index: u8, reason: u64 },
+    #[error("vCPU {index}: KVM internal error (the guest did something KVM cannot emulate)")]
+    Internal { index: u8 },
+    #[error("vCPU {index}: unexpected exit {exit}")]
+    UnexpectedExit { index: u8, exit: String },
+    #[error("vCPU {index}: thread could not be started: {source}")]
+    Spawn { index: u8, source: std::io::Error },
+    #[error("vCPU {index}: thread panicked")]
+    Panicked { index: u8 },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+}
+
+/// The signal that interrupts KVM_RUN so a vCPU thread notices it should stop.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result =
+            register_signal_handler(kick_signal(), ignore_kick).map_err(VcpuError::SignalHandler);
+    });
+    result
+}
+
+/// What a vCPU thread needs besides its fd.
+#[derive(Clone)]
+pub(crate) struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: ExitNotifier,
+    pub stop: Arc<AtomicBool>,
+}
+
+pub(crate) struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+}
+
+/// Value an unclaimed port or MMIO read returns, as on an open bus.
+const OPEN_BUS: u8 = 0xff;
+
+impl Vcpu {
+    fn run(mut self, ctx: VcpuContext) -> Result<(), VcpuError> {
+        let index = self.index;
+        while !ctx.stop.load(Ordering::Acquire) && ctx.exit.reason().is_none() {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !ctx.pio.read(u64::from(port), data) {
+                        data.fill(OPEN_BUS);
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !ctx.pio.write(u64::from(port), data) {
+                        tracing::trace!("vCPU {index}: write to unclaimed port {port:#x}");
+                    }
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !ctx.mmio.read(addr, data) {
+                        tracing::debug!("vCPU {index}: read from unclaimed MMIO {addr:#x}");
+                        data.fill(OPEN_BUS);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !ctx.mmio.write(addr, data) {
+                        tracing::debug!("vCPU {index}: write to unclaimed MMIO {addr:#x}");
+                    }
+                }
+                // A triple fault; also Linux's `reboot=t`.
+                Ok(VcpuExit::Shutdown) => ctx.exit.request(GuestExit::Reset),
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ctx.exit.request(GuestExit::PowerOff),
+                    KVM_SYSTEM_EVENT_RESET => ctx.exit.request(GuestExit::Reset),
+                    KVM_SYSTEM_EVENT_CRASH => ctx.exit.request(GuestExit::Panic),
+                    other => {
+                        return Err(VcpuError::UnexpectedExit {
+                            index,
+                            exit: format!("system event {other}"),
+                        });
+                    }
+                },
+                Ok(VcpuExit::Intr) => {}
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    return Err(VcpuError::FailEntry { index, reason });
+                }
+                Ok(VcpuExit::InternalError) => return Err(VcpuError::Internal { index }),
+                Ok(other) => {
+                    return Err(VcpuError::UnexpectedExit {
+                        index,
+                        exit: format!("{other:?}"),
+                    });
+                }
+                Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {}
+                Err(source) => return Err(VcpuError::Run { index, source }),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running vCPU thread.
+pub(crate) struct VcpuThread {
+    index: u8,
+    handle: JoinHandle<Result<(), VcpuError>>,
+}
+
+/// Starts `vcpu` on its own thread. When it ends for any reason it wakes the VMM.
+pub(crate) fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> Result<VcpuThread, VcpuError> {
+    install_kick_handler()?;
+    let index = vcpu.index;
+    let handle = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            let exit = ctx.exit.clone();
+            // Wake the VMM however this thread ends, panics included.
+            struct WakeOnDrop(ExitNotifier);
+            impl Drop for WakeOnDrop {
+                fn drop(&mut self) {
+                    self.0.wake();
+                }
+            }
+            let _wake = WakeOnDrop(exit);
+            vcpu.run(ctx)
+        })
+        .map_err(|source| VcpuError::Spawn { index, source })?;
+    Ok(VcpuThread { index, handle })
+}
+
+/// Stops and joins all vCPU threads (`stop` must already be set), returning the first
+/// error any of them ended with.
+pub(crate) fn stop_all(threads: Vec<VcpuThread>) -> Result<(), VcpuError> {
+    // A vCPU may be inside KVM_RUN (e.g. halted) and only a signal gets it out. A kick
+    // that lands just before it re-enters KVM_RUN is lost, so keep kicking until it is
+    // gone.
+    const KICK_INTERVAL: Duration = Duration::from_millis(1);
+    let mut first_error = Ok(());
+    for thread in threads {
+        while !thread.handle.is_finished() {
+            // Fails only if the thread is already gone.
+            let _ = thread.handle.kill(kick_signal());
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        let result = thread.handle.join().unwrap_or(Err(VcpuError::Panicked {
+            index: thread.index,
+        }));
+        if let Err(e) = result {
+            tracing::error!("{e}");
+            if first_error.is_ok() {
+                first_error = Err(e);
+            }
+        }
+    }
+    first_error
+}

@@ -1,0 +1,709 @@
+//! The VM: KVM setup, guest memory, devices, boot and the run/stop lifecycle.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use tvix_boot_devices::acpi_sleep::AcpiSleepRegister;
+use tvix_boot_devices::bus::SharedDevice;
+use tvix_boot_devices::i8042::{self, I8042};
+use tvix_boot_devices::pvpanic::PvPanic;
+use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole};
+use tvix_boot_devices::terminal::RawTerminal;
+use tvix_boot_devices::{Bus, BusError, ExitNotifier, GuestExit};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::acpi::{self, AcpiConfig, AcpiError, MmioDeviceInfo};
+use crate::arch::x86_64::boot::{self, BootError, LoadedInitrd, LoadedKernel};
+use crate::arch::x86_64::regs::{self, EntryMode, RegsError};
+use crate::arch::x86_64::{cpuid, layout, mptable};
+use crate::vcpu::{self, Vcpu, VcpuContext, VcpuError};
+
+/// Most vCPUs we create: APIC ids are 8 bits in the MADT and MP table, and one id
+/// goes to the IOAPIC.
+pub const MAX_VCPUS: u8 = 254;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {source} (is KVM available and accessible to this user?)")]
+    OpenKvm { source: kvm_ioctls::Error },
+    #[error("/dev/kvm lacks {0:?}, which tvix-boot needs")]
+    MissingCapability(Cap),
+    #[error("KVM {ioctl} failed: {source}")]
+    Kvm {
+        ioctl: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{requested} vCPUs requested; between 1 and {max} are supported")]
+    VcpuCount { requested: u8, max: u8 },
+    #[error("{requested} bytes of guest memory is too little; at least {min} MiB are needed")]
+    TooLittleMemory { requested: u64, min: u64 },
+    #[error("cannot allocate {size} bytes of guest memory: {source}")]
+    AllocateMemory {
+        size: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot register device: {0}")]
+    Bus(#[from] BusError),
+    #[error("all {slots} virtio-mmio slots are taken")]
+    NoVirtioMmioSlot { slots: u64 },
+    #[error("cannot create {what} eventfd: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the terminal: {0}")]
+    Terminal(std::io::Error),
+    #[error("cannot start the stdin forwarding thread: {0}")]
+    StdinThread(std::io::Error),
+    #[error("no guest was loaded into the VM")]
+    NothingToBoot,
+    #[error("waiting for the guest to stop: {0}")]
+    Wait(std::io::Error),
+}
+
+fn kvm_error(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { ioctl, source }
+}
+
+/// Where the guest's serial console goes.
+pub enum Console {
+    /// The host's stdout, and stdin as input (raw mode while running if it is a
+    /// terminal).
+    Stdio,
+    /// Output to a writer, no input (tests, embedding).
+    Writer(Box<dyn Write + Send>),
+}
+
+/// What to boot and with which resources.
+pub struct VmConfig {
+    /// vmlinux (ELF) or bzImage.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line, complete (virtio-mmio devices are appended to it).
+    pub cmdline: String,
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    pub console: Console,
+}
+
+impl VmConfig {
+    /// One vCPU, 512 MiB, console on stdio, empty command line.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_size: 512 << 20,
+            console: Console::Stdio,
+        }
+    }
+}
+
+/// Where a virtio-mmio device was placed.
+#[derive(Clone, Copy, Debug)]
+pub struct MmioSlot {
+    pub addr: u64,
+    pub len: u64,
+    pub irq: u32,
+}
+
+/// How vCPU 0 starts.
+enum BootEntry {
+    Linux {
+        kernel: LoadedKernel,
+        initrd: Option<LoadedInitrd>,
+        cmdline: String,
+    },
+    /// Flat 32-bit protected mode at `entry`, no boot tables (tiny test guests).
+    #[cfg(test)]
+    Flat32 { entry: u64 },
+}
+
+/// A VM that has been set up and can be run once.
+pub struct Vm {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    memory: GuestMemoryMmap,
+    vcpu_count: u8,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: ExitNotifier,
+    serial: Arc<Mutex<SerialConsole>>,
+    panic_on_console: Arc<AtomicBool>,
+    stdio: bool,
+    virtio_mmio: Vec<MmioDeviceInfo>,
+    /// What vCPU 0 runs; set by the constructor that loaded a guest.
+    entry: Option<BootEntry>,
+}
+
+impl Vm {
+    /// Checks the configuration, creates the VM and loads kernel and initrd. Nothing
+    /// runs yet; every input error is reported here.
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        if config.mem_size < layout::MIN_MEMORY {
+            return Err(VmError::TooLittleMemory {
+                requested: config.mem_size,
+                min: layout::MIN_MEMORY >> 20,
+            });
+        }
+        boot::check_kernel_format(&config.kernel)?;
+        // Parse early: a bad command line is an input error too.
+        boot::build_cmdline(&config.cmdline)?;
+
+        let mut vm = Self::create(config.vcpus, config.mem_size, config.console)?;
+        let kernel = boot::load_kernel(&vm.memory, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&vm.memory, path, kernel.end)?),
+            None => None,
+        };
+        vm.entry = Some(BootEntry::Linux {
+            kernel,
+            initrd,
+            cmdline: config.cmdline,
+        });
+        Ok(vm)
+    }
+
+    /// The machine without a guest: KVM VM, irqchip, PIT, memory, legacy devices.
+    fn create(vcpus: u8, mem_size: u64, console: Console) -> Result<Self, VmError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount {
+                requested: vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
+        for cap in [
+            Cap::Irqchip,
+            Cap::Irqfd,
+            Cap::Pit2,
+            Cap::UserMemory,
+            Cap::ExtCpuid,
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(cap));
+            }
+        }
+        let max_vcpus = kvm.get_max_vcpus().min(usize::from(MAX_VCPUS));
+        if usize::from(vcpus) > max_vcpus {
+            return Err(VmError::VcpuCount {
+                requested: vcpus,
+                max: max_vcpus as u8,
+            });
+        }
+
+        let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_START as usize)
+            .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
+        // The PIT drives the PC speaker on port 0x61; a dummy speaker keeps that port
+        // inside KVM too.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(kvm_error("KVM_CREATE_PIT2"))?;
+
+        let memory = create_memory(&vm_fd, mem_size)?;
+
+        let exit = ExitNotifier::new().map_err(|source| VmError::EventFd {
+            what: "exit",
+            source,
+        })?;
+        let serial_irq = irqfd(&vm_fd, layout::SERIAL_IRQ, "serial interrupt")?;
+        let (output, stdio): (Box<dyn Write + Send>, bool) = match console {
+            Console::Stdio => (Box::new(std::io::stdout()), true),
+            Console::Writer(writer) => (writer, false),
+        };
+        let output = ConsoleOutput::new(output);
+        let panic_on_console = output.panic_seen();
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            IrqTrigger::new(serial_irq),
+            output,
+        )));
+
+        let pio = Arc::new(Bus::new());
+        pio.insert(
+            "serial (COM1)",
+            layout::SERIAL_PORT.into(),
+            serial::REGISTER_COUNT,
+            serial.clone(),
+        )?;
+        pio.insert(
+            "i8042",
+            layout::I8042_DATA_PORT.into(),
+            i8042::PORT_RANGE_LEN,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+        pio.insert(
+            "ACPI sleep register",
+            layout::ACPI_SLEEP_PORT.into(),
+            1,
+            Arc::new(Mutex::new(AcpiSleepRegister::new(exit.clone()))),
+        )?;
+        pio.insert(
+            "pvpanic",
+            layout::PVPANIC_PORT.into(),
+            1,
+            Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+        )?;
+
+        Ok(Self {
+            kvm,
+            vm_fd,
+            memory,
+            vcpu_count: vcpus,
+            pio,
+            mmio: Arc::new(Bus::new()),
+            exit,
+            serial,
+            panic_on_console,
+            stdio,
+            virtio_mmio: Vec::new(),
+            entry: None,
+        })
+    }
+
+    /// Guest memory, for devices that read and write it (virtio queues).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Places a virtio-mmio device in the next free slot: `make` gets the slot and an
+    /// eventfd that raises the slot's interrupt, and returns the device. The device is
+    /// announced to the guest on the command line and in the DSDT.
+    pub fn add_virtio_mmio_device(
+        &mut self,
+        make: impl FnOnce(MmioSlot, EventFd) -> SharedDevice,
+    ) -> Result<MmioSlot, VmError> {
+        let index = self.virtio_mmio.len() as u64;
+        let (addr, irq) = layout::virtio_mmio_slot(index).ok_or(VmError::NoVirtioMmioSlot {
+            slots: layout::VIRTIO_MMIO_SLOTS,
+        })?;
+        let slot = MmioSlot {
+            addr,
+            len: layout::VIRTIO_MMIO_SLOT_SIZE,
+            irq,
+        };
+        let interrupt = irqfd(&self.vm_fd, irq, "virtio-mmio interrupt")?;
+        let device = make(slot, interrupt);
+        self.mmio
+            .insert(&format!("virtio-mmio slot {index}"), addr, slot.len, device)?;
+        self.virtio_mmio.push(MmioDeviceInfo {
+            addr,
+            len: slot.len,
+            irq,
+        });
+        Ok(slot)
+    }
+
+    /// Writes boot tables, starts the vCPUs and waits until the guest powers off,
+    /// resets or panics. All vCPU threads are stopped and joined before it returns.
+    pub fn run(mut self) -> Result<GuestExit, VmError> {
+        let (entry, mode) = self.write_boot_state()?;
+        let vcpus = self.create_vcpus(entry, mode)?;
+
+        // Raw mode only while the guest runs; dropped (restored) on every return path.
+        let _raw_terminal = if self.stdio {
+            RawTerminal::enable_if_tty().map_err(VmError::Terminal)?
+        } else {
+            None
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stdin_thread = if self.stdio {
+            Some(
+                serial::forward_stdin(self.serial.clone(), stop.clone())
+                    .map_err(VmError::StdinThread)?,
+            )
+        } else {
+            None
+        };
+
+        let ctx = VcpuContext {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            exit: self.exit.clone(),
+            stop: stop.clone(),
+        };
+        let mut threads = Vec::with_capacity(vcpus.len());
+        let mut result = Ok(());
+        for vcpu in vcpus {
+            match vcpu::spawn(vcpu, ctx.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            // Woken by a device's exit request or by a vCPU thread ending.
+            result = self.exit.wait().map_err(VmError::Wait);
+        }
+
+        stop.store(true, Ordering::Release);
+        let vcpu_result = vcpu::stop_all(threads);
+        if let Some(thread) = stdin_thread
+            && thread.join().is_err()
+        {
+            tracing::warn!("the stdin forwarding thread panicked");
+        }
+        result?;
+
+        match self.exit.reason() {
+            // `panic=-1` turns a panic into a reset; without pvpanic in the guest
+            // kernel, the banner on the console is how we know.
+            Some(GuestExit::Reset) if self.panic_on_console.load(Ordering::Relaxed) => {
+                Ok(GuestExit::Panic)
+            }
+            Some(reason) => Ok(reason),
+            None => {
+                vcpu_result?;
+                // Every vCPU ended without an error and without a guest request:
+                // only possible if one stopped on its own, which is a bug.
+                Err(VmError::Vcpu(VcpuError::UnexpectedExit {
+                    index: 0,
+                    exit: "vCPU stopped without a reason".into(),
+                }))
+            }
+        }
+    }
+
+    /// Writes everything the guest reads at boot; returns vCPU 0's entry point.
+    fn write_boot_state(&mut self) -> Result<(u64, EntryMode), VmError> {
+        let Some(entry) = &self.entry else {
+            return Err(VmError::NothingToBoot);
+        };
+        match entry {
+            BootEntry::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let mut cmdline = boot::build_cmdline(cmdline)?;
+                for (index, device) in self.virtio_mmio.iter().enumerate() {
+                    cmdline
+                        .add_virtio_mmio_device(
+                            device.len,
+                            GuestAddress(device.addr),
+                            device.irq,
+                            Some(index as u32),
+                        )
+                        .map_err(|source| BootError::Cmdline {
+                            max: layout::CMDLINE_MAX_SIZE,
+                            source,
+                        })?;
+                }
+                boot::write_boot_params(&self.memory, kernel, *initrd, &cmdline)?;
+                let vcpu_count = u32::from(self.vcpu_count);
+                mptable::write(&self.memory, vcpu_count)?;
+                acpi::write_tables(
+                    &self.memory,
+                    &AcpiConfig {
+                        vcpu_count,
+                        virtio_mmio: &self.virtio_mmio,
+                    },
+                )?;
+                Ok((kernel.entry, EntryMode::Linux64))
+            }
+            #[cfg(test)]
+            BootEntry::Flat32 { entry } => Ok((*entry, EntryMode::Flat32)),
+        }
+    }
+
+    fn create_vcpus(&self, entry: u64, mode: EntryMode) -> Result<Vec<Vcpu>, VmError> {
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+        (0..self.vcpu_count)
+            .map(|index| {
+                let fd = self
+                    .vm_fd
+                    .create_vcpu(u64::from(index))
+                    .map_err(kvm_error("KVM_CREATE_VCPU"))?;
+                let mut cpuid = supported.clone();
+                cpuid::normalize(&mut cpuid, u32::from(index), u32::from(self.vcpu_count));
+                fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+                regs::setup_msrs(&fd)?;
+                regs::setup_fpu(&fd)?;
+                regs::setup_lint(&fd)?;
+                // Only the boot vCPU starts running; the others wait for the INIT/SIPI
+                // the kernel sends them through the in-kernel LAPIC.
+                if index == 0 {
+                    regs::setup_sregs(&self.memory, &fd, mode)?;
+                    regs::setup_regs(&fd, entry, mode)?;
+                }
+                Ok(Vcpu { index, fd })
+            })
+            .collect()
+    }
+}
+
+/// Allocates guest RAM and hands it to KVM.
+fn create_memory(vm_fd: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<_> = layout::ram_ranges(mem_size)
+        .into_iter()
+        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .collect();
+    let memory =
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::AllocateMemory {
+            size: mem_size,
+            source,
+        })?;
+    for (slot, region) in memory.iter().enumerate() {
+        let region_spec = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
+        // `memory`, which outlives every vCPU that can access it (they are joined in
+        // `Vm::run` before `memory` is dropped), and slots do not overlap.
+        unsafe { vm_fd.set_user_memory_region(region_spec) }
+            .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(memory)
+}
+
+/// An eventfd that raises interrupt line `irq` when written.
+fn irqfd(vm_fd: &VmFd, irq: u32, what: &'static str) -> Result<EventFd, VmError> {
+    let fd =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::EventFd { what, source })?;
+    vm_fd
+        .register_irqfd(&fd, irq)
+        .map_err(kvm_error("KVM_IRQFD"))?;
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Tiny hand-assembled guests on the local /dev/kvm. They need /dev/kvm and fail
+    //! (rather than skip) without it.
+
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tvix_boot_devices::acpi_sleep;
+
+    /// Where test guest code is placed and entered (flat 32-bit protected mode).
+    const CODE_START: u64 = 0x1000;
+    const TEST_MEMORY: u64 = 2 << 20;
+
+    /// A `Write` the test can read back.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Capture {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    // 32-bit x86 encodings used by the test guests.
+    fn mov_dx(port: u16) -> Vec<u8> {
+        let [lo, hi] = port.to_le_bytes();
+        vec![0x66, 0xba, lo, hi]
+    }
+    fn mov_al(value: u8) -> Vec<u8> {
+        vec![0xb0, value]
+    }
+    const OUT_DX_AL: u8 = 0xee;
+    /// `hlt; jmp <hlt>`: park the vCPU if it ever gets past the exit.
+    const HALT_FOREVER: [u8; 3] = [0xf4, 0xeb, 0xfd];
+
+    fn out_bytes(port: u16, bytes: &[u8]) -> Vec<u8> {
+        let mut code = mov_dx(port);
+        for &b in bytes {
+            code.extend(mov_al(b));
+            code.push(OUT_DX_AL);
+        }
+        code
+    }
+
+    fn power_off() -> Vec<u8> {
+        let mut code = out_bytes(layout::ACPI_SLEEP_PORT, &[acpi_sleep::s5_command()]);
+        code.extend(HALT_FOREVER);
+        code
+    }
+
+    fn test_vm(code: &[u8], vcpus: u8) -> (Vm, Capture) {
+        let capture = Capture::default();
+        let vm = Vm::create(
+            vcpus,
+            TEST_MEMORY,
+            Console::Writer(Box::new(capture.clone())),
+        )
+        .expect("these tests need a usable /dev/kvm");
+        vm.memory
+            .write_slice(code, GuestAddress(CODE_START))
+            .unwrap();
+        let vm = Vm {
+            entry: Some(BootEntry::Flat32 { entry: CODE_START }),
+            ..vm
+        };
+        (vm, capture)
+    }
+
+    fn run_with_deadline(vm: Vm) -> GuestExit {
+        let start = Instant::now();
+        let exit = vm.run().expect("guest ran");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "VM took too long"
+        );
+        exit
+    }
+
+    use vm_memory::Bytes;
+
+    #[test]
+    fn serial_output_then_power_off_with_two_vcpus() {
+        let mut code = out_bytes(layout::SERIAL_PORT, b"hello\n");
+        code.extend(power_off());
+        // vCPU 1 never gets a SIPI and sits in KVM_RUN: stopping must still join it.
+        let (vm, capture) = test_vm(&code, 2);
+        assert_eq!(run_with_deadline(vm), GuestExit::PowerOff);
+        assert_eq!(capture.text(), "hello\n");
+    }
+
+    #[test]
+    fn i8042_reset_command_resets() {
+        let mut code = out_bytes(layout::I8042_DATA_PORT + 4, &[0xfe]);
+        code.extend(HALT_FOREVER);
+        let (vm, _) = test_vm(&code, 1);
+        assert_eq!(run_with_deadline(vm), GuestExit::Reset);
+    }
+
+    #[test]
+    fn pvpanic_reports_a_panic() {
+        let mut code = out_bytes(
+            layout::PVPANIC_PORT,
+            &[tvix_boot_devices::pvpanic::PANICKED],
+        );
+        code.extend(HALT_FOREVER);
+        let (vm, _) = test_vm(&code, 1);
+        assert_eq!(run_with_deadline(vm), GuestExit::Panic);
+    }
+
+    #[test]
+    fn panic_banner_then_reset_is_a_panic() {
+        let mut code = out_bytes(layout::SERIAL_PORT, b"Kernel panic - not syncing: test\n");
+        code.extend(out_bytes(layout::I8042_DATA_PORT + 4, &[0xfe]));
+        code.extend(HALT_FOREVER);
+        let (vm, _) = test_vm(&code, 1);
+        assert_eq!(run_with_deadline(vm), GuestExit::Panic);
+    }
+
+    /// (offset, bytes) of every write the probe saw.
+    type WriteLog = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+    /// Records MMIO writes and answers reads with a fixed byte.
+    struct MmioProbe {
+        writes: WriteLog,
+    }
+
+    const PROBE_READ_VALUE: u8 = b'M';
+
+    impl tvix_boot_devices::BusDevice for MmioProbe {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(PROBE_READ_VALUE);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.writes.lock().unwrap().push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn mmio_accesses_reach_a_virtio_mmio_slot() {
+        let slot_base = layout::VIRTIO_MMIO_START as u32;
+        let mut code = Vec::new();
+        // mov dword [slot_base + 0x10], 0x12345678
+        code.extend([0xc7, 0x05]);
+        code.extend((slot_base + 0x10).to_le_bytes());
+        code.extend(0x1234_5678u32.to_le_bytes());
+        // mov eax, [slot_base + 0x20]; then send al to the serial port
+        code.push(0xa1);
+        code.extend((slot_base + 0x20).to_le_bytes());
+        code.extend(mov_dx(layout::SERIAL_PORT));
+        code.push(OUT_DX_AL);
+        code.extend(power_off());
+
+        let (mut vm, capture) = test_vm(&code, 1);
+        let writes = WriteLog::default();
+        let probe = MmioProbe {
+            writes: writes.clone(),
+        };
+        let slot = vm
+            .add_virtio_mmio_device(|_, _irq| Arc::new(Mutex::new(probe)))
+            .unwrap();
+        assert_eq!(slot.addr, layout::VIRTIO_MMIO_START);
+        assert_eq!(slot.irq, layout::VIRTIO_MMIO_FIRST_IRQ);
+
+        assert_eq!(run_with_deadline(vm), GuestExit::PowerOff);
+        assert_eq!(
+            *writes.lock().unwrap(),
+            vec![(0x10, 0x1234_5678u32.to_le_bytes().to_vec())]
+        );
+        assert_eq!(capture.text(), (PROBE_READ_VALUE as char).to_string());
+    }
+
+    #[test]
+    fn input_errors_are_reported_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-vmlinux");
+        let err = Vm::new(VmConfig::new(&missing)).err().unwrap();
+        assert!(err.to_string().contains("no-such-vmlinux"), "{err}");
+
+        let garbage = dir.path().join("garbage");
+        std::fs::write(&garbage, b"not a kernel").unwrap();
+        let err = Vm::new(VmConfig::new(&garbage)).err().unwrap();
+        assert!(
+            matches!(err, VmError::Boot(BootError::UnknownKernelFormat { .. })),
+            "{err}"
+        );
+
+        let err = Vm::new(VmConfig {
+            mem_size: 16 << 20,
+            ..VmConfig::new(&garbage)
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, VmError::TooLittleMemory { .. }), "{err}");
+    }
+}
