@@ -8,8 +8,15 @@ mod store_cmd;
 mod vm;
 
 #[derive(Parser)]
-#[command(name = "tvix-boot", version, about = "Boot a Linux microVM with /nix/store served from a content-addressed store")]
+#[command(
+    name = "tvix-boot",
+    version,
+    about = "Boot a Linux microVM with /nix/store served from a content-addressed store"
+)]
 struct Cli {
+    #[command(flatten)]
+    store: store_cmd::StoreAddrArgs,
+
     #[command(flatten)]
     vm: vm::VmArgs,
 
@@ -34,7 +41,7 @@ fn main() -> ExitCode {
 
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Store(args)) => store_cmd::run(args),
+        Some(Command::Store(args)) => store_cmd::run(&cli.store, args),
         None => vm::run(cli.vm),
     }
 }

@@ -1,10 +1,222 @@
 //! `tvix-boot store ...`: import, list, inspect and export store paths.
 
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-#[derive(clap::Args)]
-pub struct StoreArgs {}
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use thiserror::Error;
+use tvix_boot_store::import::{ImportError, import_path};
+use tvix_boot_store::nixbase32;
+use tvix_boot_store::store::{
+    BLOB_SERVICE_ADDR_ENV, DIRECTORY_SERVICE_ADDR_ENV, PATH_INFO_SERVICE_ADDR_ENV,
+};
+use tvix_boot_store::store_path::StorePathError;
+use tvix_boot_store::{Node, PathInfo, Store, StoreAddrs, StoreError, StorePath};
 
-pub fn run(_args: StoreArgs) -> ExitCode {
-    ExitCode::FAILURE
+/// Imports slower than this get a progress bar.
+const PROGRESS_DELAY: Duration = Duration::from_secs(1);
+
+/// Where the store lives. Any address left out falls back to the embedded store under
+/// $XDG_DATA_HOME/tvix-boot (or ~/.local/share/tvix-boot).
+#[derive(Args, Clone, Debug)]
+pub struct StoreAddrArgs {
+    /// Blob service: memory://, objectstore+file:///path, objectstore+memory://
+    #[arg(long, global = true, env = BLOB_SERVICE_ADDR_ENV)]
+    pub blob_service_addr: Option<String>,
+    /// Directory service: memory://, redb:///path, objectstore+file:///path
+    #[arg(long, global = true, env = DIRECTORY_SERVICE_ADDR_ENV)]
+    pub directory_service_addr: Option<String>,
+    /// Path-info service: memory://, redb:///path, objectstore+file:///path
+    #[arg(long, global = true, env = PATH_INFO_SERVICE_ADDR_ENV)]
+    pub path_info_service_addr: Option<String>,
+}
+
+impl StoreAddrArgs {
+    pub fn open(&self) -> Result<Store, StoreError> {
+        let all_given = self.blob_service_addr.is_some()
+            && self.directory_service_addr.is_some()
+            && self.path_info_service_addr.is_some();
+        let defaults = if all_given {
+            StoreAddrs::memory()
+        } else {
+            StoreAddrs::embedded()?
+        };
+        Store::open(&StoreAddrs {
+            blob: self.blob_service_addr.clone().unwrap_or(defaults.blob),
+            directory: self
+                .directory_service_addr
+                .clone()
+                .unwrap_or(defaults.directory),
+            path_info: self
+                .path_info_service_addr
+                .clone()
+                .unwrap_or(defaults.path_info),
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct StoreArgs {
+    #[command(subcommand)]
+    command: StoreCommand,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Import files, directories or symlinks; prints one store path per line, the same
+    /// path `nix-store --add` gives.
+    Import {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// List every store path in the store.
+    List,
+    /// Show a store path's NAR hash and size, references and root node.
+    Info { store_path: String },
+    /// Write a store path as a NAR to stdout, byte-identical to `nix-store --dump`.
+    ExportNar { store_path: String },
+}
+
+#[derive(Debug, Error)]
+enum CliError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error("{input:?} is not a store path: {source}")]
+    BadStorePath {
+        input: String,
+        source: StorePathError,
+    },
+    #[error("{0} is not in the store")]
+    NotInStore(StorePath),
+    #[error("writing to stdout: {0}")]
+    Stdout(std::io::Error),
+}
+
+pub fn run(addrs: &StoreAddrArgs, args: StoreArgs) -> ExitCode {
+    match run_command(addrs, args.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tvix-boot: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliError> {
+    let store = addrs.open()?;
+    let mut stdout = BufWriter::new(std::io::stdout().lock());
+    match command {
+        StoreCommand::Import { paths } => {
+            for path in paths {
+                let info = import_with_progress(&store, &path)?;
+                writeln!(stdout, "{}", info.store_path).map_err(CliError::Stdout)?;
+                // Paths appear as they land, so a later failure still shows what succeeded.
+                stdout.flush().map_err(CliError::Stdout)?;
+            }
+        }
+        StoreCommand::List => {
+            for info in store.path_infos.list().map_err(StoreError::from)? {
+                writeln!(stdout, "{}", info.store_path).map_err(CliError::Stdout)?;
+            }
+        }
+        StoreCommand::Info { store_path } => {
+            let info = lookup(&store, &store_path)?;
+            write_info(&mut stdout, &info).map_err(CliError::Stdout)?;
+        }
+        StoreCommand::ExportNar { store_path } => {
+            let info = lookup(&store, &store_path)?;
+            store.write_nar(&info.node, &mut stdout)?;
+        }
+    }
+    stdout.flush().map_err(CliError::Stdout)
+}
+
+/// Accepts `/nix/store/<hash>-<name>` or the bare basename.
+fn lookup(store: &Store, input: &str) -> Result<PathInfo, CliError> {
+    let parsed = if input.starts_with('/') {
+        StorePath::from_absolute_path(input).and_then(|(path, rest)| {
+            if rest.trim_matches('/').is_empty() {
+                Ok(path)
+            } else {
+                Err(StorePathError::NotInStore(input.into()))
+            }
+        })
+    } else {
+        StorePath::from_basename(input)
+    };
+    let path = parsed.map_err(|source| CliError::BadStorePath {
+        input: input.to_owned(),
+        source,
+    })?;
+    store.path_info(&path)?.ok_or(CliError::NotInStore(path))
+}
+
+fn write_info(out: &mut impl Write, info: &PathInfo) -> std::io::Result<()> {
+    writeln!(out, "path: {}", info.store_path)?;
+    writeln!(
+        out,
+        "nar-hash: sha256:{}",
+        nixbase32::encode(&info.nar_sha256)
+    )?;
+    writeln!(out, "nar-size: {}", info.nar_size)?;
+    match &info.node {
+        Node::Directory { digest, size } => {
+            writeln!(out, "root: directory {digest} ({size} entries below)")?
+        }
+        Node::File {
+            digest,
+            size,
+            executable,
+        } => {
+            let kind = if *executable {
+                "executable file"
+            } else {
+                "file"
+            };
+            writeln!(out, "root: {kind} {digest} ({size} bytes)")?
+        }
+        Node::Symlink { target } => {
+            writeln!(out, "root: symlink -> {}", String::from_utf8_lossy(target))?
+        }
+    }
+    writeln!(out, "references:")?;
+    for reference in &info.references {
+        writeln!(out, "  {reference}")?;
+    }
+    if let Some(deriver) = &info.deriver {
+        writeln!(out, "deriver: {deriver}")?;
+    }
+    if let Some(ca) = &info.ca {
+        writeln!(out, "ca: {ca}")?;
+    }
+    for signature in &info.signatures {
+        writeln!(out, "signature: {signature}")?;
+    }
+    Ok(())
+}
+
+fn import_with_progress(store: &Store, path: &std::path::Path) -> Result<PathInfo, ImportError> {
+    let started = Instant::now();
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} importing {msg}: {bytes} ({binary_bytes_per_sec})")
+            .expect("progress template is valid"),
+    );
+    bar.set_message(path.display().to_string());
+    let mut shown = false;
+    let result = import_path(store, path, &mut |bytes| {
+        bar.inc(bytes);
+        if !shown && started.elapsed() > PROGRESS_DELAY {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            shown = true;
+        }
+    });
+    bar.finish_and_clear();
+    result
 }

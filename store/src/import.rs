@@ -69,8 +69,9 @@ pub fn import_path(
         store,
         nar: NarEmitter::new(NarHasher::default()).map_err(io_err(path))?,
         progress,
+        open: Vec::new(),
     };
-    let node = walker.node(path, 0)?;
+    let node = walker.walk(path)?;
     let (nar_sha256, nar_size) = walker.nar.into_inner().finish();
     let store_path =
         StorePath::for_nar_sha256(&name, &nar_sha256).map_err(|source| ImportError::BadName {
@@ -126,19 +127,80 @@ fn store_path_name(path: &Path) -> Result<String, ImportError> {
     Ok(name)
 }
 
+/// A directory being imported: its remaining entries, and what is done of it.
+struct OpenDirectory {
+    path: PathBuf,
+    remaining: std::vec::IntoIter<std::ffi::OsString>,
+    directory: Directory,
+    /// The entry being imported now.
+    current: Option<(PathComponent, PathBuf)>,
+}
+
 struct Walker<'a> {
     store: &'a Store,
     nar: NarEmitter<NarHasher>,
     progress: &'a mut dyn FnMut(u64),
+    /// Directories are walked with an explicit stack, so depth costs heap, not stack.
+    open: Vec<OpenDirectory>,
 }
 
 impl Walker<'_> {
-    fn node(&mut self, path: &Path, depth: usize) -> Result<Node, ImportError> {
-        if depth > MAX_DEPTH {
-            return Err(ImportError::TooDeep {
-                path: path.to_owned(),
-            });
+    fn walk(&mut self, root: &Path) -> Result<Node, ImportError> {
+        if let Some(leaf) = self.node(root)? {
+            return Ok(leaf);
         }
+        loop {
+            let top = self.open.last_mut().expect("a directory is open");
+            match top.remaining.next() {
+                Some(name) => {
+                    let child_path = top.path.join(&name);
+                    let component = PathComponent::try_from(name.as_bytes()).map_err(|source| {
+                        ImportError::Invalid {
+                            path: child_path.clone(),
+                            source,
+                        }
+                    })?;
+                    top.current = Some((component, child_path.clone()));
+                    self.nar
+                        .start_entry(name.as_bytes())
+                        .map_err(io_err(&child_path))?;
+                    if let Some(leaf) = self.node(&child_path)? {
+                        self.finish_entry(leaf)?;
+                    }
+                }
+                None => {
+                    let done = self.open.pop().expect("a directory is open");
+                    self.nar.close().map_err(io_err(&done.path))?;
+                    let size = done.directory.size();
+                    let digest = self.store.directories.put(&done.directory).map_err(|e| {
+                        ImportError::Store {
+                            path: done.path.clone(),
+                            source: e.into(),
+                        }
+                    })?;
+                    let node = Node::Directory { digest, size };
+                    if self.open.is_empty() {
+                        return Ok(node);
+                    }
+                    self.finish_entry(node)?;
+                }
+            }
+        }
+    }
+
+    /// Close the current entry of the innermost open directory, adding `node` to it.
+    fn finish_entry(&mut self, node: Node) -> Result<(), ImportError> {
+        let parent = self.open.last_mut().expect("a directory is open");
+        let (name, path) = parent.current.take().expect("an entry is open");
+        self.nar.close().map_err(io_err(&path))?;
+        parent
+            .directory
+            .add(name, node)
+            .map_err(|source| ImportError::Invalid { path, source })
+    }
+
+    /// Import a file or symlink whole, or open a directory (returning `None`).
+    fn node(&mut self, path: &Path) -> Result<Option<Node>, ImportError> {
         let meta = fs::symlink_metadata(path).map_err(io_err(path))?;
         let file_type = meta.file_type();
         if file_type.is_symlink() {
@@ -149,15 +211,16 @@ impl Walker<'_> {
                 source,
             })?;
             self.nar.symlink(target).map_err(io_err(path))?;
-            Ok(Node::Symlink {
+            Ok(Some(Node::Symlink {
                 target: bytes::Bytes::copy_from_slice(target),
-            })
+            }))
         } else if file_type.is_file() {
             // Nix marks a file executable when its owner may execute it.
             let executable = meta.permissions().mode() & 0o100 != 0;
-            self.file(path, meta.len(), executable)
+            self.file(path, meta.len(), executable).map(Some)
         } else if file_type.is_dir() {
-            self.directory(path, depth)
+            self.open_directory(path)?;
+            Ok(None)
         } else {
             let kind = if file_type.is_socket() {
                 "socket"
@@ -175,6 +238,28 @@ impl Walker<'_> {
                 kind,
             })
         }
+    }
+
+    fn open_directory(&mut self, path: &Path) -> Result<(), ImportError> {
+        if self.open.len() >= MAX_DEPTH {
+            return Err(ImportError::TooDeep {
+                path: path.to_owned(),
+            });
+        }
+        let mut names = Vec::new();
+        for entry in fs::read_dir(path).map_err(io_err(path))? {
+            names.push(entry.map_err(io_err(path))?.file_name());
+        }
+        // NAR and castore both order entries by their bytes.
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        self.nar.start_directory().map_err(io_err(path))?;
+        self.open.push(OpenDirectory {
+            path: path.to_owned(),
+            remaining: names.into_iter(),
+            directory: Directory::new(),
+            current: None,
+        });
+        Ok(())
     }
 
     fn file(&mut self, path: &Path, size: u64, executable: bool) -> Result<Node, ImportError> {
@@ -217,48 +302,5 @@ impl Walker<'_> {
             size,
             executable,
         })
-    }
-
-    fn directory(&mut self, path: &Path, depth: usize) -> Result<Node, ImportError> {
-        let mut names = Vec::new();
-        for entry in fs::read_dir(path).map_err(io_err(path))? {
-            names.push(entry.map_err(io_err(path))?.file_name());
-        }
-        // NAR and castore both order entries by their bytes.
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-
-        self.nar.start_directory().map_err(io_err(path))?;
-        let mut directory = Directory::new();
-        for name in names {
-            let child_path = path.join(&name);
-            let component = PathComponent::try_from(name.as_bytes()).map_err(|source| {
-                ImportError::Invalid {
-                    path: child_path.clone(),
-                    source,
-                }
-            })?;
-            self.nar
-                .start_entry(name.as_bytes())
-                .map_err(io_err(path))?;
-            let child = self.node(&child_path, depth + 1)?;
-            self.nar.close().map_err(io_err(path))?;
-            directory
-                .add(component, child)
-                .map_err(|source| ImportError::Invalid {
-                    path: child_path,
-                    source,
-                })?;
-        }
-        self.nar.close().map_err(io_err(path))?;
-        let size = directory.size();
-        let digest = self
-            .store
-            .directories
-            .put(&directory)
-            .map_err(|e| ImportError::Store {
-                path: path.to_owned(),
-                source: e.into(),
-            })?;
-        Ok(Node::Directory { digest, size })
     }
 }

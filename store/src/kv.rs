@@ -3,7 +3,7 @@
 //! Directories and path info are small values looked up by digest, so one key-value trait
 //! serves both; the typed services on top verify and validate what comes back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -220,18 +220,6 @@ impl Kv for ObjectStoreKv {
             .filter_map(|name| data_encoding::HEXLOWER.decode(name.as_bytes()).ok())
             .collect())
     }
-}
-
-/// Process-wide memory stores, so that `memory://` addresses given to several services in one
-/// process refer to one store per name.
-pub(crate) fn shared_memory_kv(name: &str) -> Arc<MemoryKv> {
-    static STORES: Mutex<Option<HashMap<String, Arc<MemoryKv>>>> = Mutex::new(None);
-    let mut stores = STORES.lock().expect("memory store registry poisoned");
-    stores
-        .get_or_insert_with(HashMap::new)
-        .entry(name.to_owned())
-        .or_default()
-        .clone()
 }
 
 #[cfg(test)]

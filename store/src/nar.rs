@@ -18,7 +18,8 @@ use crate::directoryservice::{DirectoryError, DirectoryService};
 const MAGIC: &[u8] = b"nix-archive-1";
 /// Longest token ingestion accepts; the longest valid one is a 4095-byte symlink target.
 const MAX_TOKEN_LEN: u64 = 4096;
-/// Directory nesting deeper than this is refused rather than risking the stack.
+/// Directory nesting deeper than this is refused: walks use heap stacks, so this only bounds
+/// the memory an untrusted NAR can make us hold.
 pub const MAX_DEPTH: usize = 1024;
 const COPY_CHUNK: usize = 256 * 1024;
 
@@ -144,15 +145,38 @@ pub fn render_nar(
     out: impl Write,
 ) -> Result<(), NarError> {
     let mut nar = NarEmitter::new(out)?;
-    render_node(&mut nar, node, blobs, directories)
+    // Directories are walked with an explicit stack of unfinished entry lists.
+    let mut open: Vec<std::vec::IntoIter<(PathComponent, Node)>> = Vec::new();
+    render_node(&mut nar, node, blobs, directories, &mut open)?;
+    while let Some(entries) = open.last_mut() {
+        match entries.next() {
+            Some((name, child)) => {
+                nar.start_entry(name.as_bytes())?;
+                if !render_node(&mut nar, &child, blobs, directories, &mut open)? {
+                    nar.close()?; // the entry
+                }
+            }
+            None => {
+                open.pop();
+                nar.close()?; // the directory
+                if !open.is_empty() {
+                    nar.close()?; // the entry holding it
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
+/// Write a file or symlink whole and return false, or open a directory (pushing its
+/// entries) and return true.
 fn render_node<W: Write>(
     nar: &mut NarEmitter<W>,
     node: &Node,
     blobs: &dyn BlobService,
     directories: &dyn DirectoryService,
-) -> Result<(), NarError> {
+    open: &mut Vec<std::vec::IntoIter<(PathComponent, Node)>>,
+) -> Result<bool, NarError> {
     match node {
         Node::Symlink { target } => nar.symlink(target)?,
         Node::File {
@@ -192,15 +216,15 @@ fn render_node<W: Write>(
                 .get(digest)?
                 .ok_or(NarError::MissingDirectory { digest: *digest })?;
             nar.start_directory()?;
-            for (name, child) in directory.entries() {
-                nar.start_entry(name.as_bytes())?;
-                render_node(nar, child, blobs, directories)?;
-                nar.close()?;
-            }
-            nar.close()?;
+            let entries: Vec<_> = directory
+                .entries()
+                .map(|(n, c)| (n.clone(), c.clone()))
+                .collect();
+            open.push(entries.into_iter());
+            return Ok(true);
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// SHA-256 and length of a byte stream, as Nix records them for a NAR.
@@ -251,7 +275,7 @@ pub fn ingest_nar(
         directories,
     };
     reader.expect(MAGIC, "the NAR magic \"nix-archive-1\"")?;
-    let node = reader.node(0)?;
+    let node = reader.node()?;
     let mut probe = [0u8; 1];
     if reader.input.read(&mut probe)? != 0 {
         return Err(NarError::TrailingData {
@@ -333,12 +357,89 @@ impl<R: Read> NarReader<'_, R> {
         Ok(())
     }
 
-    fn node(&mut self, depth: usize) -> Result<Node, NarError> {
-        if depth > MAX_DEPTH {
-            return Err(NarError::TooDeep {
-                offset: self.offset(),
-            });
+    /// Parse one node. Directories are walked with an explicit stack, not recursion: the
+    /// NAR is untrusted, and its nesting must not decide how deep our stack goes.
+    fn node(&mut self) -> Result<Node, NarError> {
+        struct OpenDirectory {
+            directory: Directory,
+            /// The entry whose node is being parsed; it also orders the next entry.
+            current: Option<PathComponent>,
         }
+        let mut open: Vec<OpenDirectory> = Vec::new();
+        loop {
+            // Parse a node's opening; a file or symlink is complete right away.
+            let mut finished = match self.node_start()? {
+                Some(leaf) => Some(leaf),
+                None => {
+                    if open.len() >= MAX_DEPTH {
+                        return Err(NarError::TooDeep {
+                            offset: self.offset(),
+                        });
+                    }
+                    open.push(OpenDirectory {
+                        directory: Directory::new(),
+                        current: None,
+                    });
+                    None
+                }
+            };
+            // Attach finished nodes to their parents until a new entry begins.
+            loop {
+                if let Some(node) = finished.take() {
+                    let Some(parent) = open.last_mut() else {
+                        return Ok(node);
+                    };
+                    self.expect(b")", "\")\" closing an entry")?;
+                    let name = parent.current.clone().expect("an entry is open");
+                    let offset = self.offset();
+                    parent
+                        .directory
+                        .add(name, node)
+                        .map_err(|source| NarError::Invalid { offset, source })?;
+                }
+                let parent = open.last_mut().expect("inside a directory");
+                let offset = self.offset();
+                match self.read_token()?.as_slice() {
+                    b")" => {
+                        let done = open.pop().expect("inside a directory").directory;
+                        let size = done.size();
+                        let digest = self.directories.put(&done)?;
+                        finished = Some(Node::Directory { digest, size });
+                    }
+                    b"entry" => {
+                        self.expect(b"(", "\"(\"")?;
+                        self.expect(b"name", "\"name\"")?;
+                        let offset = self.offset();
+                        let name = PathComponent::try_from(bytes::Bytes::from(self.read_token()?))
+                            .map_err(|source| NarError::Invalid { offset, source })?;
+                        if let Some(previous) = &parent.current
+                            && previous >= &name
+                        {
+                            return Err(NarError::EntryOrder {
+                                offset,
+                                name: name.to_string(),
+                                previous: previous.to_string(),
+                            });
+                        }
+                        self.expect(b"node", "\"node\"")?;
+                        parent.current = Some(name);
+                        break;
+                    }
+                    other => {
+                        return Err(NarError::UnexpectedToken {
+                            offset,
+                            expected: "\"entry\" or \")\"",
+                            found: String::from_utf8_lossy(other).into(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parse `( type <t>`: a whole file or symlink node, or `None` after the opening of a
+    /// directory, whose entries follow.
+    fn node_start(&mut self) -> Result<Option<Node>, NarError> {
         self.expect(b"(", "\"(\"")?;
         self.expect(b"type", "\"type\"")?;
         let offset = self.offset();
@@ -354,7 +455,7 @@ impl<R: Read> NarReader<'_, R> {
                     target: target.into(),
                 }
             }
-            b"directory" => return self.directory(depth),
+            b"directory" => return Ok(None),
             other => {
                 return Err(NarError::UnexpectedToken {
                     offset,
@@ -364,7 +465,7 @@ impl<R: Read> NarReader<'_, R> {
             }
         };
         self.expect(b")", "\")\"")?;
-        Ok(node)
+        Ok(Some(node))
     }
 
     fn regular(&mut self) -> Result<Node, NarError> {
@@ -401,48 +502,5 @@ impl<R: Read> NarReader<'_, R> {
             size,
             executable,
         })
-    }
-
-    fn directory(&mut self, depth: usize) -> Result<Node, NarError> {
-        let mut directory = Directory::new();
-        let mut previous: Option<PathComponent> = None;
-        loop {
-            let offset = self.offset();
-            match self.read_token()?.as_slice() {
-                b")" => break,
-                b"entry" => {}
-                other => {
-                    return Err(NarError::UnexpectedToken {
-                        offset,
-                        expected: "\"entry\" or \")\"",
-                        found: String::from_utf8_lossy(other).into(),
-                    });
-                }
-            }
-            self.expect(b"(", "\"(\"")?;
-            self.expect(b"name", "\"name\"")?;
-            let offset = self.offset();
-            let name = PathComponent::try_from(bytes::Bytes::from(self.read_token()?))
-                .map_err(|source| NarError::Invalid { offset, source })?;
-            if let Some(previous) = &previous
-                && previous >= &name
-            {
-                return Err(NarError::EntryOrder {
-                    offset,
-                    name: name.to_string(),
-                    previous: previous.to_string(),
-                });
-            }
-            self.expect(b"node", "\"node\"")?;
-            let child = self.node(depth + 1)?;
-            self.expect(b")", "\")\"")?;
-            directory
-                .add(name.clone(), child)
-                .map_err(|source| NarError::Invalid { offset, source })?;
-            previous = Some(name);
-        }
-        let size = directory.size();
-        let digest = self.directories.put(&directory)?;
-        Ok(Node::Directory { digest, size })
     }
 }

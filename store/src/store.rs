@@ -10,7 +10,7 @@ use thiserror::Error;
 use crate::blobservice::{BlobError, BlobService, MemoryBlobService, ObjectStoreBlobService};
 use crate::castore::Node;
 use crate::directoryservice::{DirectoryError, DirectoryService, KvDirectoryService};
-use crate::kv::{Kv, KvError, ObjectStoreKv, RedbKv, shared_memory_kv};
+use crate::kv::{Kv, KvError, MemoryKv, ObjectStoreKv, RedbKv};
 use crate::nar::{IngestedNar, NarError, ingest_nar, render_nar};
 use crate::pathinfo::{KvPathInfoService, PathInfo, PathInfoError, PathInfoService};
 use crate::store_path::StorePath;
@@ -99,7 +99,8 @@ pub struct Store {
 }
 
 enum Backend {
-    Memory(String),
+    /// Lives as long as the service that opened it: each `memory://` is a fresh store.
+    Memory,
     LocalObjectStore(PathBuf),
     MemoryObjectStore,
     Redb(PathBuf),
@@ -125,11 +126,7 @@ fn parse_address(service: &'static str, url: &str) -> Result<Backend, StoreError
         Ok(path)
     };
     match parsed.scheme() {
-        "memory" => Ok(Backend::Memory(format!(
-            "{}{}",
-            parsed.host_str().unwrap_or(""),
-            parsed.path()
-        ))),
+        "memory" => Ok(Backend::Memory),
         "objectstore+file" => Ok(Backend::LocalObjectStore(absolute_path()?)),
         "objectstore+memory" => Ok(Backend::MemoryObjectStore),
         "redb" if service != "blob" => Ok(Backend::Redb(absolute_path()?)),
@@ -173,7 +170,7 @@ fn open_kv(
     redb_table: &'static str,
 ) -> Result<Arc<dyn Kv>, StoreError> {
     Ok(match parse_address(service, url)? {
-        Backend::Memory(name) => shared_memory_kv(&format!("{service}:{name}")),
+        Backend::Memory => Arc::new(MemoryKv::default()),
         Backend::LocalObjectStore(path) => Arc::new(ObjectStoreKv::new(
             local_object_store(&path, service, url)?,
             url,
@@ -193,7 +190,7 @@ fn open_kv(
 
 pub fn open_blob_service(url: &str) -> Result<Arc<dyn BlobService>, StoreError> {
     Ok(match parse_address("blob", url)? {
-        Backend::Memory(_) => Arc::new(MemoryBlobService::default()),
+        Backend::Memory => Arc::new(MemoryBlobService::default()),
         Backend::LocalObjectStore(path) => {
             let store = local_object_store(&path, "blob", url)?;
             Arc::new(ObjectStoreBlobService::new(store, url, Some(path)))
