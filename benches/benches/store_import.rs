@@ -1,0 +1,146 @@
+//! Store import throughput: a tree of large files and a tree of many small files, imported
+//! into the embedded (file-based) store and the in-memory store, beside `nix-store --add`
+//! of the same trees when Nix is installed.
+//!
+//! Run: `cargo bench -p tvix-boot-benches --bench store_import` (STORE_BENCH_SCALE=N scales
+//! the trees; default 1 = 1 GiB of large files and 20,000 small files).
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tvix_boot_store::import::import_path;
+use tvix_boot_store::{Store, StoreAddrs};
+
+struct Tree {
+    label: &'static str,
+    bytes: u64,
+    files: u64,
+}
+
+fn make_large_files(root: &Path, scale: u64) -> Tree {
+    fs::create_dir(root).unwrap();
+    let file_size = 256u64 << 20;
+    let count = 4 * scale;
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..count {
+        let mut out = fs::File::create(root.join(format!("large-{i}"))).unwrap();
+        for chunk in 0..file_size >> 20 {
+            // Distinct content per chunk, so nothing deduplicates.
+            block
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = (j as u64 ^ chunk ^ (i << 8)) as u8);
+            block[..8].copy_from_slice(&(chunk + (i << 32)).to_le_bytes());
+            std::io::Write::write_all(&mut out, &block).unwrap();
+        }
+    }
+    Tree {
+        label: "large files",
+        bytes: file_size * count,
+        files: count,
+    }
+}
+
+fn make_small_files(root: &Path, scale: u64) -> Tree {
+    let count = 20_000 * scale;
+    let mut bytes = 0;
+    for i in 0..count {
+        let dir = root.join(format!("d{:03}", i % 200));
+        fs::create_dir_all(&dir).unwrap();
+        let size = 512 + (i * 37) % 4096;
+        let content: Vec<u8> = (0..size).map(|j| (j ^ i) as u8).collect();
+        fs::write(dir.join(format!("f{i}")), &content).unwrap();
+        bytes += size;
+    }
+    Tree {
+        label: "small files",
+        bytes,
+        files: count,
+    }
+}
+
+fn report(what: &str, tree: &Tree, elapsed: Duration) {
+    let secs = elapsed.as_secs_f64();
+    println!(
+        "{:<12} {:<28} {:>8.1} MB/s {:>10.0} files/s  ({:.2} s, {} files, {:.1} MB)",
+        tree.label,
+        what,
+        tree.bytes as f64 / 1e6 / secs,
+        tree.files as f64 / secs,
+        secs,
+        tree.files,
+        tree.bytes as f64 / 1e6
+    );
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs this too, with a tiny scale.
+    let quick = std::env::args().all(|a| a != "--bench");
+    let scale: u64 = std::env::var("STORE_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let work = tempfile::tempdir().unwrap();
+    let mut trees = Vec::new();
+    if quick {
+        let root = work.path().join("tiny");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("f"), b"x").unwrap();
+        trees.push((
+            root,
+            Tree {
+                label: "tiny",
+                bytes: 1,
+                files: 1,
+            },
+        ));
+    } else {
+        let large = work.path().join("large");
+        let tree = make_large_files(&large, scale);
+        trees.push((large, tree));
+        let small = work.path().join("small");
+        let tree = make_small_files(&small, scale);
+        trees.push((small, tree));
+    }
+    // The trees were just written, so they sit in the page cache for every contender alike.
+
+    let nix_available = !quick
+        && Command::new("nix-store")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    for (root, tree) in &trees {
+        let embedded_dir = tempfile::tempdir().unwrap();
+        let embedded = Store::open(&StoreAddrs::in_directory(embedded_dir.path())).unwrap();
+        let started = Instant::now();
+        import_path(&embedded, root, &mut |_| {}).unwrap();
+        report(
+            &"tvix-boot, embedded file store".to_string()[..],
+            tree,
+            started.elapsed(),
+        );
+
+        let memory = Store::memory();
+        let started = Instant::now();
+        import_path(&memory, root, &mut |_| {}).unwrap();
+        report("tvix-boot, memory store", tree, started.elapsed());
+
+        if nix_available {
+            let started = Instant::now();
+            let status = Command::new("nix-store")
+                .arg("--add")
+                .arg(root)
+                .output()
+                .unwrap();
+            assert!(status.status.success(), "nix-store --add failed");
+            report("nix-store --add (reference)", tree, started.elapsed());
+        } else if !quick {
+            println!(
+                "{:<12} nix-store not installed: no reference numbers",
+                tree.label
+            );
+        }
+    }
+}
