@@ -16,12 +16,25 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusDevice, lock};
+use crate::exit::{ExitNotifier, GuestExit};
 
 /// Number of byte registers a 16550 decodes.
 pub const REGISTER_COUNT: u64 = 8;
 
-/// What Linux prints first when it panics; see [`ConsoleOutput`].
-const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
+/// Console lines Linux prints on its way down. The pvpanic device and the ACPI sleep
+/// register are the reliable signals, but they need guest kernel support (PVPANIC,
+/// working ACPI); these lines are the fallback that keeps a guest from hanging the
+/// VMM forever.
+///
+/// Printed first when the kernel panics: a reset after it was a panic (`panic=-1`).
+const PANIC_BANNER: &str = "Kernel panic - not syncing";
+/// Printed last by panic(); after it the kernel reboots or spins forever (`panic=0`).
+const PANIC_END: &str = "---[ end Kernel panic - not syncing";
+/// Printed by kernel_halt(), also what `poweroff` becomes without a power-off driver;
+/// every CPU then halts for good.
+const HALTED: &str = "reboot: System halted";
+/// Longest line prefix kept for matching; the markers sit near the start of a line.
+const MAX_WATCHED_LINE: usize = 256;
 
 /// Raises the UART's interrupt line: an eventfd registered with KVM as an irqfd.
 pub struct IrqTrigger(EventFd);
@@ -40,23 +53,22 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Where guest console bytes go, watching them for the kernel's panic banner.
-///
-/// The pvpanic device is the reliable way to learn about a guest panic, but it needs
-/// the guest kernel's PVPANIC driver. Seeing the banner on the console, followed by the
-/// reset that `panic=-1` triggers, is the fallback for kernels without it.
+/// Where guest console bytes go, watched line by line for the kernel's panic and
+/// halt messages (see [`PANIC_BANNER`]).
 pub struct ConsoleOutput {
     out: Box<dyn Write + Send>,
-    matched: usize,
+    line: Vec<u8>,
     panic_seen: Arc<AtomicBool>,
+    exit: ExitNotifier,
 }
 
 impl ConsoleOutput {
-    pub fn new(out: Box<dyn Write + Send>) -> Self {
+    pub fn new(out: Box<dyn Write + Send>, exit: ExitNotifier) -> Self {
         Self {
             out,
-            matched: 0,
+            line: Vec::with_capacity(MAX_WATCHED_LINE),
             panic_seen: Arc::new(AtomicBool::new(false)),
+            exit,
         }
     }
 
@@ -66,17 +78,21 @@ impl ConsoleOutput {
     }
 
     fn watch(&mut self, byte: u8) {
-        // The marker's first byte does not occur in the rest of it, so on a mismatch
-        // the only possible new partial match is this byte starting over.
-        if byte == PANIC_MARKER[self.matched] {
-            self.matched += 1;
-        } else {
-            self.matched = usize::from(byte == PANIC_MARKER[0]);
+        if byte != b'\n' {
+            if self.line.len() < MAX_WATCHED_LINE {
+                self.line.push(byte);
+            }
+            return;
         }
-        if self.matched == PANIC_MARKER.len() {
+        let line = String::from_utf8_lossy(&self.line);
+        if line.contains(PANIC_END) {
+            self.exit.request(GuestExit::Panic);
+        } else if line.contains(PANIC_BANNER) {
             self.panic_seen.store(true, Ordering::Relaxed);
-            self.matched = 0;
+        } else if line.contains(HALTED) {
+            self.exit.request(GuestExit::PowerOff);
         }
+        self.line.clear();
     }
 }
 
@@ -234,12 +250,22 @@ mod tests {
     const LSR_DATA_READY: u8 = 0x01;
 
     fn console() -> (SerialConsole, Capture, EventFd, Arc<AtomicBool>) {
+        console_with_exit(ExitNotifier::new().unwrap())
+    }
+
+    fn console_with_exit(exit: ExitNotifier) -> (SerialConsole, Capture, EventFd, Arc<AtomicBool>) {
         let capture = Capture::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let out = ConsoleOutput::new(Box::new(capture.clone()));
+        let out = ConsoleOutput::new(Box::new(capture.clone()), exit);
         let panic_seen = out.panic_seen();
         let console = SerialConsole::new(IrqTrigger::new(irq.try_clone().unwrap()), out);
         (console, capture, irq, panic_seen)
+    }
+
+    fn type_text(uart: &mut SerialConsole, text: &[u8]) {
+        for b in text {
+            uart.write(THR, &[*b]);
+        }
     }
 
     #[test]
@@ -266,17 +292,33 @@ mod tests {
     }
 
     #[test]
-    fn panic_banner_is_noticed() {
-        let (mut uart, _, _, panic_seen) = console();
-        for b in b"[ 1.0] KKernel panic - not syncing: Attempted to kill init!" {
-            uart.write(THR, &[*b]);
-        }
+    fn panic_banner_is_noticed_and_its_end_stops_the_guest() {
+        let exit = ExitNotifier::new().unwrap();
+        let (mut uart, _, _, panic_seen) = console_with_exit(exit.clone());
+        type_text(&mut uart, b"[ 1.0] Kernel panic - not");
+        assert!(!panic_seen.load(Ordering::Relaxed), "not a whole line yet");
+        type_text(&mut uart, b" syncing: Attempted to kill init!\r\n");
         assert!(panic_seen.load(Ordering::Relaxed));
-        let (mut uart, _, _, panic_seen) = console();
-        for b in b"Kernel panic - not" {
-            uart.write(THR, &[*b]);
-        }
-        assert!(!panic_seen.load(Ordering::Relaxed));
+        assert_eq!(
+            exit.reason(),
+            None,
+            "the rest of the panic message still comes"
+        );
+        type_text(
+            &mut uart,
+            b"[ 1.1] ---[ end Kernel panic - not syncing: x ]---\r\n",
+        );
+        assert_eq!(exit.reason(), Some(GuestExit::Panic));
+    }
+
+    #[test]
+    fn halt_message_powers_off() {
+        let exit = ExitNotifier::new().unwrap();
+        let (mut uart, _, _, _) = console_with_exit(exit.clone());
+        type_text(&mut uart, b"echo reboot: System halte\r\n");
+        assert_eq!(exit.reason(), None);
+        type_text(&mut uart, b"[    5.315345] reboot: System halted\r\n");
+        assert_eq!(exit.reason(), Some(GuestExit::PowerOff));
     }
 
     #[test]

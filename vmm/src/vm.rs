@@ -239,7 +239,7 @@ impl Vm {
             Console::Stdio => (Box::new(std::io::stdout()), true),
             Console::Writer(writer) => (writer, false),
         };
-        let output = ConsoleOutput::new(output);
+        let output = ConsoleOutput::new(output, exit.clone());
         let panic_on_console = output.panic_seen();
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             IrqTrigger::new(serial_irq),
