@@ -3,7 +3,8 @@
 //! of the same trees when Nix is installed.
 //!
 //! Run: `cargo bench -p tvix-boot-benches --bench store_import` (STORE_BENCH_SCALE=N scales
-//! the trees; default 1 = 1 GiB of large files and 20,000 small files).
+//! the trees; default 1 = 1 GiB of large files and 20,000 small files;
+//! STORE_BENCH_TREES=large or small runs one of them).
 
 use std::fs;
 use std::path::Path;
@@ -97,12 +98,17 @@ fn main() {
             },
         ));
     } else {
-        let large = work.path().join("large");
-        let tree = make_large_files(&large, scale);
-        trees.push((large, tree));
-        let small = work.path().join("small");
-        let tree = make_small_files(&small, scale);
-        trees.push((small, tree));
+        let only = std::env::var("STORE_BENCH_TREES").unwrap_or_default();
+        if only.is_empty() || only.contains("large") {
+            let large = work.path().join("large");
+            let tree = make_large_files(&large, scale);
+            trees.push((large, tree));
+        }
+        if only.is_empty() || only.contains("small") {
+            let small = work.path().join("small");
+            let tree = make_small_files(&small, scale);
+            trees.push((small, tree));
+        }
     }
     // The trees were just written, so they sit in the page cache for every contender alike.
 

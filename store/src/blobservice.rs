@@ -383,23 +383,50 @@ impl BlobWriter for ObjectStoreBlobWriter {
         let digest = B3Digest::from(self.hasher.finalize());
         let blobs = &self.blobs;
         let object = fanned_out_path(digest.as_bytes());
+        if let Some(final_path) = blobs.local_path(&digest) {
+            // A local store skips the object-store API: write (or keep) the file, then one
+            // atomic rename. Content-addressed, so an existing file is already right.
+            if final_path.is_file() {
+                return Ok(digest);
+            }
+            let spool_err = |dir: &Path| {
+                let dir = dir.to_owned();
+                move |source| BlobError::Spool { dir, source }
+            };
+            let parent = final_path.parent().expect("blob paths have a parent");
+            let file = match self.spool {
+                Some((file, _)) => file,
+                None => {
+                    let dir = self.spool_dir();
+                    std::fs::create_dir_all(&dir).map_err(spool_err(&dir))?;
+                    let mut file =
+                        tempfile::NamedTempFile::new_in(&dir).map_err(spool_err(&dir))?;
+                    file.write_all(&self.buffer).map_err(spool_err(&dir))?;
+                    file
+                }
+            };
+            // The fan-out directory usually exists; create it only when the rename says not.
+            if let Err(e) = file.persist(&final_path) {
+                if e.error.kind() != io::ErrorKind::NotFound {
+                    return Err(spool_err(parent)(e.error));
+                }
+                std::fs::create_dir_all(parent).map_err(spool_err(parent))?;
+                e.file
+                    .persist(&final_path)
+                    .map_err(|e| spool_err(parent)(e.error))?;
+            }
+            return Ok(digest);
+        }
         match self.spool {
             None => {
                 block_on(blobs.store.put(&object, PutPayload::from(self.buffer)))
                     .map_err(|e| blobs.err(e))?;
             }
             Some((file, dir)) => {
-                let spool_err = |source| BlobError::Spool {
-                    dir: dir.clone(),
-                    source,
-                };
-                if let Some(final_path) = blobs.local_path(&digest) {
-                    let parent = final_path.parent().expect("blob paths have a parent");
-                    std::fs::create_dir_all(parent).map_err(spool_err)?;
-                    file.persist(&final_path).map_err(|e| spool_err(e.error))?;
-                } else {
-                    upload_from_file(blobs, &object, file.reopen().map_err(spool_err)?)?;
-                }
+                let file = file
+                    .reopen()
+                    .map_err(|source| BlobError::Spool { dir, source })?;
+                upload_from_file(blobs, &object, file)?;
             }
         }
         Ok(digest)
