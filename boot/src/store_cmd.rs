@@ -3,10 +3,13 @@
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use thiserror::Error;
 use tvix_boot_store::import::{ImportError, import_path};
 use tvix_boot_store::nixbase32;
@@ -15,6 +18,8 @@ use tvix_boot_store::store::{
 };
 use tvix_boot_store::store_path::StorePathError;
 use tvix_boot_store::{Node, PathInfo, Store, StoreAddrs, StoreError, StorePath};
+use tvix_boot_virtiofs::host_mount::{HostMount, MountError};
+use tvix_boot_virtiofs::{StoreFs, StoreFsOptions};
 
 /// Imports slower than this get a progress bar.
 const PROGRESS_DELAY: Duration = Duration::from_secs(1);
@@ -78,6 +83,20 @@ enum StoreCommand {
     Info { store_path: String },
     /// Write a store path as a NAR to stdout, byte-identical to `nix-store --dump`.
     ExportNar { store_path: String },
+    /// Mount the store read-only at DIR through /dev/fuse, in the foreground, until
+    /// SIGINT or SIGTERM.
+    Mount {
+        dir: PathBuf,
+        /// Allow listing the store root (else `ls DIR` fails with EPERM).
+        #[arg(long)]
+        list_root: bool,
+        /// Expose castore digests as user.tvix.castore.* extended attributes.
+        #[arg(long)]
+        show_xattr: bool,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -95,6 +114,10 @@ enum CliError {
     NotInStore(StorePath),
     #[error("writing to stdout: {0}")]
     Stdout(std::io::Error),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("cannot wait for signals: {0}")]
+    Signals(std::io::Error),
 }
 
 pub fn run(addrs: &StoreAddrArgs, args: StoreArgs) -> ExitCode {
@@ -132,6 +155,22 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
         StoreCommand::ExportNar { store_path } => {
             let info = lookup(&store, &store_path)?;
             store.write_nar(&info.node, &mut stdout)?;
+        }
+        StoreCommand::Mount {
+            dir,
+            list_root,
+            show_xattr,
+            threads,
+        } => {
+            mount(
+                store,
+                &dir,
+                StoreFsOptions {
+                    list_root,
+                    show_xattr,
+                },
+                threads,
+            )?;
         }
     }
     stdout.flush().map_err(CliError::Stdout)
@@ -198,6 +237,26 @@ fn write_info(out: &mut impl Write, info: &PathInfo) -> std::io::Result<()> {
     for signature in &info.signatures {
         writeln!(out, "signature: {signature}")?;
     }
+    Ok(())
+}
+
+fn mount(
+    store: Store,
+    dir: &std::path::Path,
+    options: StoreFsOptions,
+    threads: usize,
+) -> Result<(), CliError> {
+    // Register for the signals before mounting, so none is lost in between.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    let mounted = HostMount::mount(StoreFs::new(Arc::new(store), options), dir, threads)?;
+    eprintln!(
+        "tvix-boot: store mounted at {}; SIGINT or SIGTERM unmounts",
+        dir.display()
+    );
+    if let Some(signal) = signals.forever().next() {
+        tracing::info!(signal, "unmounting");
+    }
+    mounted.unmount()?;
     Ok(())
 }
 

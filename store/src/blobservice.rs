@@ -49,6 +49,10 @@ pub trait BlobReader: Send + Sync {
     fn local_file(&self) -> Option<&File> {
         None
     }
+    /// The blob's bytes, when they are held in memory: the other way to avoid a copy.
+    fn as_bytes(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// Streams a new blob in; `close` returns its digest once it is durable in the service.
@@ -74,6 +78,9 @@ impl BlobReader for Bytes {
         let n = buf.len().min(self.len() - start);
         buf[..n].copy_from_slice(&self[start..start + n]);
         Ok(n)
+    }
+    fn as_bytes(&self) -> Option<&[u8]> {
+        Some(self)
     }
 }
 

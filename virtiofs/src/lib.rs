@@ -1,1 +1,11 @@
-//! tvix-boot virtiofs.
+//! The store as a read-only file system: the guest's (or the host's) /nix/store.
+//!
+//! One `FileSystem` implementation (`StoreFs`) answers FUSE requests from the store; the
+//! transports around it (in-process virtio-fs, vhost-user-fs, a host /dev/fuse mount) only
+//! move requests and replies.
+
+mod blob_source;
+pub mod fs;
+pub mod host_mount;
+
+pub use fs::{StoreFs, StoreFsOptions};

@@ -1,0 +1,94 @@
+//! Lets fuse-backend-rs copy blob bytes straight into the reply buffers — guest memory for
+//! virtio-fs — with no buffer of ours in between.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use fuse_backend_rs::file_buf::FileVolatileSlice;
+use fuse_backend_rs::file_traits::FileReadWriteVolatile;
+use tvix_boot_store::blobservice::BlobReader;
+
+/// Most iovecs one preadv takes (Linux's UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
+
+pub(crate) struct BlobSource<'a>(pub &'a dyn BlobReader);
+
+fn read_only() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+impl FileReadWriteVolatile for BlobSource<'_> {
+    fn read_volatile(&mut self, _slice: FileVolatileSlice) -> io::Result<usize> {
+        // Replies always read at an explicit offset.
+        Err(io::Error::from_raw_os_error(libc::ESPIPE))
+    }
+
+    fn write_volatile(&mut self, _slice: FileVolatileSlice) -> io::Result<usize> {
+        Err(read_only())
+    }
+
+    fn read_at_volatile(&mut self, slice: FileVolatileSlice, offset: u64) -> io::Result<usize> {
+        self.read_vectored_at_volatile(&[slice], offset)
+    }
+
+    fn read_vectored_at_volatile(
+        &mut self,
+        bufs: &[FileVolatileSlice],
+        offset: u64,
+    ) -> io::Result<usize> {
+        let blob = self.0;
+        if offset >= blob.size() {
+            return Ok(0);
+        }
+        if let Some(file) = blob.local_file() {
+            let iovecs: Vec<libc::iovec> = bufs
+                .iter()
+                .take(MAX_IOVECS)
+                .map(|b| libc::iovec {
+                    iov_base: b.as_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect();
+            let offset = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: each iovec describes a FileVolatileSlice, memory the caller guarantees
+            // valid and writable for its length for the duration of this call; the kernel
+            // writes at most that many bytes into each.
+            let n = unsafe {
+                libc::preadv(
+                    file.as_raw_fd(),
+                    iovecs.as_ptr(),
+                    iovecs.len() as libc::c_int,
+                    offset,
+                )
+            };
+            return if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            };
+        }
+        let Some(bytes) = blob.as_bytes() else {
+            return Err(io::Error::other(
+                "blob is neither a local file nor in memory",
+            ));
+        };
+        let mut position = offset as usize;
+        let mut copied = 0;
+        for buf in bufs {
+            if position >= bytes.len() {
+                break;
+            }
+            let n = buf.len().min(bytes.len() - position);
+            buf.as_volatile_slice()
+                .copy_from(&bytes[position..position + n]);
+            position += n;
+            copied += n;
+        }
+        Ok(copied)
+    }
+
+    fn write_at_volatile(&mut self, _slice: FileVolatileSlice, _offset: u64) -> io::Result<usize> {
+        Err(read_only())
+    }
+}

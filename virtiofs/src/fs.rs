@@ -1,0 +1,752 @@
+//! `StoreFs`: the store as a read-only FUSE file system.
+//!
+//! Store paths appear at the root, looked up lazily through the path-info service; a
+//! directory's entries are fetched on first use. Inodes are shared by equal content (same
+//! directory digest, same blob and mode, same symlink target), which is safe because nothing
+//! ever changes: the store is immutable, so caches and timeouts are long.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fuse_backend_rs::abi::fuse_abi::{CreateIn, stat64, statvfs64};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
+    SetattrValid, ZeroCopyReader, ZeroCopyWriter,
+};
+use tvix_boot_store::blobservice::BlobReader;
+use tvix_boot_store::{B3Digest, Node, Store, StorePath};
+
+use crate::blob_source::BlobSource;
+
+pub const ROOT_INODE: u64 = fuse_backend_rs::api::filesystem::ROOT_ID;
+/// The store never changes under a mount, so the kernel may cache names and attributes for
+/// as long as it likes.
+const CACHE_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// What Nix gives every store file, so tools that look at timestamps see what they expect.
+const MTIME: i64 = 1;
+const BLOCK_SIZE: i64 = 4096;
+const XATTR_DIRECTORY_DIGEST: &[u8] = b"user.tvix.castore.directory.digest";
+const XATTR_BLOB_DIGEST: &[u8] = b"user.tvix.castore.blob.digest";
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreFsOptions {
+    /// Allow listing /nix/store itself (else readdir of the root fails with EPERM).
+    pub list_root: bool,
+    /// Expose the castore digests as `user.tvix.castore.*` extended attributes.
+    pub show_xattr: bool,
+}
+
+/// An entry of a directory, as the file system hands it out.
+#[derive(Clone, Debug)]
+struct Child {
+    name: Bytes,
+    inode: u64,
+}
+
+#[derive(Debug)]
+enum InodeKind {
+    Root,
+    Directory {
+        digest: B3Digest,
+        size: u64,
+        children: OnceLock<Arc<[Child]>>,
+    },
+    File {
+        digest: B3Digest,
+        size: u64,
+        executable: bool,
+    },
+    Symlink {
+        target: Bytes,
+    },
+}
+
+/// Content that makes two inodes interchangeable.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum ContentKey {
+    Directory(B3Digest),
+    File(B3Digest, bool),
+    Symlink(Bytes),
+}
+
+impl ContentKey {
+    fn of(node: &Node) -> Self {
+        match node {
+            Node::Directory { digest, .. } => ContentKey::Directory(*digest),
+            Node::File {
+                digest, executable, ..
+            } => ContentKey::File(*digest, *executable),
+            Node::Symlink { target } => ContentKey::Symlink(target.clone()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct InodeTable {
+    /// Inode `n` is `inodes[n - 1]`.
+    inodes: Vec<Arc<InodeKind>>,
+    by_content: HashMap<ContentKey, u64>,
+    /// Store paths found at the root so far, by basename.
+    root_entries: HashMap<Bytes, u64>,
+}
+
+pub struct StoreFs {
+    store: Arc<Store>,
+    options: StoreFsOptions,
+    inodes: RwLock<InodeTable>,
+    open_files: RwLock<HashMap<u64, Arc<dyn BlobReader>>>,
+    open_dirs: RwLock<HashMap<u64, Arc<[Child]>>>,
+    next_handle: AtomicU64,
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn read_only<T>() -> io::Result<T> {
+    Err(errno(libc::EROFS))
+}
+
+impl StoreFs {
+    pub fn new(store: Arc<Store>, options: StoreFsOptions) -> Self {
+        let table = InodeTable {
+            inodes: vec![Arc::new(InodeKind::Root)],
+            ..Default::default()
+        };
+        Self {
+            store,
+            options,
+            inodes: RwLock::new(table),
+            open_files: RwLock::new(HashMap::new()),
+            open_dirs: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn inode(&self, inode: u64) -> io::Result<Arc<InodeKind>> {
+        let table = self.inodes.read().expect("inode table poisoned");
+        let index = inode.checked_sub(1).ok_or_else(|| errno(libc::ENOENT))?;
+        table
+            .inodes
+            .get(index as usize)
+            .cloned()
+            .ok_or_else(|| errno(libc::ENOENT))
+    }
+
+    /// The inode for `node`, shared with every other node of the same content.
+    fn inode_for(&self, node: &Node) -> u64 {
+        let key = ContentKey::of(node);
+        if let Some(inode) = self
+            .inodes
+            .read()
+            .expect("inode table poisoned")
+            .by_content
+            .get(&key)
+        {
+            return *inode;
+        }
+        let mut table = self.inodes.write().expect("inode table poisoned");
+        if let Some(inode) = table.by_content.get(&key) {
+            return *inode;
+        }
+        let kind = match node {
+            Node::Directory { digest, size } => InodeKind::Directory {
+                digest: *digest,
+                size: *size,
+                children: OnceLock::new(),
+            },
+            Node::File {
+                digest,
+                size,
+                executable,
+            } => InodeKind::File {
+                digest: *digest,
+                size: *size,
+                executable: *executable,
+            },
+            Node::Symlink { target } => InodeKind::Symlink {
+                target: target.clone(),
+            },
+        };
+        table.inodes.push(Arc::new(kind));
+        let inode = table.inodes.len() as u64;
+        table.by_content.insert(key, inode);
+        inode
+    }
+
+    /// A directory's entries, fetched from the directory service on first use.
+    fn children(&self, kind: &InodeKind) -> io::Result<Arc<[Child]>> {
+        let InodeKind::Directory {
+            digest, children, ..
+        } = kind
+        else {
+            return Err(errno(libc::ENOTDIR));
+        };
+        if let Some(children) = children.get() {
+            return Ok(children.clone());
+        }
+        let directory = match self.store.directories.get(digest) {
+            Ok(Some(directory)) => directory,
+            Ok(None) => {
+                tracing::warn!(%digest, "directory missing from the store");
+                return Err(errno(libc::EIO));
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot read directory");
+                return Err(errno(libc::EIO));
+            }
+        };
+        let list: Arc<[Child]> = directory
+            .entries()
+            .map(|(name, node)| Child {
+                name: Bytes::copy_from_slice(name.as_bytes()),
+                inode: self.inode_for(node),
+            })
+            .collect();
+        Ok(children.get_or_init(|| list).clone())
+    }
+
+    /// Look up a store path by its basename; anything that is not one is simply absent.
+    fn lookup_root(&self, name: &[u8]) -> io::Result<u64> {
+        if let Some(inode) = self
+            .inodes
+            .read()
+            .expect("inode table poisoned")
+            .root_entries
+            .get(name)
+        {
+            return Ok(*inode);
+        }
+        let path = StorePath::from_basename_bytes(name).map_err(|_| errno(libc::ENOENT))?;
+        let info = match self.store.path_info(&path) {
+            Ok(Some(info)) => info,
+            Ok(None) => return Err(errno(libc::ENOENT)),
+            Err(e) => {
+                tracing::warn!(%path, error = %e, "cannot read path info");
+                return Err(errno(libc::EIO));
+            }
+        };
+        Ok(self.remember_root_entry(name, &info.node))
+    }
+
+    fn remember_root_entry(&self, name: &[u8], node: &Node) -> u64 {
+        let inode = self.inode_for(node);
+        let mut table = self.inodes.write().expect("inode table poisoned");
+        table
+            .root_entries
+            .insert(Bytes::copy_from_slice(name), inode);
+        inode
+    }
+
+    fn root_listing(&self) -> io::Result<Arc<[Child]>> {
+        if !self.options.list_root {
+            return Err(errno(libc::EPERM));
+        }
+        let infos = self.store.path_infos.list().map_err(|e| {
+            tracing::warn!(error = %e, "cannot list path info");
+            errno(libc::EIO)
+        })?;
+        let mut children: Vec<Child> = infos
+            .iter()
+            .map(|info| {
+                let name = Bytes::from(info.store_path.to_basename());
+                let inode = self.remember_root_entry(&name, &info.node);
+                Child { name, inode }
+            })
+            .collect();
+        children.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(children.into())
+    }
+
+    fn stat(&self, inode: u64, kind: &InodeKind) -> stat64 {
+        // SAFETY: stat64 is a plain C struct for which all-zero bytes is a valid value.
+        let mut st: stat64 = unsafe { std::mem::zeroed() };
+        st.st_ino = inode;
+        st.st_nlink = 1;
+        st.st_uid = 0;
+        st.st_gid = 0;
+        st.st_mtime = MTIME;
+        st.st_ctime = MTIME;
+        st.st_atime = MTIME;
+        st.st_blksize = BLOCK_SIZE;
+        let (mode, size) = match kind {
+            InodeKind::Root => (libc::S_IFDIR | 0o555, 0),
+            InodeKind::Directory { size, .. } => (libc::S_IFDIR | 0o555, *size),
+            InodeKind::File {
+                size, executable, ..
+            } => (
+                libc::S_IFREG | if *executable { 0o555 } else { 0o444 },
+                *size,
+            ),
+            InodeKind::Symlink { target } => (libc::S_IFLNK | 0o777, target.len() as u64),
+        };
+        st.st_mode = mode;
+        st.st_size = size as i64;
+        st.st_blocks = (size as i64 + 511) / 512;
+        st
+    }
+
+    fn entry(&self, inode: u64) -> io::Result<Entry> {
+        let kind = self.inode(inode)?;
+        Ok(Entry {
+            inode,
+            generation: 0,
+            attr: self.stat(inode, &kind),
+            attr_flags: 0,
+            attr_timeout: CACHE_TIMEOUT,
+            entry_timeout: CACHE_TIMEOUT,
+        })
+    }
+
+    fn new_handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn dir_entry_type(&self, inode: u64) -> u32 {
+        match self.inode(inode).as_deref() {
+            Ok(InodeKind::File { .. }) => libc::DT_REG as u32,
+            Ok(InodeKind::Symlink { .. }) => libc::DT_LNK as u32,
+            _ => libc::DT_DIR as u32,
+        }
+    }
+
+    /// Hands entries from `offset` on to `add`, stopping (without losing the entry) when the
+    /// kernel's buffer is full: `add` returns 0 then, and the next call resumes at that entry.
+    fn list_from(
+        &self,
+        handle: u64,
+        offset: u64,
+        mut add: impl FnMut(&Child, u64) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let children = self
+            .open_dirs
+            .read()
+            .expect("handle table poisoned")
+            .get(&handle)
+            .cloned();
+        let children = children.ok_or_else(|| errno(libc::EBADF))?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (index, child) in children.iter().enumerate().skip(start) {
+            if add(child, index as u64 + 1)? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn xattrs(&self, kind: &InodeKind) -> Vec<(&'static [u8], String)> {
+        if !self.options.show_xattr {
+            return Vec::new();
+        }
+        match kind {
+            InodeKind::Directory { digest, .. } => {
+                vec![(XATTR_DIRECTORY_DIGEST, digest.to_string())]
+            }
+            InodeKind::File { digest, .. } => vec![(XATTR_BLOB_DIGEST, digest.to_string())],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl FileSystem for StoreFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let wanted = FsOptions::ASYNC_READ
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::MAX_PAGES
+            | FsOptions::CACHE_SYMLINKS
+            | FsOptions::BIG_WRITES;
+        Ok(capable & wanted)
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let name = name.to_bytes();
+        let parent_kind = self.inode(parent)?;
+        let inode = match &*parent_kind {
+            InodeKind::Root => self.lookup_root(name)?,
+            kind @ InodeKind::Directory { .. } => {
+                let children = self.children(kind)?;
+                let index = children
+                    .binary_search_by(|child| child.name.as_ref().cmp(name))
+                    .map_err(|_| errno(libc::ENOENT))?;
+                children[index].inode
+            }
+            _ => return Err(errno(libc::ENOTDIR)),
+        };
+        self.entry(inode)
+    }
+
+    fn forget(&self, _ctx: &Context, _inode: u64, _count: u64) {
+        // Inodes stand for immutable content and stay valid for the life of the mount.
+    }
+
+    fn getattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        let kind = self.inode(inode)?;
+        Ok((self.stat(inode, &kind), CACHE_TIMEOUT))
+    }
+
+    fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        match &*self.inode(inode)? {
+            InodeKind::Symlink { target } => Ok(target.to_vec()),
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    fn open(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            return read_only();
+        }
+        let (digest, size) = match &*self.inode(inode)? {
+            InodeKind::File { digest, size, .. } => (*digest, *size),
+            InodeKind::Root | InodeKind::Directory { .. } => return Err(errno(libc::EISDIR)),
+            InodeKind::Symlink { .. } => return Err(errno(libc::ELOOP)),
+        };
+        let blob = match self.store.blobs.open(&digest) {
+            Ok(Some(blob)) if blob.size() == size => blob,
+            Ok(Some(blob)) => {
+                tracing::warn!(%digest, expected = size, actual = blob.size(), "blob has the wrong size");
+                return Err(errno(libc::EIO));
+            }
+            Ok(None) => {
+                tracing::warn!(%digest, "blob missing from the store");
+                return Err(errno(libc::EIO));
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot open blob");
+                return Err(errno(libc::EIO));
+            }
+        };
+        let handle = self.new_handle();
+        self.open_files
+            .write()
+            .expect("handle table poisoned")
+            .insert(handle, blob);
+        Ok((Some(handle), OpenOptions::KEEP_CACHE, None))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let blob = self
+            .open_files
+            .read()
+            .expect("handle table poisoned")
+            .get(&handle)
+            .cloned();
+        let blob = blob.ok_or_else(|| errno(libc::EBADF))?;
+        if offset >= blob.size() {
+            return Ok(0);
+        }
+        let count = (size as u64).min(blob.size() - offset) as usize;
+        let mut source = BlobSource(&*blob);
+        let mut done = 0;
+        while done < count {
+            match w.write_from(&mut source, count - done, offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn release(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _flags: u32,
+        handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.open_files
+            .write()
+            .expect("handle table poisoned")
+            .remove(&handle);
+        Ok(())
+    }
+
+    fn opendir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let children = match &*self.inode(inode)? {
+            InodeKind::Root => self.root_listing()?,
+            kind @ InodeKind::Directory { .. } => self.children(kind)?,
+            _ => return Err(errno(libc::ENOTDIR)),
+        };
+        let handle = self.new_handle();
+        self.open_dirs
+            .write()
+            .expect("handle table poisoned")
+            .insert(handle, children);
+        Ok((
+            Some(handle),
+            OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
+        ))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.list_from(handle, offset, |child, next_offset| {
+            add_entry(DirEntry {
+                ino: child.inode,
+                offset: next_offset,
+                type_: self.dir_entry_type(child.inode),
+                name: &child.name,
+            })
+        })
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.list_from(handle, offset, |child, next_offset| {
+            let entry = self.entry(child.inode)?;
+            let dir_entry = DirEntry {
+                ino: child.inode,
+                offset: next_offset,
+                type_: self.dir_entry_type(child.inode),
+                name: &child.name,
+            };
+            add_entry(dir_entry, entry)
+        })
+    }
+
+    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
+        self.open_dirs
+            .write()
+            .expect("handle table poisoned")
+            .remove(&handle);
+        Ok(())
+    }
+
+    fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
+        // SAFETY: statvfs64 is a plain C struct for which all-zero bytes is a valid value.
+        let mut st: statvfs64 = unsafe { std::mem::zeroed() };
+        st.f_bsize = BLOCK_SIZE as u64;
+        st.f_frsize = BLOCK_SIZE as u64;
+        st.f_namemax = 255;
+        st.f_flag = libc::ST_RDONLY;
+        Ok(st)
+    }
+
+    fn access(&self, _ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        self.inode(inode)?;
+        if mask as i32 & libc::W_OK != 0 {
+            return read_only();
+        }
+        Ok(())
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        let kind = self.inode(inode)?;
+        let value = self
+            .xattrs(&kind)
+            .into_iter()
+            .find(|(n, _)| *n == name.to_bytes())
+            .map(|(_, v)| v.into_bytes())
+            .ok_or_else(|| errno(libc::ENODATA))?;
+        match size {
+            0 => Ok(GetxattrReply::Count(value.len() as u32)),
+            n if (n as usize) < value.len() => Err(errno(libc::ERANGE)),
+            _ => Ok(GetxattrReply::Value(value)),
+        }
+    }
+
+    fn listxattr(&self, _ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let kind = self.inode(inode)?;
+        let mut names = Vec::new();
+        for (name, _) in self.xattrs(&kind) {
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+        match size {
+            0 => Ok(ListxattrReply::Count(names.len() as u32)),
+            n if (n as usize) < names.len() => Err(errno(libc::ERANGE)),
+            _ => Ok(ListxattrReply::Names(names)),
+        }
+    }
+
+    // Everything that would change the store fails: it is read-only by design.
+
+    fn setattr(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _attr: stat64,
+        _handle: Option<u64>,
+        _valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        read_only()
+    }
+
+    fn symlink(
+        &self,
+        _ctx: &Context,
+        _linkname: &CStr,
+        _parent: u64,
+        _name: &CStr,
+    ) -> io::Result<Entry> {
+        read_only()
+    }
+
+    fn mknod(
+        &self,
+        _ctx: &Context,
+        _parent: u64,
+        _name: &CStr,
+        _mode: u32,
+        _rdev: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        read_only()
+    }
+
+    fn mkdir(
+        &self,
+        _ctx: &Context,
+        _parent: u64,
+        _name: &CStr,
+        _mode: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        read_only()
+    }
+
+    fn unlink(&self, _ctx: &Context, _parent: u64, _name: &CStr) -> io::Result<()> {
+        read_only()
+    }
+
+    fn rmdir(&self, _ctx: &Context, _parent: u64, _name: &CStr) -> io::Result<()> {
+        read_only()
+    }
+
+    fn rename(
+        &self,
+        _ctx: &Context,
+        _olddir: u64,
+        _oldname: &CStr,
+        _newdir: u64,
+        _newname: &CStr,
+        _flags: u32,
+    ) -> io::Result<()> {
+        read_only()
+    }
+
+    fn link(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _newparent: u64,
+        _newname: &CStr,
+    ) -> io::Result<Entry> {
+        read_only()
+    }
+
+    fn create(
+        &self,
+        _ctx: &Context,
+        _parent: u64,
+        _name: &CStr,
+        _args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        read_only()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _handle: u64,
+        _r: &mut dyn ZeroCopyReader,
+        _size: u32,
+        _offset: u64,
+        _lock_owner: Option<u64>,
+        _delayed_write: bool,
+        _flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<usize> {
+        read_only()
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _handle: u64,
+        _mode: u32,
+        _offset: u64,
+        _length: u64,
+    ) -> io::Result<()> {
+        read_only()
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _name: &CStr,
+        _value: &[u8],
+        _flags: u32,
+    ) -> io::Result<()> {
+        read_only()
+    }
+
+    fn removexattr(&self, _ctx: &Context, _inode: u64, _name: &CStr) -> io::Result<()> {
+        read_only()
+    }
+}
