@@ -1,1 +1,38 @@
 //! Harness for end-to-end tests: real guests, real peers.
+//!
+//! The build machines' /dev/kvm is PVM and cannot run a Linux guest, so
+//! end-to-end tests run the static tvix-boot binary inside a QEMU TCG "test
+//! host" that has real (nested SVM) KVM:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tvix_boot_tests::{GuestFile, TestHost, assets};
+//!
+//! let bin = assets::tvix_boot_static()?; // $TVIX_BOOT_BIN, or a static cargo build
+//! let host = TestHost::builder().tvix_boot(bin).build()?;
+//! let out = host.run_tvix_boot(
+//!     &["--initrd", "/guest/initrd.cpio", "--cmdline", "console=ttyS0"],
+//!     &[("CH_NUM_CPUS", "2")],
+//!     &[GuestFile::bytes("/guest/initrd.cpio", vec![], 0o644)],
+//!     Duration::from_secs(120),
+//! )?;
+//! assert!(out.success(), "{out}");
+//! # Ok::<(), tvix_boot_tests::Error>(())
+//! ```
+//!
+//! Heavy inputs (Debian test-host kernel, guest kernel) are cached under
+//! [`assets::cache_dir`]; the per-run initramfs is rebuilt every time.
+
+pub mod assets;
+mod error;
+pub mod initramfs;
+mod kvm;
+pub mod qemu;
+pub mod testhost;
+
+pub use error::{Error, Result};
+pub use initramfs::Initramfs;
+pub use kvm::hardware_kvm_available;
+pub use testhost::{
+    FileContents, GUEST_KERNEL, GuestFile, TVIX_BOOT, TestHost, TestHostBuilder, TestHostOutput,
+};

@@ -1,0 +1,134 @@
+//! Running QEMU with a hard deadline and its serial console captured.
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// What one QEMU run produced.
+#[derive(Debug, Clone)]
+pub struct QemuOutput {
+    /// The serial console (QEMU's stdout), `\r` removed.
+    pub serial: String,
+    /// QEMU's own stderr.
+    pub stderr: String,
+    /// QEMU's exit status (after the kill, when it timed out).
+    pub status: ExitStatus,
+    /// QEMU was killed at the deadline.
+    pub timed_out: bool,
+    /// Wall time from spawn to exit (or kill).
+    pub elapsed: Duration,
+}
+
+/// Finds qemu-system-x86_64 on PATH. Its absence is an error, loudly: tests
+/// that need it must fail, not pass by doing nothing.
+pub fn find_qemu() -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+        .ok_or(Error::QemuMissing)
+}
+
+/// Runs qemu-system-x86_64 with `args`, the serial console on stdout
+/// (`-serial stdio` must be among the args, or something equivalent), no
+/// stdin, and kills it at `timeout`.
+///
+/// Always uses TCG: the build machines' /dev/kvm is PVM, which cannot run the
+/// guests these tests boot.
+pub fn run_qemu<I, S>(args: I, timeout: Duration) -> Result<QemuOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let qemu = find_qemu()?;
+    let mut cmd = Command::new(&qemu);
+    cmd.args(["-accel", "tcg"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let command = qemu.display().to_string();
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+
+    // Drain both pipes on threads so QEMU never blocks on a full pipe.
+    let serial = Arc::new(Mutex::new(Vec::new()));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|out| drain(out, Arc::clone(&serial))),
+        child
+            .stderr
+            .take()
+            .map(|err| drain(err, Arc::clone(&stderr))),
+    ];
+
+    let deadline = started + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() >= deadline => {
+                timed_out = true;
+                // Kill and reap: a test must never leave QEMU behind.
+                let _ = child.kill();
+                break child.wait().map_err(|source| Error::Spawn {
+                    command: command.clone(),
+                    source,
+                })?;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(source) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Spawn { command, source });
+            }
+        }
+    };
+    let elapsed = started.elapsed();
+    for handle in readers.into_iter().flatten() {
+        let _ = handle.join();
+    }
+    Ok(QemuOutput {
+        serial: String::from_utf8_lossy(&take(&serial)).replace('\r', ""),
+        stderr: String::from_utf8_lossy(&take(&stderr)).into_owned(),
+        status,
+        timed_out,
+        elapsed,
+    })
+}
+
+fn drain(
+    mut source: impl Read + Send + 'static,
+    sink: Arc<Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match source.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => match sink.lock() {
+                    Ok(mut sink) => sink.extend_from_slice(&buf[..n]),
+                    Err(poisoned) => poisoned.into_inner().extend_from_slice(&buf[..n]),
+                },
+            }
+        }
+    })
+}
+
+fn take(buf: &Mutex<Vec<u8>>) -> Vec<u8> {
+    match buf.lock() {
+        Ok(mut b) => std::mem::take(&mut *b),
+        Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+    }
+}
