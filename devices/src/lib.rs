@@ -12,6 +12,7 @@ pub mod i8042;
 pub mod pvpanic;
 pub mod serial;
 pub mod terminal;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitNotifier, GuestExit};

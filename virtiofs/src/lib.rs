@@ -5,7 +5,9 @@
 //! move requests and replies.
 
 mod blob_source;
+pub mod device;
 pub mod fs;
 pub mod host_mount;
 
+pub use device::VirtioFs;
 pub use fs::{StoreFs, StoreFsOptions};

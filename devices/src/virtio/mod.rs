@@ -1,0 +1,100 @@
+//! Virtio devices and their MMIO transport.
+//!
+//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on the MMIO bus,
+//! negotiates features and queues with the guest driver, and hands the device its queues
+//! once the driver says DRIVER_OK. The device then serves each queue on its own terms
+//! (typically a thread per queue woken by the queue's notify eventfd).
+
+pub mod mmio;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bits every modern device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
+    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("cannot start the {device} device's queue workers: {source}")]
+    Spawn {
+        device: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the {device} device expects {expected} queues, the driver set up {actual}")]
+    QueueCount {
+        device: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+}
+
+/// The device's interrupt line as the guest sees it: the MMIO InterruptStatus register and
+/// the irqfd that raises the IRQ.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Tell the driver that used buffers are waiting.
+    pub fn signal_used_queue(&self) {
+        self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    pub fn signal_config_change(&self) {
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!(error = %e, "cannot raise a virtio interrupt");
+        }
+    }
+
+    pub(crate) fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What a device gets when the driver has set it up.
+pub struct Activation {
+    pub memory: GuestMemoryMmap,
+    /// Features both sides agreed on.
+    pub features: u64,
+    /// The queues, ready, each with the eventfd the driver's notifications arrive on.
+    pub queues: Vec<(Queue, EventFd)>,
+    pub interrupt: Arc<Interrupt>,
+}
+
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (26 for virtio-fs).
+    fn device_type(&self) -> u32;
+    fn features(&self) -> u64;
+    /// The largest size of each queue, one entry per queue.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Read device-specific configuration; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stop using the queues and guest memory (the driver reset the device).
+    fn reset(&mut self);
+}

@@ -1,0 +1,268 @@
+//! The virtio-fs device (virtio ID 26): one high-priority queue plus request queues, each
+//! served on its own thread straight out of guest memory by the shared FUSE server.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use tvix_boot_devices::virtio::{
+    ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::fs::StoreFs;
+
+pub const VIRTIO_ID_FS: u32 = 26;
+/// Each queue holds this many descriptors; big enough for 1 MiB reads in 4 KiB pages.
+pub const QUEUE_SIZE: u16 = 1024;
+const TAG_LEN: usize = 36;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("virtio-fs tag {0:?} must be 1 to {TAG_LEN} bytes")]
+    BadTag(String),
+    #[error("virtio-fs needs at least one request queue")]
+    NoRequestQueues,
+}
+
+pub struct VirtioFs {
+    config: [u8; TAG_LEN + 4],
+    request_queues: u16,
+    server: Arc<Server<StoreFs>>,
+    workers: Vec<(EventFd, JoinHandle<()>)>,
+}
+
+impl VirtioFs {
+    /// A device with tag `tag` (the guest mounts it by that name) and `request_queues`
+    /// request queues besides the high-priority queue; one per vCPU serves well.
+    pub fn new(fs: StoreFs, tag: &str, request_queues: u16) -> Result<Self, DeviceError> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(DeviceError::BadTag(tag.to_owned()));
+        }
+        if request_queues == 0 {
+            return Err(DeviceError::NoRequestQueues);
+        }
+        let mut config = [0u8; TAG_LEN + 4];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&u32::from(request_queues).to_le_bytes());
+        Ok(Self {
+            config,
+            request_queues,
+            server: Arc::new(Server::new(fs)),
+            workers: Vec::new(),
+        })
+    }
+
+    fn stop_workers(&mut self) {
+        for (stop, worker) in self.workers.drain(..) {
+            let _ = stop.write(1);
+            if worker.join().is_err() {
+                tracing::warn!("virtio-fs queue worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for VirtioFs {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 1 + self.request_queues as usize]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(self.config.len());
+        let available = &self.config[start..];
+        let n = available.len().min(data.len());
+        data[..n].copy_from_slice(&available[..n]);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let expected = 1 + self.request_queues as usize;
+        if activation.queues.len() != expected {
+            return Err(ActivateError::QueueCount {
+                device: "virtio-fs",
+                expected,
+                actual: activation.queues.len(),
+            });
+        }
+        self.stop_workers();
+        for (index, (queue, notify)) in activation.queues.into_iter().enumerate() {
+            let spawn_err = |source| ActivateError::Spawn {
+                device: "virtio-fs",
+                source,
+            };
+            let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_err)?;
+            let worker = QueueWorker {
+                memory: activation.memory.clone(),
+                queue,
+                notify,
+                stop: stop.try_clone().map_err(spawn_err)?,
+                interrupt: activation.interrupt.clone(),
+                server: self.server.clone(),
+            };
+            let name = if index == 0 {
+                "virtio-fs-hiprio".to_owned()
+            } else {
+                format!("virtio-fs-q{index}")
+            };
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker.run())
+                .map_err(spawn_err)?;
+            self.workers.push((stop, handle));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// Serves one queue until told to stop.
+pub(crate) struct QueueWorker {
+    pub(crate) memory: GuestMemoryMmap,
+    pub(crate) queue: Queue,
+    pub(crate) notify: EventFd,
+    pub(crate) stop: EventFd,
+    pub(crate) interrupt: Arc<Interrupt>,
+    pub(crate) server: Arc<Server<StoreFs>>,
+}
+
+impl QueueWorker {
+    fn run(mut self) {
+        loop {
+            // Serve what is there before sleeping: the driver may have queued requests
+            // before this thread started.
+            if let Err(e) = self.process_queue() {
+                tracing::warn!(error = %e, "virtio-fs: queue broken, no longer served");
+                return;
+            }
+            match wait_for(&self.notify, &self.stop) {
+                Ok(Wake::Notified) => {
+                    let _ = self.notify.read();
+                }
+                Ok(Wake::Stop) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-fs: cannot wait for notifications");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answer every available request, then tell the driver if it wants to know.
+    pub(crate) fn process_queue(&mut self) -> Result<(), virtio_queue::Error> {
+        let mut used_any = false;
+        loop {
+            self.queue.disable_notification(&self.memory)?;
+            while let Some(chain) = self.queue.pop_descriptor_chain(&self.memory) {
+                let head = chain.head_index();
+                let written = self.handle_chain(chain);
+                // A head index the driver put out of range cannot be returned; the chain is
+                // dropped and the queue goes on.
+                match self.queue.add_used(&self.memory, head, written) {
+                    Ok(()) => used_any = true,
+                    Err(virtio_queue::Error::InvalidDescriptorIndex) => {
+                        tracing::warn!(head, "virtio-fs: chain with an invalid head index dropped");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            // Re-enabling tells us whether the driver added more while notifications were off.
+            if !self.queue.enable_notification(&self.memory)? {
+                break;
+            }
+        }
+        if used_any && self.queue.needs_notification(&self.memory)? {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    /// Returns how many bytes were written into the chain. A chain that does not describe
+    /// valid guest memory gets nothing written and is returned as used with length 0, so the
+    /// driver never waits forever.
+    fn handle_chain(&self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let reader = Reader::from_descriptor_chain(&self.memory, chain.clone());
+        let writer = VirtioFsWriter::new(&self.memory, chain);
+        let (reader, writer) = match (reader, writer) {
+            (Ok(reader), Ok(writer)) => (reader, writer),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "virtio-fs: malformed descriptor chain dropped");
+                return 0;
+            }
+        };
+        match self
+            .server
+            .handle_message(reader, writer.into(), None, None)
+        {
+            Ok(written) => u32::try_from(written).unwrap_or(u32::MAX),
+            Err(e) => {
+                tracing::debug!(error = %e, "virtio-fs: request failed");
+                0
+            }
+        }
+    }
+}
+
+enum Wake {
+    Notified,
+    Stop,
+}
+
+fn wait_for(notify: &EventFd, stop: &EventFd) -> std::io::Result<Wake> {
+    let mut fds = [
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: notify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structs that outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[0].revents != 0 {
+            return Ok(Wake::Stop);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Wake::Notified);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "device_tests.rs"]
+mod tests;
