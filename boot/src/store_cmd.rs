@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use thiserror::Error;
+use tvix_boot_store::binary_cache::{self, CacheError};
 use tvix_boot_store::import::{ImportError, import_path};
 use tvix_boot_store::nixbase32;
 use tvix_boot_store::store::{
@@ -83,6 +84,12 @@ enum StoreCommand {
     Info { store_path: String },
     /// Write a store path as a NAR to stdout, byte-identical to `nix-store --dump`.
     ExportNar { store_path: String },
+    /// Serve the store as an HTTP binary cache: `nix copy --to http://ADDR?compression=none`
+    /// pushes closures into it, `nix copy --from` and substituters read from it.
+    ServeNar {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+    },
     /// Mount the store read-only at DIR through /dev/fuse, in the foreground, until
     /// SIGINT or SIGTERM.
     Mount {
@@ -118,6 +125,10 @@ enum CliError {
     Mount(#[from] MountError),
     #[error("cannot wait for signals: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 pub fn run(addrs: &StoreAddrArgs, args: StoreArgs) -> ExitCode {
@@ -156,6 +167,7 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
             let info = lookup(&store, &store_path)?;
             store.write_nar(&info.node, &mut stdout)?;
         }
+        StoreCommand::ServeNar { listen } => serve_nar(store, &listen)?,
         StoreCommand::Mount {
             dir,
             list_root,
@@ -238,6 +250,34 @@ fn write_info(out: &mut impl Write, info: &PathInfo) -> std::io::Result<()> {
         writeln!(out, "signature: {signature}")?;
     }
     Ok(())
+}
+
+fn serve_nar(store: Store, listen: &str) -> Result<(), CliError> {
+    let runtime = tokio::runtime::Runtime::new().map_err(CliError::Runtime)?;
+    runtime.block_on(async {
+        let (listener, addr) = binary_cache::bind(listen).await?;
+        eprintln!("tvix-boot: serving the store as a binary cache on http://{addr}");
+        binary_cache::serve(Arc::new(store), listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        // Without signal handlers the default actions still end the process.
+        _ => std::future::pending().await,
+    }
 }
 
 fn mount(

@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows about VMs. The API is synchronous; see `runtime` for why.
 
+pub mod binary_cache;
 pub mod blobservice;
 pub mod castore;
 pub mod digest;
@@ -10,6 +11,7 @@ pub mod directoryservice;
 pub mod import;
 pub mod kv;
 pub mod nar;
+pub mod narinfo;
 pub mod nixbase32;
 pub mod pathinfo;
 pub mod proto;

@@ -287,6 +287,25 @@ pub trait PathInfoService: Send + Sync {
     fn get(&self, digest: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, PathInfoError>;
     fn put(&self, info: &PathInfo) -> Result<(), PathInfoError>;
     fn list(&self) -> Result<Vec<PathInfo>, PathInfoError>;
+    /// Remember which root node a NAR with this SHA-256 unpacks to: binary caches name NARs
+    /// by hash, and an uploaded NAR comes before the narinfo that names its store path.
+    fn put_nar(&self, nar_sha256: &[u8; 32], nar: &IndexedNar) -> Result<(), PathInfoError>;
+    fn get_nar(&self, nar_sha256: &[u8; 32]) -> Result<Option<IndexedNar>, PathInfoError>;
+}
+
+/// A NAR known by its hash: its root node (unnamed) and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexedNar {
+    pub node: Node,
+    pub nar_size: u64,
+}
+
+/// NAR index entries share the key space with path info; their keys are longer, so they
+/// never collide with (or list as) the 20-byte path digests.
+const NAR_KEY_PREFIX: &[u8] = b"nar:";
+
+fn nar_key(nar_sha256: &[u8; 32]) -> Vec<u8> {
+    [NAR_KEY_PREFIX, nar_sha256].concat()
 }
 
 /// Path info in any key-value backend, keyed by the store path digest.
@@ -335,7 +354,12 @@ impl PathInfoService for KvPathInfoService {
 
     fn list(&self) -> Result<Vec<PathInfo>, PathInfoError> {
         let mut infos = Vec::new();
-        for key in self.kv.keys()? {
+        for key in self
+            .kv
+            .keys()?
+            .into_iter()
+            .filter(|k| k.len() == DIGEST_LEN)
+        {
             if let Some(bytes) = self.kv.get(&key)? {
                 infos.push(Self::decode(&key, &bytes)?);
             }
@@ -347,6 +371,37 @@ impl PathInfoService for KvPathInfoService {
                 .then(a.store_path.cmp(&b.store_path))
         });
         Ok(infos)
+    }
+
+    fn put_nar(&self, nar_sha256: &[u8; 32], nar: &IndexedNar) -> Result<(), PathInfoError> {
+        // Stored as a PathInfo message without a name, which carries node and size.
+        let proto = proto::PathInfo {
+            node: Some(nar.node.to_proto(Bytes::new())),
+            references: Vec::new(),
+            narinfo: Some(proto::NarInfo {
+                nar_size: nar.nar_size,
+                ..Default::default()
+            }),
+        };
+        self.kv
+            .put(&nar_key(nar_sha256), proto.encode_to_vec().into())?;
+        Ok(())
+    }
+
+    fn get_nar(&self, nar_sha256: &[u8; 32]) -> Result<Option<IndexedNar>, PathInfoError> {
+        let Some(bytes) = self.kv.get(&nar_key(nar_sha256))? else {
+            return Ok(None);
+        };
+        let key = format!("nar sha256:{}", nixbase32::encode(nar_sha256));
+        let decode_err = |source: Box<dyn std::error::Error + Send + Sync>| PathInfoError::Decode {
+            key: key.clone(),
+            source,
+        };
+        let proto = proto::PathInfo::decode(bytes.as_ref()).map_err(|e| decode_err(Box::new(e)))?;
+        let node = proto.node.ok_or_else(|| decode_err("no node".into()))?;
+        let (_, node) = Node::from_proto(node).map_err(|e| decode_err(Box::new(e)))?;
+        let nar_size = proto.narinfo.map_or(0, |n| n.nar_size);
+        Ok(Some(IndexedNar { node, nar_size }))
     }
 }
 
@@ -399,7 +454,20 @@ mod tests {
             Some(info.clone())
         );
         assert_eq!(service.get(&[0; 20]).unwrap(), None);
-        assert_eq!(service.list().unwrap(), vec![info]);
+        assert_eq!(service.list().unwrap(), vec![info.clone()]);
+
+        let nar = IndexedNar {
+            node: info.node.clone(),
+            nar_size: info.nar_size,
+        };
+        service.put_nar(&info.nar_sha256, &nar).unwrap();
+        assert_eq!(service.get_nar(&info.nar_sha256).unwrap(), Some(nar));
+        assert_eq!(service.get_nar(&[1; 32]).unwrap(), None);
+        assert_eq!(
+            service.list().unwrap().len(),
+            1,
+            "NAR index entries must not list as paths"
+        );
     }
 
     #[test]

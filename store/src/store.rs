@@ -12,7 +12,7 @@ use crate::castore::Node;
 use crate::directoryservice::{DirectoryError, DirectoryService, KvDirectoryService};
 use crate::kv::{Kv, KvError, MemoryKv, ObjectStoreKv, RedbKv};
 use crate::nar::{IngestedNar, NarError, ingest_nar, render_nar};
-use crate::pathinfo::{KvPathInfoService, PathInfo, PathInfoError, PathInfoService};
+use crate::pathinfo::{IndexedNar, KvPathInfoService, PathInfo, PathInfoError, PathInfoService};
 use crate::store_path::StorePath;
 
 pub const BLOB_SERVICE_ADDR_ENV: &str = "BLOB_SERVICE_ADDR";
@@ -256,6 +256,11 @@ impl Store {
                 what: format!("{:?}", info.node),
             });
         }
+        let nar = IndexedNar {
+            node: info.node.clone(),
+            nar_size: info.nar_size,
+        };
+        self.path_infos.put_nar(&info.nar_sha256, &nar)?;
         self.path_infos.put(info)?;
         Ok(())
     }

@@ -1,0 +1,373 @@
+//! `nix copy` into `tvix-boot store serve-nar` and back out, with real Nix (Debian's nix-bin,
+//! as root, sandbox off to build a small closure). Fails loudly when Nix is missing.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tvix-boot");
+
+fn run(cmd: &mut Command) -> Output {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (apt-get install nix-bin)"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn stdout_lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A two-path closure built by real Nix: top-1.0 refers to dep-1.0. Built once per test run.
+fn closure() -> &'static (String, String) {
+    static CLOSURE: OnceLock<(String, String)> = OnceLock::new();
+    CLOSURE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let expr = dir.path().join("closure.nix");
+        std::fs::write(
+            &expr,
+            r#"let
+  dep = derivation { name = "dep-1.0"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "mkdir -p $out/lib; echo dependency > $out/lib/data; seq 1 50000 > $out/lib/numbers" ]; };
+in derivation { name = "top-1.0"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  args = [ "-c" "mkdir -p $out/bin; printf '#!/bin/sh\\necho hello from top, dep at ${dep}\\n' > $out/bin/top; chmod +x $out/bin/top; ln -s ${dep}/lib/data $out/data" ]; }
+"#,
+        )
+        .unwrap();
+        let out = run(Command::new("nix-build").args(["--option", "sandbox", "false", "--no-out-link"]).arg(&expr));
+        let top = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let refs = run(Command::new("nix-store").args(["--query", "--references", &top]));
+        let dep = stdout_lines(&refs).into_iter().find(|r| r.ends_with("-dep-1.0")).expect("top refers to dep");
+        (top, dep)
+    })
+}
+
+fn nix_dump(path: &str) -> Vec<u8> {
+    run(Command::new("nix-store").args(["--dump", path])).stdout
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(data_home: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .env("XDG_DATA_HOME", data_home)
+            .args(["store", "serve-nar", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .expect("serve-nar prints its address")
+            .to_owned();
+        Server { child, addr }
+    }
+
+    fn url(&self, query: &str) -> String {
+        format!("http://{}{query}", self.addr)
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill sends a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "serve-nar exited with {status} on SIGTERM"
+        );
+    }
+
+    /// A raw HTTP request; returns the status code and body.
+    fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let mut stream = TcpStream::connect(&self.addr).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        let text = String::from_utf8_lossy(&response);
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("an HTTP status line");
+        let body_start = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(response.len(), |p| p + 4);
+        (status, response[body_start..].to_vec())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn tvix_store(data_home: &Path, args: &[&str]) -> Output {
+    run(Command::new(BIN)
+        .env("XDG_DATA_HOME", data_home)
+        .arg("store")
+        .args(args))
+}
+
+/// `nix` with its own empty cache directory, so nothing it remembers from earlier runs
+/// (narinfo lookups are cached for days) hides what the server does now.
+fn nix(cache: &Path) -> Command {
+    let mut cmd = Command::new("nix");
+    cmd.env("XDG_CACHE_HOME", cache)
+        .args(["--extra-experimental-features", "nix-command"]);
+    cmd
+}
+
+#[test]
+fn nix_copy_round_trips_a_closure() {
+    let (top, dep) = closure();
+    let data = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    run(nix(cache.path()).args(["copy", "--to", &server.url("?compression=none"), top]));
+
+    let mut listed = stdout_lines(&tvix_store(data.path(), &["list"]));
+    listed.sort();
+    let mut expected = vec![top.clone(), dep.clone()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    for path in [top, dep] {
+        assert!(
+            tvix_store(data.path(), &["export-nar", path]).stdout == nix_dump(path),
+            "NAR of {path} differs"
+        );
+    }
+    let info = String::from_utf8(tvix_store(data.path(), &["info", top]).stdout).unwrap();
+    assert!(info.contains(&format!("references:\n  {dep}")), "{info}");
+    let nix_hash = run(Command::new("nix-store").args(["--query", "--hash", top]));
+    assert!(
+        info.contains(String::from_utf8_lossy(&nix_hash.stdout).trim()),
+        "{info}"
+    );
+
+    // Substituters read it back: nix copy --from into a fresh local store.
+    let root = tempfile::tempdir().unwrap();
+    run(nix(cache.path())
+        .args(["copy", "--no-check-sigs", "--from", &server.url(""), "--to"])
+        .arg(format!("local?root={}", root.path().display()))
+        .arg(top));
+    let copied = root.path().join(top.trim_start_matches('/'));
+    assert!(
+        copied.join("bin/top").is_file(),
+        "{} missing after nix copy --from",
+        copied.display()
+    );
+
+    // What was acknowledged survives a restart.
+    server.stop();
+    let server = Server::start(data.path());
+    let (status, narinfo) = server.request("GET", &format!("/{}.narinfo", &top[11..43]), b"");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&narinfo).contains(&format!("StorePath: {top}")));
+    server.stop();
+}
+
+#[test]
+fn compressed_uploads_are_accepted() {
+    let (top, _) = closure();
+    for compression in ["xz", "zstd", "bzip2"] {
+        let data = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let server = Server::start(data.path());
+        run(nix(cache.path()).args([
+            "copy",
+            "--to",
+            &server.url(&format!("?compression={compression}")),
+            top,
+        ]));
+        assert_eq!(
+            stdout_lines(&tvix_store(data.path(), &["list"])).len(),
+            2,
+            "{compression}"
+        );
+        assert!(
+            tvix_store(data.path(), &["export-nar", top]).stdout == nix_dump(top),
+            "{compression}"
+        );
+        server.stop();
+    }
+}
+
+#[test]
+fn lying_uploads_are_refused_and_store_nothing() {
+    let (top, dep) = closure();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let nar = nix_dump(dep);
+    let hash = |bytes: &[u8]| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("nix-hash --type sha256 --flat --base32 /dev/stdin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        out.stdin.as_ref().unwrap().write_all(bytes).unwrap();
+        String::from_utf8(out.wait_with_output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let good_hash = hash(&nar);
+    let other_hash = hash(b"something else");
+
+    // A NAR under another NAR's name, a truncated NAR, garbage, a bad name.
+    let (status, body) = server.request("PUT", &format!("/nar/{other_hash}.nar"), &nar);
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("hashes to"));
+    assert_eq!(
+        server
+            .request(
+                "PUT",
+                &format!("/nar/{good_hash}.nar"),
+                &nar[..nar.len() - 9]
+            )
+            .0,
+        400
+    );
+    assert_eq!(
+        server
+            .request("PUT", &format!("/nar/{good_hash}.nar"), b"not a nar at all")
+            .0,
+        400
+    );
+    assert_eq!(
+        server
+            .request("PUT", &format!("/nar/{good_hash}.nar.xz"), &nar)
+            .0,
+        400
+    );
+    assert_eq!(server.request("PUT", "/nar/short.nar", &nar).0, 400);
+
+    // A narinfo for a NAR that never arrived.
+    let basename = &dep[11..];
+    let narinfo = format!(
+        "StorePath: {dep}\nURL: nar/{good_hash}.nar\nCompression: none\nNarHash: sha256:{good_hash}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    let (status, body) = server.request(
+        "PUT",
+        &format!("/{}.narinfo", &basename[..32]),
+        narinfo.as_bytes(),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("not uploaded"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // Now the real NAR, then narinfos that lie about it.
+    assert_eq!(
+        server
+            .request("PUT", &format!("/nar/{good_hash}.nar"), &nar)
+            .0,
+        200
+    );
+    let wrong_size = narinfo.replace(&format!("NarSize: {}", nar.len()), "NarSize: 12");
+    assert_eq!(
+        server
+            .request(
+                "PUT",
+                &format!("/{}.narinfo", &basename[..32]),
+                wrong_size.as_bytes()
+            )
+            .0,
+        400
+    );
+    assert_eq!(
+        server
+            .request(
+                "PUT",
+                &format!("/{}.narinfo", &top[11..43]),
+                narinfo.as_bytes()
+            )
+            .0,
+        400
+    );
+    assert_eq!(
+        server
+            .request("PUT", "/garbage.narinfo", narinfo.as_bytes())
+            .0,
+        400
+    );
+    let broken = narinfo.replace("StorePath: /nix/store/", "StorePath: /nix/stor/");
+    assert_eq!(
+        server
+            .request(
+                "PUT",
+                &format!("/{}.narinfo", &basename[..32]),
+                broken.as_bytes()
+            )
+            .0,
+        400
+    );
+    assert!(stdout_lines(&tvix_store(data.path(), &["list"])).is_empty());
+
+    // The honest narinfo is accepted.
+    assert_eq!(
+        server
+            .request(
+                "PUT",
+                &format!("/{}.narinfo", &basename[..32]),
+                narinfo.as_bytes()
+            )
+            .0,
+        200
+    );
+    assert_eq!(
+        stdout_lines(&tvix_store(data.path(), &["list"])),
+        vec![dep.clone()]
+    );
+    let (status, served) = server.request("GET", &format!("/nar/{good_hash}.nar"), b"");
+    assert_eq!(status, 200);
+    assert!(served == nar);
+    assert_eq!(
+        server
+            .request("GET", &format!("/nar/{other_hash}.nar"), b"")
+            .0,
+        404
+    );
+    assert_eq!(
+        server
+            .request("GET", "/00000000000000000000000000000000.narinfo", b"")
+            .0,
+        404
+    );
+    let (status, info) = server.request("GET", "/nix-cache-info", b"");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&info).contains("StoreDir: /nix/store"));
+    server.stop();
+}

@@ -1,0 +1,332 @@
+//! The HTTP binary-cache protocol `nix copy --to http://...` speaks, served from the store:
+//! NARs are streamed straight into blobs and directories, checked against their hash, and a
+//! narinfo is accepted only for a NAR that arrived intact. Substituters (`nix copy --from`)
+//! read the same store back.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::TryStreamExt;
+use sha2::{Digest as _, Sha256};
+use thiserror::Error;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::narinfo::{Compression, NarInfo, NarInfoError};
+use crate::nixbase32;
+use crate::pathinfo::{IndexedNar, PathInfo};
+use crate::store::{Store, StoreError};
+use crate::store_path::DIGEST_LEN;
+
+const NIX_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+
+#[derive(Debug, Error)]
+pub enum CacheError {
+    #[error("{0:?} is not a NAR file name like <nixbase32 sha256>.nar[.xz|.zst|.bz2]")]
+    BadNarName(String),
+    #[error("{0:?} is not a narinfo name like <32-character hash>.narinfo")]
+    BadNarInfoName(String),
+    #[error("the uploaded file hashes to sha256:{actual}, not sha256:{expected} as its name says")]
+    HashMismatch { expected: String, actual: String },
+    #[error("invalid NAR: {0}")]
+    BadNar(StoreError),
+    #[error("invalid narinfo: {0}")]
+    BadNarInfo(#[from] NarInfoError),
+    #[error("narinfo for {path} is uploaded under {name}")]
+    WrongName { path: String, name: String },
+    #[error("narinfo refers to NAR sha256:{0}, which was not uploaded")]
+    NarNotUploaded(String),
+    #[error("narinfo says NarSize {claimed}, the uploaded NAR has {actual} bytes")]
+    NarSizeMismatch { claimed: u64, actual: u64 },
+    #[error("decompressing the upload: {0}")]
+    Decompress(io::Error),
+    #[error("store error: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: io::Error },
+    #[error("serving HTTP: {0}")]
+    Serve(io::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IntoResponse for CacheError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            CacheError::Store(_)
+            | CacheError::Internal(_)
+            | CacheError::Listen { .. }
+            | CacheError::Serve(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "binary cache request failed");
+        } else {
+            tracing::info!(error = %self, "binary cache request refused");
+        }
+        (status, format!("{self}\n")).into_response()
+    }
+}
+
+/// Serve `store` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    store: Arc<Store>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), CacheError> {
+    let app = Router::new()
+        .route(
+            "/nix-cache-info",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
+                    NIX_CACHE_INFO,
+                )
+            }),
+        )
+        .route("/{name}", get(get_narinfo).put(put_narinfo))
+        .route("/nar/{name}", get(get_nar).put(put_nar))
+        .with_state(store);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(CacheError::Serve)
+}
+
+pub async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr), CacheError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| CacheError::Listen {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| CacheError::Listen {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    Ok((listener, local))
+}
+
+/// The store API is synchronous; run it off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CacheError> + Send + 'static,
+) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CacheError::Internal(e.to_string()))?
+}
+
+fn parse_narinfo_name(name: &str) -> Result<[u8; DIGEST_LEN], CacheError> {
+    let bad = || CacheError::BadNarInfoName(name.to_owned());
+    let hash = name.strip_suffix(".narinfo").ok_or_else(bad)?;
+    let digest = nixbase32::decode(hash, DIGEST_LEN).map_err(|_| bad())?;
+    digest.try_into().map_err(|_| bad())
+}
+
+fn parse_nar_name(name: &str) -> Result<([u8; 32], Compression), CacheError> {
+    let bad = || CacheError::BadNarName(name.to_owned());
+    let (hash, extension) = name.split_once(".nar").ok_or_else(bad)?;
+    let compression = Compression::from_extension(extension).ok_or_else(bad)?;
+    let digest = nixbase32::decode(hash, 32).map_err(|_| bad())?;
+    Ok((digest.try_into().map_err(|_| bad())?, compression))
+}
+
+async fn get_narinfo(
+    State(store): State<Arc<Store>>,
+    Path(name): Path<String>,
+) -> Result<Response, CacheError> {
+    let digest = parse_narinfo_name(&name)?;
+    let info =
+        blocking(move || Ok(store.path_infos.get(&digest).map_err(StoreError::from)?)).await?;
+    Ok(match info {
+        Some(info) => (
+            [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
+            NarInfo::for_path_info(&info).render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    })
+}
+
+async fn put_narinfo(
+    State(store): State<Arc<Store>>,
+    Path(name): Path<String>,
+    body: String,
+) -> Result<Response, CacheError> {
+    let digest = parse_narinfo_name(&name)?;
+    let narinfo = NarInfo::parse(&body)?;
+    if narinfo.store_path.digest() != &digest {
+        return Err(CacheError::WrongName {
+            path: narinfo.store_path.to_string(),
+            name,
+        });
+    }
+    blocking(move || {
+        let nar = store
+            .path_infos
+            .get_nar(&narinfo.nar_hash)
+            .map_err(StoreError::from)?
+            .ok_or_else(|| CacheError::NarNotUploaded(nixbase32::encode(&narinfo.nar_hash)))?;
+        if nar.nar_size != narinfo.nar_size {
+            return Err(CacheError::NarSizeMismatch {
+                claimed: narinfo.nar_size,
+                actual: nar.nar_size,
+            });
+        }
+        let info = PathInfo {
+            store_path: narinfo.store_path,
+            node: nar.node,
+            references: narinfo.references,
+            nar_size: narinfo.nar_size,
+            nar_sha256: narinfo.nar_hash,
+            signatures: narinfo.signatures,
+            deriver: narinfo.deriver,
+            ca: narinfo.ca,
+        };
+        store.put_path_info(&info)?;
+        tracing::info!(path = %info.store_path, "path added");
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// Counts and hashes what passes through, as uploaded (before decompression).
+struct HashingReader<R> {
+    inner: R,
+    sha256: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha256.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Ingest a NAR from `input`, decompressing as `compression` says, and check that the bytes as
+/// uploaded hash to `file_hash`. Returns the NAR's hash and what it unpacked to.
+pub fn ingest_upload(
+    store: &Store,
+    input: impl Read,
+    compression: Compression,
+    file_hash: &[u8; 32],
+) -> Result<([u8; 32], IndexedNar), CacheError> {
+    let mut hashing = HashingReader {
+        inner: input,
+        sha256: Sha256::new(),
+    };
+    let ingested = {
+        let decompressed: Box<dyn Read + '_> = match compression {
+            Compression::None => Box::new(&mut hashing),
+            Compression::Xz => Box::new(xz2::read::XzDecoder::new(&mut hashing)),
+            Compression::Zstd => {
+                Box::new(zstd::Decoder::new(&mut hashing).map_err(CacheError::Decompress)?)
+            }
+            Compression::Bzip2 => Box::new(bzip2::read::BzDecoder::new(&mut hashing)),
+        };
+        store.ingest_nar(decompressed).map_err(CacheError::BadNar)?
+    };
+    // A decompressor may stop before the end of its input; the file hash covers all of it.
+    io::copy(&mut hashing, &mut io::sink()).map_err(CacheError::Decompress)?;
+    let actual: [u8; 32] = hashing.sha256.finalize().into();
+    if actual != *file_hash {
+        return Err(CacheError::HashMismatch {
+            expected: nixbase32::encode(file_hash),
+            actual: nixbase32::encode(&actual),
+        });
+    }
+    Ok((
+        ingested.nar_sha256,
+        IndexedNar {
+            node: ingested.node,
+            nar_size: ingested.nar_size,
+        },
+    ))
+}
+
+async fn put_nar(
+    State(store): State<Arc<Store>>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, CacheError> {
+    let (file_hash, compression) = parse_nar_name(&name)?;
+    let stream = body.into_data_stream().map_err(io::Error::other);
+    let reader = SyncIoBridge::new(StreamReader::new(stream));
+    blocking(move || {
+        let (nar_sha256, nar) = ingest_upload(&store, reader, compression, &file_hash)?;
+        store
+            .path_infos
+            .put_nar(&nar_sha256, &nar)
+            .map_err(StoreError::from)?;
+        tracing::info!(nar = %nixbase32::encode(&nar_sha256), size = nar.nar_size, "NAR uploaded");
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// Hands written bytes to the HTTP response as they are produced.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn get_nar(
+    State(store): State<Arc<Store>>,
+    Path(name): Path<String>,
+) -> Result<Response, CacheError> {
+    let (nar_sha256, compression) = parse_nar_name(&name)?;
+    if compression != Compression::None {
+        return Ok(StatusCode::NOT_FOUND.into_response());
+    }
+    let lookup = store.clone();
+    let Some(nar) = blocking(move || {
+        Ok(lookup
+            .path_infos
+            .get_nar(&nar_sha256)
+            .map_err(StoreError::from)?)
+    })
+    .await?
+    else {
+        return Ok(StatusCode::NOT_FOUND.into_response());
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::task::spawn_blocking(move || {
+        let mut out = io::BufWriter::with_capacity(256 * 1024, ChannelWriter(sender.clone()));
+        let result = store
+            .write_nar(&nar.node, &mut out)
+            .map_err(io::Error::other)
+            .and_then(|()| out.flush());
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "streaming a NAR failed");
+            // The client sees a truncated body, never wrong bytes.
+            let _ = sender.blocking_send(Err(e));
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-nix-nar"),
+            (header::CONTENT_LENGTH, &nar.nar_size.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
