@@ -70,8 +70,8 @@ pub enum VmError {
     },
     #[error("cannot set up the terminal: {0}")]
     Terminal(std::io::Error),
-    #[error("cannot start the stdin forwarding thread: {0}")]
-    StdinThread(std::io::Error),
+    #[error("cannot start the console thread: {0}")]
+    ConsoleThread(std::io::Error),
     #[error("no guest was loaded into the VM")]
     NothingToBoot,
     #[error("waiting for the guest to stop: {0}")]
@@ -334,14 +334,9 @@ impl Vm {
             None
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let stdin_thread = if self.stdio {
-            Some(
-                serial::forward_stdin(self.serial.clone(), stop.clone())
-                    .map_err(VmError::StdinThread)?,
-            )
-        } else {
-            None
-        };
+        let console_thread =
+            serial::spawn_console_io(self.serial.clone(), stop.clone(), self.stdio)
+                .map_err(VmError::ConsoleThread)?;
 
         let ctx = VcpuContext {
             pio: self.pio.clone(),
@@ -367,11 +362,11 @@ impl Vm {
 
         stop.store(true, Ordering::Release);
         let vcpu_result = vcpu::stop_all(threads);
-        if let Some(thread) = stdin_thread
-            && thread.join().is_err()
-        {
-            tracing::warn!("the stdin forwarding thread panicked");
+        if console_thread.join().is_err() {
+            tracing::warn!("the console thread panicked");
         }
+        // The guest's last words (e.g. a panic message) may still be buffered.
+        tvix_boot_devices::bus::lock(&self.serial).flush_output();
         result?;
 
         match self.exit.reason() {
