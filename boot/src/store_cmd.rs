@@ -13,6 +13,7 @@ use signal_hook::iterator::Signals;
 use thiserror::Error;
 use tvix_boot_store::binary_cache::{self, CacheError};
 use tvix_boot_store::import::{ImportError, import_path};
+use tvix_boot_store::local_nix::{self, LocalNixError};
 use tvix_boot_store::nixbase32;
 use tvix_boot_store::store::{
     BLOB_SERVICE_ADDR_ENV, DIRECTORY_SERVICE_ADDR_ENV, PATH_INFO_SERVICE_ADDR_ENV,
@@ -84,6 +85,12 @@ enum StoreCommand {
     Info { store_path: String },
     /// Write a store path as a NAR to stdout, byte-identical to `nix-store --dump`.
     ExportNar { store_path: String },
+    /// Copy store paths and their whole closure from the local Nix store (/nix/store),
+    /// checking each NAR against Nix's recorded hash. Prints the closure.
+    Copy {
+        #[arg(required = true)]
+        store_paths: Vec<String>,
+    },
     /// Serve the store as an HTTP binary cache: `nix copy --to http://ADDR?compression=none`
     /// pushes closures into it, `nix copy --from` and substituters read from it.
     ServeNar {
@@ -127,6 +134,8 @@ enum CliError {
     Signals(std::io::Error),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    LocalNix(#[from] LocalNixError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -166,6 +175,11 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
         StoreCommand::ExportNar { store_path } => {
             let info = lookup(&store, &store_path)?;
             store.write_nar(&info.node, &mut stdout)?;
+        }
+        StoreCommand::Copy { store_paths } => {
+            for (path, _already_there) in local_nix::copy_closure(&store, &store_paths)? {
+                writeln!(stdout, "{path}").map_err(CliError::Stdout)?;
+            }
         }
         StoreCommand::ServeNar { listen } => serve_nar(store, &listen)?,
         StoreCommand::Mount {

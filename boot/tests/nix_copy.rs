@@ -371,3 +371,41 @@ fn lying_uploads_are_refused_and_store_nothing() {
     assert!(String::from_utf8_lossy(&info).contains("StoreDir: /nix/store"));
     server.stop();
 }
+
+#[test]
+fn store_copy_takes_the_closure_from_the_local_nix_store() {
+    let (top, dep) = closure();
+    let data = tempfile::tempdir().unwrap();
+    let copied = stdout_lines(&tvix_store(data.path(), &["copy", top]));
+    assert_eq!(
+        copied,
+        vec![dep.clone(), top.clone()],
+        "closure, dependencies first"
+    );
+    for path in [top, dep] {
+        assert!(
+            tvix_store(data.path(), &["export-nar", path]).stdout == nix_dump(path),
+            "NAR of {path} differs"
+        );
+    }
+    let info = String::from_utf8(tvix_store(data.path(), &["info", top]).stdout).unwrap();
+    assert!(
+        info.contains(&format!("references:\n  {dep}")) && info.contains("deriver: /nix/store/"),
+        "{info}"
+    );
+    // Copying again finds everything there.
+    assert_eq!(
+        stdout_lines(&tvix_store(data.path(), &["copy", top])).len(),
+        2
+    );
+
+    let missing = "/nix/store/00000000000000000000000000000000-not-in-nix";
+    let output = Command::new(BIN)
+        .env("XDG_DATA_HOME", data.path())
+        .args(["store", "copy", missing])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains(missing));
+    assert_eq!(stdout_lines(&tvix_store(data.path(), &["list"])).len(), 2);
+}

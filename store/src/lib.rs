@@ -10,6 +10,7 @@ pub mod digest;
 pub mod directoryservice;
 pub mod import;
 pub mod kv;
+pub mod local_nix;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
