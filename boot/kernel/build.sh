@@ -5,7 +5,8 @@
 #
 # Recipe: `make tinyconfig`, merge tvix-boot.config with merge_config.sh -m,
 # `make olddefconfig`, check every option of the fragment kept its value,
-# `make bzImage`. Patches in patches/*.patch are applied to the source first. Results are cached OUTSIDE the checkout:
+# `make bzImage`; patches/*.patch are applied to the source first. Results are
+# cached OUTSIDE the checkout:
 #
 #   ${TVIX_BOOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tvix-boot}/kernel/<hash>/
 #       vmlinux   stripped ELF (what tvix-boot loads by default)
