@@ -62,6 +62,13 @@ impl TestHostKernel {
     /// offline and do not move to a newer kernel behind the tests' back; delete
     /// the cache directory to update.
     pub fn find_or_fetch() -> Result<TestHostKernel> {
+        // Tests of one binary run on parallel threads; let one of them fetch
+        // while the others wait for its result. (Separate processes are safe
+        // too, just wasteful: each fetches into its own temporary directory.)
+        static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = FETCH
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let root = cache_dir().join("testhost");
         if let Some(cached) = Self::cached(&root)? {
             return Ok(cached);
@@ -188,8 +195,14 @@ fn fetch_kernel_package(package: &str, version: &str, dir: &Path) -> Result<()> 
         // Another process finished first; its copy is as good as ours.
         return Ok(());
     }
+    // A leftover without .complete is from an interrupted fetch.
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&result, dir).map_err(Error::io(dir))
+    match std::fs::rename(&result, dir) {
+        Ok(()) => Ok(()),
+        // Lost a race with another process that just renamed its copy in.
+        Err(_) if dir.join(".complete").exists() => Ok(()),
+        Err(e) => Err(Error::io(dir)(e)),
+    }
 }
 
 /// Copies a module out of the package, uncompressing it: newer Debian kernels
