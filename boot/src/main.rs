@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod initrd;
 mod store_cmd;
 mod vm;
 

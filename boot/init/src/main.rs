@@ -1,0 +1,443 @@
+//! tvix-boot-init: PID 1 of a tvix-boot guest.
+//!
+//! 1. Mounts proc (/proc), sysfs (/sys) and devtmpfs (/dev), tolerating ones
+//!    already mounted; reopens /dev/console as stdio if the kernel could not.
+//! 2. Mounts virtio-fs tag `tvix` read-only at /nix/store. A failure is
+//!    reported at once but is fatal only for the modes that need the store,
+//!    so a shell from the initrd still works for debugging.
+//! 3. Reads /proc/cmdline and does the first of (see [`protocol`] for the
+//!    exact keys and the `tvix.args` encoding):
+//!    `tvix.find` (list /nix/store), `tvix.shell[=PATH]` (shell on the
+//!    console, as session leader with the console as controlling terminal),
+//!    `tvix.run=PATH` (+ `tvix.args`), `init=PATH` (tmpfs at /fs, store
+//!    *moved* to /fs/nix/store, /dev /proc /sys moved along, switch_root into
+//!    /fs and exec PATH as PID 1 — the initramfs is not emptied first: it
+//!    holds only this binary (and busybox if the host added it), so the few
+//!    hundred KiB it keeps are not worth the code), or prints the keys.
+//! 4. Reaps every child (orphans re-parent to PID 1) while waiting.
+//!
+//! # Exit status: guest-to-host channel
+//!
+//! For `tvix.run`, `tvix.shell` and `tvix.find` the program's status `n`
+//! (0..=255; 128 + signal number if killed by a signal; 127 if the program
+//! does not exist, 126 if it cannot be executed) goes to the host twice:
+//!
+//! - console line `tvix-boot: exit-status <n>` (decimal), then the line
+//!   `Nothing left to be done, powering off.`;
+//! - after the console has drained and the disks synced, one 32-bit `out` of
+//!   `n` to I/O port **0x501** ([`protocol::EXIT_STATUS_PORT`]), immediately
+//!   followed by the ACPI power-off (reboot(RB_POWER_OFF)). The VMM keeps the
+//!   last value written and exits with it once the guest powers off.
+//!
+//! If the init itself fails (a mount, the command line, switch_root), it
+//! prints `tvix-init: error: <what failed, with which input>` and reports
+//! `n` = 256 ([`protocol::STATUS_INIT_FAILED`]) the same two ways. Nothing
+//! is reported when no program ran (no key given, or `init=` handed PID 1
+//! over). The init never panics on purpose; should it, the panic hook still
+//! reports 256 and powers off, because PID 1 exiting would panic the kernel.
+
+mod error;
+mod sys;
+
+use std::ffi::{CString, OsStr};
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tvix_boot_init::protocol::{
+    self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, KEY_ARGS, KEY_FIND, KEY_INIT, KEY_RUN,
+    KEY_SHELL, Mode, POWER_OFF_LINE, STATUS_INIT_FAILED,
+};
+
+use crate::error::InitError;
+
+const STORE_DIR: &str = "/nix/store";
+/// virtio-fs tag the VMM gives its store device.
+const STORE_TAG: &str = "tvix";
+/// Where `init=` builds the new root.
+const NEW_ROOT: &str = "/fs";
+/// How long power-off waits for the console to drain: a console that never
+/// drains must not keep the VM from stopping.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Environment variables given to programs when the kernel did not set them.
+const DEFAULT_ENV: &[(&str, &str)] = &[("PATH", "/bin:/sbin"), ("HOME", "/"), ("TERM", "linux")];
+
+/// Prints one line on the console. Errors are ignored: there is nowhere else
+/// to report them, and PID 1 must not die of a console hiccup.
+fn say(args: fmt::Arguments<'_>) {
+    let mut out = io::stdout().lock();
+    let _ = out.write_fmt(args);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => { say(format_args!($($arg)*)) };
+}
+
+fn main() {
+    if sys::getpid() != 1 {
+        // Running this on a host as root would power the host off.
+        eprintln!(
+            "tvix-boot-init is the guest's PID 1 and runs only as PID 1 (this is pid {})",
+            sys::getpid()
+        );
+        std::process::exit(2);
+    }
+    std::panic::set_hook(Box::new(|info| {
+        say!("tvix-init: internal error: {info}");
+        power_off(Some(STATUS_INIT_FAILED));
+    }));
+
+    let status = match run() {
+        Ok(status) => status,
+        Err(err) => {
+            say!("tvix-init: error: {err}");
+            Some(STATUS_INIT_FAILED)
+        }
+    };
+    power_off(status);
+}
+
+/// Sets up the guest and does what the command line asks. Returns the status
+/// to report, `None` if no program ran; `init=` returns only on failure.
+fn run() -> Result<Option<u32>, InitError> {
+    mount_kernel_filesystems()?;
+    say!(
+        "tvix-boot init {} (pid 1): store = virtio-fs `{STORE_TAG}` at {STORE_DIR}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let store = mount_store();
+    if let Err(cause) = &store {
+        say!("tvix-init: error: {cause}");
+    }
+
+    let cmdline =
+        fs::read_to_string("/proc/cmdline").map_err(|source| InitError::ReadCmdline { source })?;
+    let mode = Mode::from_cmdline(&Cmdline::parse(&cmdline)).map_err(InitError::Cmdline)?;
+
+    match mode {
+        Mode::Find => {
+            if let Err(cause) = store {
+                return Err(InitError::NoStore {
+                    mode: KEY_FIND,
+                    cause,
+                });
+            }
+            Ok(Some(find(Path::new(STORE_DIR))))
+        }
+        Mode::Shell { path } => run_program(&path, &[], &store).map(Some),
+        Mode::Run { path, args } => run_program(&path, &args, &store).map(Some),
+        Mode::Init { path } => {
+            if let Err(cause) = store {
+                return Err(InitError::NoStore {
+                    mode: KEY_INIT,
+                    cause,
+                });
+            }
+            Err(switch_root_and_exec(&path))
+        }
+        Mode::Nothing => {
+            say!(
+                "tvix-init: nothing to do: the kernel command line has none of these keys \
+                 (checked in this order):\n  \
+                 {KEY_FIND}              print every path under {STORE_DIR}\n  \
+                 {KEY_SHELL}[=PATH]      interactive shell on the console (default {})\n  \
+                 {KEY_RUN}=PATH          run PATH; arguments in {KEY_ARGS}=<base64url of NUL-terminated args>\n  \
+                 {KEY_INIT}=PATH              switch_root into a tmpfs holding {STORE_DIR} and exec PATH",
+                protocol::DEFAULT_SHELL
+            );
+            Ok(None)
+        }
+    }
+}
+
+fn mkdir(path: &str) -> Result<(), InitError> {
+    fs::create_dir_all(path).map_err(|source| InitError::Mkdir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn mount_kernel_filesystems() -> Result<(), InitError> {
+    for (fstype, target) in [("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev")] {
+        mkdir(target)?;
+        let flags = libc::MS_NOSUID | libc::MS_NOEXEC;
+        match sys::mount(Some(fstype), Path::new(target), Some(fstype), flags, None) {
+            // EBUSY: already mounted there (e.g. by DEVTMPFS_MOUNT); fine.
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
+                return Err(InitError::Mount {
+                    what: fstype.to_owned(),
+                    target: target.to_owned(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+    }
+    // The kernel opens /dev/console for our stdio before we run; if the
+    // initrd lacked the node, it could not, and only now can we.
+    if !sys::fd_is_open(1) {
+        let _ = sys::reopen_stdio(Path::new("/dev/console"));
+    }
+    Ok(())
+}
+
+/// Mounts the store; on failure, a message saying what to check.
+fn mount_store() -> Result<(), String> {
+    fs::create_dir_all(STORE_DIR).map_err(|e| format!("cannot create {STORE_DIR}: {e}"))?;
+    sys::mount(
+        Some(STORE_TAG),
+        Path::new(STORE_DIR),
+        Some("virtiofs"),
+        libc::MS_RDONLY,
+        None,
+    )
+    .map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::ENODEV) => "the guest kernel has no virtiofs file system (VIRTIO_FS)",
+            Some(libc::EINVAL | libc::ENOENT) => {
+                "no virtio-fs device with that tag: is the VMM's store device attached?"
+            }
+            _ => "is the VMM's virtio-fs store device attached?",
+        };
+        format!("cannot mount virtio-fs tag `{STORE_TAG}` read-only at {STORE_DIR}: {e} ({hint})")
+    })
+}
+
+/// The device behind /dev/console (e.g. /dev/ttyS0): the last entry of
+/// /sys/class/tty/console/active is the one /dev/console writes to.
+fn console_tty() -> PathBuf {
+    fs::read_to_string("/sys/class/tty/console/active")
+        .ok()
+        .and_then(|active| {
+            active
+                .split_whitespace()
+                .last()
+                .map(|s| format!("/dev/{s}"))
+        })
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/dev/ttyS0"))
+}
+
+/// Runs `path` with `args` as a session leader on the console, waits for it
+/// (reaping orphans meanwhile) and returns its status.
+fn run_program(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> Result<u32, InitError> {
+    // Converted before the fork: the pre_exec hook must not allocate.
+    let tty = CString::new(console_tty().into_os_string().into_vec())
+        .unwrap_or_else(|_| c"/dev/console".to_owned());
+    let mut cmd = Command::new(path);
+    cmd.args(args.iter().map(|a| OsStr::from_bytes(a)))
+        .current_dir("/");
+    for (key, value) in DEFAULT_ENV {
+        if std::env::var_os(key).is_none() {
+            cmd.env(key, value);
+        }
+    }
+    // SAFETY: the hook runs between fork and exec and only makes
+    // async-signal-safe calls (see `become_session_leader_on`).
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::become_session_leader_on(&tty);
+            Ok(())
+        });
+    }
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let hint = match store {
+                Err(_) if path.starts_with(STORE_DIR) => " (the store is not mounted, see above)",
+                _ => "",
+            };
+            say!("tvix-init: cannot run {path}: {e}{hint}");
+            // Shell conventions: 127 not found, 126 found but not runnable.
+            return Ok(if e.kind() == io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    let pid = child.id();
+    // `child` is never waited on through std: PID 1 reaps with waitpid(-1)
+    // below, which would race std's waitpid(pid). Dropping it does not kill.
+    drop(child);
+    loop {
+        match sys::wait_any(true) {
+            Ok(Some(reaped)) if reaped.pid as u32 == pid => {
+                reap_orphans();
+                return Ok(reaped.status);
+            }
+            Ok(_) => {} // an orphan, reaped
+            Err(source) => return Err(InitError::Wait { pid, source }),
+        }
+    }
+}
+
+/// Reaps children that have already exited, without blocking.
+fn reap_orphans() {
+    while let Ok(Some(_)) = sys::wait_any(false) {}
+}
+
+/// Prints `root` and every path below it, depth first, entries sorted, not
+/// following symlinks (like `find`). Returns 0, or 1 if anything could not
+/// be read (also like `find`).
+fn find(root: &Path) -> u32 {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut status = 0;
+    let _ = out.write_all(root.as_os_str().as_bytes());
+    let _ = out.write_all(b"\n");
+    // An explicit stack instead of recursion: depth is the guest's to choose.
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = fs::read_dir(&dir).and_then(|it| {
+            it.map(|e| e.and_then(|e| Ok((e.path(), e.file_type()?.is_dir()))))
+                .collect::<io::Result<Vec<_>>>()
+        });
+        let mut entries = match entries {
+            Ok(entries) => entries,
+            Err(e) => {
+                let _ = out.flush();
+                say!("find: {}: {e}", dir.display());
+                status = 1;
+                continue;
+            }
+        };
+        entries.sort();
+        // Children are printed when their parent is expanded; subdirectories
+        // are pushed in reverse so the first one is expanded next.
+        let mut subdirs = Vec::new();
+        for (path, is_dir) in entries {
+            let _ = out.write_all(path.as_os_str().as_bytes());
+            let _ = out.write_all(b"\n");
+            if is_dir {
+                subdirs.push(path);
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    let _ = out.flush();
+    status
+}
+
+/// `init=`: a tmpfs at /fs becomes the root, with the store (and /dev, /proc,
+/// /sys) moved into it, then `path` is exec'd as PID 1. Returns only on
+/// failure.
+fn switch_root_and_exec(path: &str) -> InitError {
+    match prepare_new_root() {
+        Ok(()) => {}
+        Err(e) => return e,
+    }
+    say!("tvix-init: switching root to {NEW_ROOT}, exec {path}");
+    let _ = io::stdout().flush();
+    let mut cmd = Command::new(path);
+    for (key, value) in DEFAULT_ENV {
+        if std::env::var_os(key).is_none() {
+            cmd.env(key, value);
+        }
+    }
+    let source = cmd.exec();
+    InitError::Exec {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn prepare_new_root() -> Result<(), InitError> {
+    let step = |step: &'static str, path: &str| {
+        let path = path.to_owned();
+        move |source| InitError::SwitchRoot { step, path, source }
+    };
+    mkdir(NEW_ROOT)?;
+    sys::mount(
+        Some("tmpfs"),
+        Path::new(NEW_ROOT),
+        Some("tmpfs"),
+        0,
+        Some("mode=0755"),
+    )
+    .map_err(|source| InitError::Mount {
+        what: "tmpfs".into(),
+        target: NEW_ROOT.into(),
+        source,
+    })?;
+    // Moved, not bound a second time: one mount, and it stays read-only.
+    for dir in [STORE_DIR, "/dev", "/proc", "/sys"] {
+        let target = format!("{NEW_ROOT}{dir}");
+        mkdir(&target)?;
+        sys::mount(Some(dir), Path::new(&target), None, libc::MS_MOVE, None)
+            .map_err(step("move mount", dir))?;
+    }
+    // What switch_root(8) does: the initramfs cannot be pivot_root'ed away,
+    // so the new root is moved over / and entered with chroot.
+    std::env::set_current_dir(NEW_ROOT).map_err(step("chdir", NEW_ROOT))?;
+    sys::mount(Some("."), Path::new("/"), None, libc::MS_MOVE, None)
+        .map_err(step("move onto /", NEW_ROOT))?;
+    sys::chroot(Path::new(".")).map_err(step("chroot", NEW_ROOT))?;
+    std::env::set_current_dir("/").map_err(step("chdir", "/"))?;
+    Ok(())
+}
+
+static POWERING_OFF: AtomicBool = AtomicBool::new(false);
+
+/// Reports `status` (if any), prints the power-off line, syncs and powers
+/// the guest off. Never returns.
+fn power_off(status: Option<u32>) -> ! {
+    if POWERING_OFF.swap(true, Ordering::SeqCst) {
+        // A panic while powering off: skip straight to the end.
+        halt();
+    }
+    reap_orphans();
+    let port = status.and_then(|status| {
+        say!("{}", protocol::exit_status_line(status));
+        open_status_port()
+    });
+    say!("{POWER_OFF_LINE}");
+    drain_console();
+    sys::sync();
+    if let (Some(port), Some(status)) = (port, status) {
+        port.outl(status);
+    }
+    halt();
+}
+
+/// reboot(RB_POWER_OFF), and if even that fails, sleep forever: PID 1 must
+/// not exit.
+fn halt() -> ! {
+    let err = sys::power_off();
+    say!("tvix-init: power-off failed: {err}");
+    loop {
+        sys::pause();
+    }
+}
+
+/// Waits (bounded) until the console has sent everything: the VM stops the
+/// moment we power off or write the status port.
+fn drain_console() {
+    let (done, wait) = std::sync::mpsc::channel();
+    let drained = std::thread::Builder::new().spawn(move || {
+        sys::tcdrain(1);
+        let _ = done.send(());
+    });
+    if drained.is_ok() {
+        let _ = wait.recv_timeout(DRAIN_TIMEOUT);
+    }
+}
+
+/// Access to the exit-status port, or `None` (with a message) without it.
+fn open_status_port() -> Option<sys::PortAccess> {
+    match sys::PortAccess::new(EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN) {
+        Ok(port) => Some(port),
+        Err(e) => {
+            say!("tvix-init: cannot write the exit status to port {EXIT_STATUS_PORT:#x}: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The contract between tvix-boot (host) and its guest init: which kernel
+//! command-line keys the init honours, how `tvix.run` arguments are encoded,
+//! and how the init reports an exit status back.
+//!
+//! Both sides use this module, so the encoder and the decoder cannot drift.
+//!
+//! # Command-line keys (checked in this order; the first one present wins)
+//!
+//! | key                  | meaning                                                        |
+//! |----------------------|----------------------------------------------------------------|
+//! | `tvix.find`          | print every path under /nix/store, one per line (like `find`)  |
+//! | `tvix.shell[=PATH]`  | interactive shell on the console; default `/bin/sh`            |
+//! | `tvix.run=PATH`      | run PATH with the arguments from `tvix.args`                   |
+//! | `init=PATH`          | tmpfs at /fs, store at /fs/nix/store, switch_root, exec PATH   |
+//!
+//! # Arguments: `tvix.args=<base64url>`
+//!
+//! One key carries all arguments (argv[1..]; argv[0] is the `tvix.run` path):
+//! every argument followed by a NUL byte, the whole encoded as base64url
+//! (RFC 4648 §5: `A-Z a-z 0-9 - _`), padding omitted. That alphabet never needs
+//! quoting on the kernel command line, so spaces, quotes, newlines and
+//! non-UTF-8 bytes all arrive intact. NUL-*terminated* rather than
+//! -separated so that "no arguments" (empty string, or no key) and "one empty
+//! argument" (`"\0"` = `AA`) differ. Arguments cannot contain NUL (execve
+//! could not pass them anyway). Mind the kernel's command-line limit (2048
+//! bytes on x86_64): base64 grows the arguments by a third.
+//!
+//! # Exit status: guest to host
+//!
+//! After a `tvix.run`, `tvix.shell` or `tvix.find` finishes, the init reports
+//! a status `n` over two channels:
+//!
+//! 1. I/O port [`EXIT_STATUS_PORT`]: one 32-bit `out` (little-endian `n`),
+//!    written after the console output has drained and right before the ACPI
+//!    power-off, so the VMM holds the status by the time the guest stops.
+//!    Out of band: program output cannot forge or garble it.
+//! 2. The console line `tvix-boot: exit-status <n>` (decimal, see
+//!    [`exit_status_line`] / [`parse_exit_status_line`]), for hosts without
+//!    the port device and for humans. Program output may precede it on the
+//!    same line if the program did not end with a newline, so match it as a
+//!    line *suffix*.
+//!
+//! `n` is 0..=255 for a program's status (128 + signal number when killed by
+//! a signal, 127 when the program does not exist, 126 when it cannot be
+//! executed, like shells), or [`STATUS_INIT_FAILED`] when the init itself
+//! could not set up the guest. Nothing is written when no program ran (no
+//! key on the command line, or `init=`, which hands PID 1 to another init).
+//! The port is compatible with QEMU's `-device isa-debug-exit,iobase=0x501,iosize=4`,
+//! which exits QEMU with `(n << 1) | 1`.
+
+/// Key: list the store.
+pub const KEY_FIND: &str = "tvix.find";
+/// Key: interactive shell, optionally `=PATH`.
+pub const KEY_SHELL: &str = "tvix.shell";
+/// Key: run `=PATH`.
+pub const KEY_RUN: &str = "tvix.run";
+/// Key: the arguments for `tvix.run`, see the module docs.
+pub const KEY_ARGS: &str = "tvix.args";
+/// Key: switch_root into `=PATH`. The kernel ignores `init=` when the initrd
+/// has an `/init`, so the key reaches us.
+pub const KEY_INIT: &str = "init";
+
+/// The shell `tvix.shell` runs when it has no `=PATH`: busybox from the initrd.
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+
+/// I/O port the init writes the exit status to (32-bit `out`). 0x501 is
+/// QEMU's isa-debug-exit default and collides with none of the VMM's ports
+/// (serial 0x3f8, i8042 0x60/0x64, ACPI sleep 0x3c0, pvpanic 0x505).
+pub const EXIT_STATUS_PORT: u16 = 0x501;
+/// Width of the exit-status write, in bytes.
+pub const EXIT_STATUS_PORT_LEN: u16 = 4;
+/// Status reported when the init itself failed (mounts, bad command line,
+/// switch_root): outside 0..=255 so it cannot be mistaken for a program's.
+pub const STATUS_INIT_FAILED: u32 = 0x100;
+
+/// Prefix of the console status line.
+pub const EXIT_STATUS_PREFIX: &str = "tvix-boot: exit-status ";
+/// The last line the init prints before it powers the guest off.
+pub const POWER_OFF_LINE: &str = "Nothing left to be done, powering off.";
+
+/// The console line reporting `status` (without the newline).
+pub fn exit_status_line(status: u32) -> String {
+    format!("{EXIT_STATUS_PREFIX}{status}")
+}
+
+/// The status in a console line that ends with the status report (trailing
+/// `\r`/`\n` allowed; anything before the prefix is ignored, see module docs).
+pub fn parse_exit_status_line(line: &str) -> Option<u32> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let at = line.rfind(EXIT_STATUS_PREFIX)?;
+    let digits = &line[at + EXIT_STATUS_PREFIX.len()..];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// An argument for `tvix.run` contains a NUL byte, which execve cannot pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NulInArgument {
+    /// Index of the offending argument (0 = first argument after the path).
+    pub index: usize,
+}
+
+impl std::fmt::Display for NulInArgument {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "argument {} contains a NUL byte", self.index + 1)
+    }
+}
+
+impl std::error::Error for NulInArgument {}
+
+/// Encodes arguments as the value of `tvix.args` (without the `tvix.args=`).
+/// Empty for no arguments; then the key can be left out.
+pub fn encode_args<A: AsRef<[u8]>>(args: &[A]) -> Result<String, NulInArgument> {
+    let mut raw = Vec::new();
+    for (index, arg) in args.iter().enumerate() {
+        let arg = arg.as_ref();
+        if arg.contains(&0) {
+            return Err(NulInArgument { index });
+        }
+        raw.extend_from_slice(arg);
+        raw.push(0);
+    }
+    Ok(base64url_encode(&raw))
+}
+
+/// Decodes the value of `tvix.args`; `None` if it is not valid base64url or
+/// the last argument lacks its NUL terminator.
+pub fn decode_args(value: &str) -> Option<Vec<Vec<u8>>> {
+    let raw = base64url_decode(value)?;
+    if raw.is_empty() {
+        return Some(Vec::new());
+    }
+    let body = raw.strip_suffix(&[0])?;
+    Some(body.split(|&b| b == 0).map(<[u8]>::to_vec).collect())
+}
+
+const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+// Hand-written rather than a crate: ~40 lines, and the init stays libc-only
+// (see Cargo.toml).
+fn base64url_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        // chunk.len() + 1 sextets carry the chunk's bits (no padding).
+        for i in 0..=chunk.len() {
+            let sextet = (n >> (18 - 6 * i)) & 0x3f;
+            out.push(char::from(BASE64URL[sextet as usize]));
+        }
+    }
+    out
+}
+
+fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    // Tolerate padding from encoders that add it.
+    let text = text.trim_end_matches('=').as_bytes();
+    if text.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() / 4 * 3 + 2);
+    for chunk in text.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            let v = BASE64URL.iter().position(|&a| a == c)? as u32;
+            n |= v << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        // 2, 3 or 4 sextets carry 1, 2 or 3 bytes.
+        let len = chunk.len() - 1;
+        // Canonical encodings leave the bits below the carried bytes zero;
+        // reject others so one argument list has exactly one encoding.
+        if n & ((1 << (24 - 8 * len as u32)) - 1) != 0 {
+            return None;
+        }
+        out.extend_from_slice(&bytes[1..=len]);
+    }
+    Some(out)
+}
+
+/// The kernel command line, split into parameters the way the kernel's
+/// `next_arg` does: whitespace separates, double quotes group (and are
+/// dropped). Parsing stops at a lone `--` (what follows is init's argv).
+#[derive(Debug, Clone, Default)]
+pub struct Cmdline {
+    params: Vec<(String, Option<String>)>,
+}
+
+impl Cmdline {
+    pub fn parse(text: &str) -> Self {
+        let mut params = Vec::new();
+        let mut chars = text.chars().peekable();
+        loop {
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            if chars.peek().is_none() {
+                break;
+            }
+            let mut word = String::new();
+            let mut quoted = false;
+            while let Some(c) = chars.next_if(|c| quoted || !c.is_whitespace()) {
+                if c == '"' {
+                    quoted = !quoted;
+                } else {
+                    word.push(c);
+                }
+            }
+            if word == "--" {
+                break;
+            }
+            let param = match word.split_once('=') {
+                Some((key, value)) => (key.to_owned(), Some(value.to_owned())),
+                None => (word, None),
+            };
+            params.push(param);
+        }
+        Cmdline { params }
+    }
+
+    /// Whether `key` is present, with or without a value.
+    pub fn has(&self, key: &str) -> bool {
+        self.params.iter().any(|(k, _)| k == key)
+    }
+
+    /// The value of the last `key=value` (later parameters override earlier
+    /// ones, as for the kernel's own). `Some(None)` for a bare `key`.
+    pub fn get(&self, key: &str) -> Option<Option<&str>> {
+        self.params
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_deref())
+    }
+}
+
+/// What the init is asked to do, after the precedence rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Find,
+    Shell { path: String },
+    Run { path: String, args: Vec<Vec<u8>> },
+    Init { path: String },
+    Nothing,
+}
+
+/// A key is present but unusable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModeError {
+    /// `key` was given without `=PATH` (or with an empty one).
+    MissingPath { key: &'static str },
+    /// `tvix.args` is not valid; holds the value.
+    BadArgs { value: String },
+}
+
+impl std::fmt::Display for ModeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModeError::MissingPath { key } => {
+                write!(f, "`{key}` needs a path: `{key}=/nix/store/...`")
+            }
+            ModeError::BadArgs { value } => write!(
+                f,
+                "`{KEY_ARGS}={value}` is not base64url of NUL-terminated arguments"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ModeError {}
+
+impl Mode {
+    /// Picks the mode: `tvix.find`, then `tvix.shell`, then `tvix.run`, then `init`.
+    pub fn from_cmdline(cmdline: &Cmdline) -> Result<Mode, ModeError> {
+        let path_of = |key: &'static str| match cmdline.get(key) {
+            Some(Some(path)) if !path.is_empty() => Ok(path.to_owned()),
+            _ => Err(ModeError::MissingPath { key }),
+        };
+        if cmdline.has(KEY_FIND) {
+            return Ok(Mode::Find);
+        }
+        if let Some(path) = cmdline.get(KEY_SHELL) {
+            let path = match path {
+                Some(p) if !p.is_empty() => p.to_owned(),
+                _ => DEFAULT_SHELL.to_owned(),
+            };
+            return Ok(Mode::Shell { path });
+        }
+        if cmdline.has(KEY_RUN) {
+            let path = path_of(KEY_RUN)?;
+            let args = match cmdline.get(KEY_ARGS) {
+                None | Some(None) => Vec::new(),
+                Some(Some(value)) => decode_args(value).ok_or_else(|| ModeError::BadArgs {
+                    value: value.to_owned(),
+                })?,
+            };
+            return Ok(Mode::Run { path, args });
+        }
+        if cmdline.has(KEY_INIT) {
+            return Ok(Mode::Init {
+                path: path_of(KEY_INIT)?,
+            });
+        }
+        Ok(Mode::Nothing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_matches_rfc4648_vectors() {
+        // RFC 4648 §10, padding dropped; the url alphabet only differs in 62/63.
+        let vectors = [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in vectors {
+            assert_eq!(base64url_encode(plain.as_bytes()), encoded);
+            assert_eq!(base64url_decode(encoded).unwrap(), plain.as_bytes());
+        }
+        assert_eq!(base64url_encode(&[0xfb, 0xff]), "-_8");
+        assert_eq!(base64url_decode("Zg==").unwrap(), b"f");
+    }
+
+    #[test]
+    fn base64url_rejects_garbage() {
+        assert_eq!(base64url_decode("Z"), None);
+        assert_eq!(base64url_decode("Zm+v"), None);
+        assert_eq!(base64url_decode("Zm/v"), None);
+        assert_eq!(base64url_decode("Zm 9"), None);
+        // Non-zero unused bits: "Zh" would be 'f' with a stray bit.
+        assert_eq!(base64url_decode("Zh"), None);
+    }
+
+    #[test]
+    fn args_round_trip_every_byte() {
+        let all: Vec<u8> = (1..=255).collect();
+        let args: Vec<Vec<u8>> = vec![
+            b"hello world".to_vec(),
+            Vec::new(),
+            b" lead and trail ".to_vec(),
+            b"quote\" and 'single' \\ $HOME \n newline".to_vec(),
+            all,
+            "ünïcødé".as_bytes().to_vec(),
+        ];
+        let encoded = encode_args(&args).unwrap();
+        assert!(
+            encoded
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_eq!(decode_args(&encoded).unwrap(), args);
+    }
+
+    #[test]
+    fn no_args_and_one_empty_arg_differ() {
+        let none: [&[u8]; 0] = [];
+        assert_eq!(encode_args(&none).unwrap(), "");
+        assert_eq!(decode_args("").unwrap(), Vec::<Vec<u8>>::new());
+        assert_eq!(encode_args(&[b""]).unwrap(), "AA");
+        assert_eq!(decode_args("AA").unwrap(), vec![Vec::<u8>::new()]);
+        // Missing terminator.
+        assert_eq!(decode_args(&base64url_encode(b"abc")), None);
+    }
+
+    #[test]
+    fn nul_in_argument_is_rejected() {
+        assert_eq!(
+            encode_args(&[&b"ok"[..], b"a\0b"]),
+            Err(NulInArgument { index: 1 })
+        );
+    }
+
+    #[test]
+    fn cmdline_splits_like_the_kernel() {
+        let c = Cmdline::parse(
+            "console=ttyS0 tvix.run=\"/nix/store/x-a b/bin/p\" tvix.find quiet -- tvix.shell\n",
+        );
+        assert_eq!(c.get("console"), Some(Some("ttyS0")));
+        assert_eq!(c.get(KEY_RUN), Some(Some("/nix/store/x-a b/bin/p")));
+        assert_eq!(c.get(KEY_FIND), Some(None));
+        assert!(!c.has(KEY_SHELL), "keys after -- belong to init's argv");
+        assert!(!c.has("tvix"));
+    }
+
+    #[test]
+    fn mode_precedence() {
+        let mode = |s| Mode::from_cmdline(&Cmdline::parse(s));
+        assert_eq!(
+            mode("tvix.run=/a tvix.shell tvix.find init=/i"),
+            Ok(Mode::Find)
+        );
+        assert_eq!(
+            mode("tvix.run=/a tvix.shell init=/i"),
+            Ok(Mode::Shell {
+                path: DEFAULT_SHELL.into()
+            })
+        );
+        assert_eq!(
+            mode("tvix.shell=/nix/store/x-bash/bin/bash"),
+            Ok(Mode::Shell {
+                path: "/nix/store/x-bash/bin/bash".into()
+            })
+        );
+        assert_eq!(
+            mode("init=/i tvix.run=/a tvix.args=YQBiIGMA"),
+            Ok(Mode::Run {
+                path: "/a".into(),
+                args: vec![b"a".to_vec(), b"b c".to_vec()]
+            })
+        );
+        assert_eq!(
+            mode("init=/nix/store/x-sys/init"),
+            Ok(Mode::Init {
+                path: "/nix/store/x-sys/init".into()
+            })
+        );
+        assert_eq!(mode("console=ttyS0"), Ok(Mode::Nothing));
+        assert_eq!(
+            mode("tvix.run"),
+            Err(ModeError::MissingPath { key: KEY_RUN })
+        );
+        assert_eq!(
+            mode("tvix.run=/a tvix.args=!!"),
+            Err(ModeError::BadArgs { value: "!!".into() })
+        );
+    }
+
+    #[test]
+    fn exit_status_line_round_trips() {
+        assert_eq!(exit_status_line(3), "tvix-boot: exit-status 3");
+        assert_eq!(
+            parse_exit_status_line("tvix-boot: exit-status 3\r\n"),
+            Some(3)
+        );
+        assert_eq!(
+            parse_exit_status_line("no newline at endtvix-boot: exit-status 256"),
+            Some(STATUS_INIT_FAILED)
+        );
+        assert_eq!(parse_exit_status_line("tvix-boot: exit-status "), None);
+        assert_eq!(parse_exit_status_line("tvix-boot: exit-status 1 x"), None);
+    }
+}
