@@ -45,15 +45,21 @@ pub struct VmArgs {
 }
 
 pub fn run(args: VmArgs) -> ExitCode {
-    let kernel = match args.kernel.or_else(default_kernel) {
+    let kernel = match args.kernel {
         Some(kernel) => kernel,
-        None => {
-            eprintln!(
-                "tvix-boot: no guest kernel: pass --kernel PATH, set TVIX_BOOT_KERNEL, or build \
-                 one with boot/kernel/build.sh"
-            );
-            return ExitCode::FAILURE;
-        }
+        None => match default_kernel() {
+            Some(kernel) if kernel.exists() => kernel,
+            looked_at => {
+                let looked_at = looked_at.map_or_else(String::new, |p| {
+                    format!(" (looked for {})", p.display())
+                });
+                eprintln!(
+                    "tvix-boot: no guest kernel{looked_at}: pass --kernel PATH, set \
+                     TVIX_BOOT_KERNEL, or build one with boot/kernel/build.sh"
+                );
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let mut cmdline = DEFAULT_CMDLINE.to_owned();
     if let Some(extra) = args
@@ -88,13 +94,15 @@ pub fn run(args: VmArgs) -> ExitCode {
     }
 }
 
-/// The kernel boot/kernel/build.sh maintains, if it exists.
+/// Where boot/kernel/build.sh puts the kernel: `current/vmlinux` under
+/// ${TVIX_BOOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tvix-boot}/kernel.
 fn default_kernel() -> Option<PathBuf> {
-    let cache_root = match std::env::var_os("TVIX_BOOT_CACHE") {
-        Some(root) => PathBuf::from(root),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?
+    // Empty variables count as unset, as in the shell's ${VAR:-default}.
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let cache_root = match var("TVIX_BOOT_CACHE") {
+        Some(root) => root,
+        None => var("XDG_CACHE_HOME")
+            .or_else(|| var("HOME").map(|home| home.join(".cache")))?
             .join("tvix-boot"),
     };
     Some(cache_root.join("kernel/current/vmlinux"))

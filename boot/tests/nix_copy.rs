@@ -409,3 +409,64 @@ fn store_copy_takes_the_closure_from_the_local_nix_store() {
     assert!(String::from_utf8_lossy(&output.stderr).contains(missing));
     assert_eq!(stdout_lines(&tvix_store(data.path(), &["list"])).len(), 2);
 }
+
+#[test]
+fn paths_substitute_lazily_from_a_binary_cache() {
+    let (top, dep) = closure();
+    let work = tempfile::tempdir().unwrap();
+    let cache_dir = work.path().join("cache");
+    let (secret, public) = (work.path().join("sk"), work.path().join("pk"));
+    run(Command::new("nix-store").args(["--generate-binary-cache-key", "test-cache-1"]).arg(&secret).arg(&public));
+    let nix_cache = tempfile::tempdir().unwrap();
+    run(nix(nix_cache.path()).args(["copy", "--to"]).arg(format!("file://{}?secret-key={}", cache_dir.display(), secret.display())).arg(top));
+    let public_key = std::fs::read_to_string(&public).unwrap();
+
+    // Each run starts from an empty embedded store: everything must come from the cache.
+    let with_cache = |addr: &str, args: &[&str]| {
+        let data = tempfile::tempdir().unwrap();
+        Command::new(BIN)
+            .env("XDG_DATA_HOME", data.path())
+            .env("PATH_INFO_SERVICE_ADDR", addr)
+            .arg("store")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let trusted = format!("nix+file://{}?trusted-public-keys={}", cache_dir.display(), public_key.trim());
+    let out = with_cache(&trusted, &["export-nar", top]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == nix_dump(top), "substituted NAR differs");
+    let out = with_cache(&trusted, &["info", dep]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signature: test-cache-1:"), "{out:?}");
+    let out = with_cache(&trusted, &["info", top]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("references:\n  {dep}")), "{out:?}");
+
+    // A key the cache did not sign with: refused, naming the key.
+    let other = work.path().join("other");
+    run(Command::new("nix-store").args(["--generate-binary-cache-key", "other-1"]).arg(work.path().join("osk")).arg(&other));
+    let untrusted = format!("nix+file://{}?trusted-public-keys={}", cache_dir.display(), std::fs::read_to_string(&other).unwrap().trim());
+    let out = with_cache(&untrusted, &["export-nar", top]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no signature by a trusted key (other-1)"), "{out:?}");
+
+    // Over HTTP, from serve-nar.
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    run(nix(nix_cache.path()).args(["copy", "--to", &server.url("?compression=none"), top]));
+    let out = with_cache(&format!("nix+{}", server.url("")), &["export-nar", top]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == nix_dump(top));
+    server.stop();
+
+    // A cache whose NAR was tampered with: the hash check refuses it.
+    for entry in std::fs::read_dir(cache_dir.join("nar")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let out = with_cache(&format!("nix+file://{}", cache_dir.display()), &["export-nar", "--blob-service-addr", "memory://", top]);
+    assert!(!out.status.success(), "a tampered NAR was served");
+    assert!(out.stdout.is_empty());
+}

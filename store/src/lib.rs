@@ -19,6 +19,7 @@ pub mod proto;
 mod runtime;
 pub mod store;
 pub mod store_path;
+pub mod substituter;
 
 pub use castore::{Directory, Node, PathComponent};
 pub use digest::B3Digest;

@@ -49,6 +49,8 @@ pub enum PathInfoError {
     },
     #[error("stored path info under {key} describes {found}")]
     WrongKey { key: String, found: StorePath },
+    #[error("substituting: {0}")]
+    Substitute(Box<crate::substituter::SubstituteError>),
     #[error(transparent)]
     Backend(#[from] KvError),
 }

@@ -14,6 +14,7 @@ use crate::kv::{Kv, KvError, MemoryKv, ObjectStoreKv, RedbKv};
 use crate::nar::{IngestedNar, NarError, ingest_nar, render_nar};
 use crate::pathinfo::{IndexedNar, KvPathInfoService, PathInfo, PathInfoError, PathInfoService};
 use crate::store_path::StorePath;
+use crate::substituter::SubstitutingPathInfoService;
 
 pub const BLOB_SERVICE_ADDR_ENV: &str = "BLOB_SERVICE_ADDR";
 pub const DIRECTORY_SERVICE_ADDR_ENV: &str = "DIRECTORY_SERVICE_ADDR";
@@ -222,11 +223,24 @@ pub fn open_path_info_service(url: &str) -> Result<Arc<dyn PathInfoService>, Sto
 
 impl Store {
     pub fn open(addrs: &StoreAddrs) -> Result<Self, StoreError> {
-        Ok(Self {
-            blobs: open_blob_service(&addrs.blob)?,
-            directories: open_directory_service(&addrs.directory)?,
-            path_infos: open_path_info_service(&addrs.path_info)?,
-        })
+        let blobs = open_blob_service(&addrs.blob)?;
+        let directories = open_directory_service(&addrs.directory)?;
+        let path_infos: Arc<dyn PathInfoService> = if addrs.path_info.starts_with("nix+") {
+            // Substituted paths are remembered for this process; their content lands in
+            // the blob and directory services, which may well be persistent.
+            let local = Arc::new(KvPathInfoService::new(Arc::new(MemoryKv::default())));
+            Arc::new(
+                SubstitutingPathInfoService::new(&addrs.path_info, local, blobs.clone(), directories.clone())
+                    .map_err(|e| StoreError::BadAddress {
+                        service: "path info",
+                        url: addrs.path_info.clone(),
+                        reason: e.to_string(),
+                    })?,
+            )
+        } else {
+            open_path_info_service(&addrs.path_info)?
+        };
+        Ok(Self { blobs, directories, path_infos })
     }
 
     /// A fresh store that lives only in this process.

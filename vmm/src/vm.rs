@@ -42,8 +42,8 @@ pub enum VmError {
     },
     #[error("{requested} vCPUs requested; between 1 and {max} are supported")]
     VcpuCount { requested: u8, max: u8 },
-    #[error("{requested} bytes of guest memory is too little; at least {min} MiB are needed")]
-    TooLittleMemory { requested: u64, min: u64 },
+    #[error("{requested_mib} MiB of guest memory is too little; at least {min_mib} MiB are needed")]
+    TooLittleMemory { requested_mib: u64, min_mib: u64 },
     #[error("cannot allocate {size} bytes of guest memory: {source}")]
     AllocateMemory {
         size: u64,
@@ -161,8 +161,8 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
         if config.mem_size < layout::MIN_MEMORY {
             return Err(VmError::TooLittleMemory {
-                requested: config.mem_size,
-                min: layout::MIN_MEMORY >> 20,
+                requested_mib: config.mem_size >> 20,
+                min_mib: layout::MIN_MEMORY >> 20,
             });
         }
         boot::check_kernel_format(&config.kernel)?;
