@@ -50,9 +50,8 @@ pub fn run(args: VmArgs) -> ExitCode {
         None => match default_kernel() {
             Some(kernel) if kernel.exists() => kernel,
             looked_at => {
-                let looked_at = looked_at.map_or_else(String::new, |p| {
-                    format!(" (looked for {})", p.display())
-                });
+                let looked_at = looked_at
+                    .map_or_else(String::new, |p| format!(" (looked for {})", p.display()));
                 eprintln!(
                     "tvix-boot: no guest kernel{looked_at}: pass --kernel PATH, set \
                      TVIX_BOOT_KERNEL, or build one with boot/kernel/build.sh"
@@ -98,7 +97,11 @@ pub fn run(args: VmArgs) -> ExitCode {
 /// ${TVIX_BOOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tvix-boot}/kernel.
 fn default_kernel() -> Option<PathBuf> {
     // Empty variables count as unset, as in the shell's ${VAR:-default}.
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let cache_root = match var("TVIX_BOOT_CACHE") {
         Some(root) => root,
         None => var("XDG_CACHE_HOME")
