@@ -182,3 +182,30 @@ fn boot_timing() {
         }
     }
 }
+
+#[test]
+fn bzimage_boots_too() {
+    // build.sh leaves the same kernel as a bzImage next to the vmlinux.
+    let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
+    let bzimage = vmlinux.with_file_name("bzImage");
+    assert!(
+        bzimage.is_file(),
+        "no bzImage next to {}",
+        vmlinux.display()
+    );
+    let out = test_host()
+        .run_tvix_boot(
+            &["--kernel", "/guest/bzImage", "--initrd", GUEST_INITRD],
+            &[],
+            &[
+                GuestFile::host("/guest/bzImage", bzimage, 0o644),
+                guest_initrd("echo booted-from-bzimage\npoweroff -f\n"),
+            ],
+            TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
+    eprintln!("{out}");
+    assert!(!out.timed_out, "{out}");
+    assert_eq!(out.exit_code, Some(0), "{out}");
+    assert!(out.serial.contains("booted-from-bzimage"), "{out}");
+}
