@@ -8,17 +8,14 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use tvix_boot_devices::acpi_sleep::AcpiSleepRegister;
 use tvix_boot_devices::bus::SharedDevice;
 use tvix_boot_devices::i8042::{self, I8042};
 use tvix_boot_devices::pvpanic::PvPanic;
 use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole};
 use tvix_boot_devices::terminal::RawTerminal;
-use tvix_boot_devices::virtio::VirtioDevice;
-use tvix_boot_devices::virtio::mmio::{MmioError, MmioTransport};
 use tvix_boot_devices::{Bus, BusError, ExitNotifier, GuestExit};
-use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,8 +63,6 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("all {slots} virtio-mmio slots are taken")]
     NoVirtioMmioSlot { slots: u64 },
-    #[error("cannot set up the virtio transport: {0}")]
-    VirtioTransport(#[from] MmioError),
     #[error("cannot create {what} eventfd: {source}")]
     EventFd {
         what: &'static str,
@@ -303,7 +298,7 @@ impl Vm {
     /// announced to the guest on the command line and in the DSDT.
     pub fn add_virtio_mmio_device(
         &mut self,
-        make: impl FnOnce(MmioSlot, EventFd) -> Result<SharedDevice, VmError>,
+        make: impl FnOnce(MmioSlot, EventFd) -> SharedDevice,
     ) -> Result<MmioSlot, VmError> {
         let index = self.virtio_mmio.len() as u64;
         let (addr, irq) = layout::virtio_mmio_slot(index).ok_or(VmError::NoVirtioMmioSlot {
@@ -315,7 +310,7 @@ impl Vm {
             irq,
         };
         let interrupt = irqfd(&self.vm_fd, irq, "virtio-mmio interrupt")?;
-        let device = make(slot, interrupt)?;
+        let device = make(slot, interrupt);
         self.mmio
             .insert(&format!("virtio-mmio slot {index}"), addr, slot.len, device)?;
         self.virtio_mmio.push(MmioDeviceInfo {
@@ -323,31 +318,6 @@ impl Vm {
             len: slot.len,
             irq,
         });
-        Ok(slot)
-    }
-
-    /// Puts a virtio device on the MMIO bus behind a virtio-mmio transport. Queue
-    /// notifications reach the device through KVM ioeventfds, without a trip through the
-    /// vCPU thread.
-    pub fn add_virtio_device(
-        &mut self,
-        device: Box<dyn VirtioDevice>,
-    ) -> Result<MmioSlot, VmError> {
-        let memory = self.memory.clone();
-        let mut transport = None;
-        let slot = self.add_virtio_mmio_device(|_slot, irq| {
-            let shared = Arc::new(Mutex::new(MmioTransport::new(device, memory, irq)?));
-            transport = Some(shared.clone());
-            Ok(shared)
-        })?;
-        let transport = transport.expect("add_virtio_mmio_device calls make");
-        let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
-        let notify = IoEventAddress::Mmio(slot.addr + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
-        for (index, event) in transport.queue_events().iter().enumerate() {
-            self.vm_fd
-                .register_ioevent(event, &notify, index as u32)
-                .map_err(kvm_error("KVM_IOEVENTFD"))?;
-        }
         Ok(slot)
     }
 
@@ -450,11 +420,7 @@ impl Vm {
                     &self.memory,
                     &AcpiConfig {
                         vcpu_count,
-                        // The devices are on the command line (virtio_mmio.device=). Listing
-                        // them in the DSDT as well makes Linux probe each twice; the second
-                        // probe cannot claim the region and the device was seen to stay dead
-                        // ("can't request region for resource").
-                        virtio_mmio: &[],
+                        virtio_mmio: &self.virtio_mmio,
                     },
                 )?;
                 Ok((kernel.entry, EntryMode::Linux64))
@@ -703,7 +669,7 @@ mod tests {
             writes: writes.clone(),
         };
         let slot = vm
-            .add_virtio_mmio_device(|_, _irq| Ok(Arc::new(Mutex::new(probe))))
+            .add_virtio_mmio_device(|_, _irq| Arc::new(Mutex::new(probe)))
             .unwrap();
         assert_eq!(slot.addr, layout::VIRTIO_MMIO_START);
         assert_eq!(slot.irq, layout::VIRTIO_MMIO_FIRST_IRQ);
