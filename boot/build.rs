@@ -9,7 +9,7 @@
 //! feature). The nested build:
 //! - uses its own `--target-dir` under OUT_DIR, so it never waits on the lock
 //!   the outer build holds on its target dir;
-//! - links statically (`+crt-static`) — the initrd has no libc to load;
+//! - links statically (`+crt-static`, non-PIE) — the initrd has no libc to load;
 //! - uses the `guest-init` profile (size-optimised, LTO, panic=abort; root
 //!   Cargo.toml);
 //! - runs `--locked` (it shares the workspace's Cargo.lock, which it must not
@@ -77,7 +77,13 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-feature=+crt-static");
+    // crt-static: the initrd has no libc to load. relocation-model=static: a
+    // plain (non-PIE) static executable is ~40 KB smaller and skips
+    // self-relocation at start; ASLR buys nothing in a throwaway guest's PID 1.
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        ["-Ctarget-feature=+crt-static", "-Crelocation-model=static"].join("\x1f"),
+    );
     // A build script's stdout is read as cargo directives; keep the nested
     // build's chatter on stderr.
     cmd.stdout(std::io::stderr());

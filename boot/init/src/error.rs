@@ -23,8 +23,8 @@ pub enum InitError {
     ReadCmdline { source: io::Error },
     /// A key on the command line is unusable.
     Cmdline(ModeError),
-    /// The mode needs the store, but mounting it failed (the message says why).
-    NoStore { mode: &'static str, cause: String },
+    /// The mode needs the store, but mounting it failed (reported already).
+    NoStore { mode: &'static str },
     /// A step of switch_root failed.
     SwitchRoot {
         step: &'static str,
@@ -48,8 +48,11 @@ impl fmt::Display for InitError {
             } => write!(f, "cannot mount {what} at {target}: {source}"),
             InitError::ReadCmdline { source } => write!(f, "cannot read /proc/cmdline: {source}"),
             InitError::Cmdline(e) => write!(f, "bad kernel command line: {e}"),
-            InitError::NoStore { mode, cause } => {
-                write!(f, "{mode} needs /nix/store, which is not mounted: {cause}")
+            InitError::NoStore { mode } => {
+                write!(
+                    f,
+                    "{mode} needs /nix/store, which is not mounted (see above)"
+                )
             }
             InitError::SwitchRoot { step, path, source } => {
                 write!(f, "switch_root: {step} {path}: {source}")

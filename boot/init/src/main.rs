@@ -124,22 +124,16 @@ fn run() -> Result<Option<u32>, InitError> {
 
     match mode {
         Mode::Find => {
-            if let Err(cause) = store {
-                return Err(InitError::NoStore {
-                    mode: KEY_FIND,
-                    cause,
-                });
+            if store.is_err() {
+                return Err(InitError::NoStore { mode: KEY_FIND });
             }
             Ok(Some(find(Path::new(STORE_DIR))))
         }
         Mode::Shell { path } => run_program(&path, &[], &store).map(Some),
         Mode::Run { path, args } => run_program(&path, &args, &store).map(Some),
         Mode::Init { path } => {
-            if let Err(cause) = store {
-                return Err(InitError::NoStore {
-                    mode: KEY_INIT,
-                    cause,
-                });
+            if store.is_err() {
+                return Err(InitError::NoStore { mode: KEY_INIT });
             }
             Err(switch_root_and_exec(&path))
         }
@@ -292,36 +286,30 @@ fn reap_orphans() {
 fn find(root: &Path) -> u32 {
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut status = 0;
-    let _ = out.write_all(root.as_os_str().as_bytes());
-    let _ = out.write_all(b"\n");
-    // An explicit stack instead of recursion: depth is the guest's to choose.
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = fs::read_dir(&dir).and_then(|it| {
+    // An explicit stack instead of recursion: depth is the store's to choose.
+    let mut stack = vec![(root.to_path_buf(), true)];
+    while let Some((path, is_dir)) = stack.pop() {
+        let _ = out.write_all(path.as_os_str().as_bytes());
+        let _ = out.write_all(b"\n");
+        if !is_dir {
+            continue;
+        }
+        let entries = fs::read_dir(&path).and_then(|it| {
             it.map(|e| e.and_then(|e| Ok((e.path(), e.file_type()?.is_dir()))))
                 .collect::<io::Result<Vec<_>>>()
         });
-        let mut entries = match entries {
-            Ok(entries) => entries,
+        match entries {
+            Ok(mut entries) => {
+                // Reversed onto the stack, so the first entry is visited next.
+                entries.sort_by(|a, b| b.cmp(a));
+                stack.extend(entries);
+            }
             Err(e) => {
                 let _ = out.flush();
-                say!("find: {}: {e}", dir.display());
+                say!("find: {}: {e}", path.display());
                 status = 1;
-                continue;
-            }
-        };
-        entries.sort();
-        // Children are printed when their parent is expanded; subdirectories
-        // are pushed in reverse so the first one is expanded next.
-        let mut subdirs = Vec::new();
-        for (path, is_dir) in entries {
-            let _ = out.write_all(path.as_os_str().as_bytes());
-            let _ = out.write_all(b"\n");
-            if is_dir {
-                subdirs.push(path);
             }
         }
-        stack.extend(subdirs.into_iter().rev());
     }
     let _ = out.flush();
     status

@@ -255,6 +255,11 @@ pub enum ModeError {
     MissingPath { key: &'static str },
     /// `tvix.args` is not valid; holds the value.
     BadArgs { value: String },
+    /// A path the kernel command line cannot carry (empty, or with a `"`,
+    /// a control character or NUL).
+    BadPath { path: String },
+    /// A `tvix.run` argument contains NUL.
+    NulInArgument(NulInArgument),
 }
 
 impl std::fmt::Display for ModeError {
@@ -267,6 +272,11 @@ impl std::fmt::Display for ModeError {
                 f,
                 "`{KEY_ARGS}={value}` is not base64url of NUL-terminated arguments"
             ),
+            ModeError::BadPath { path } => write!(
+                f,
+                "path {path:?} cannot be put on the kernel command line (empty, or has a \" or control character)"
+            ),
+            ModeError::NulInArgument(e) => write!(f, "cannot pass the arguments: {e}"),
         }
     }
 }
@@ -306,6 +316,37 @@ impl Mode {
             });
         }
         Ok(Mode::Nothing)
+    }
+}
+
+impl Mode {
+    /// The kernel command-line keys that make the init pick this mode (the
+    /// inverse of [`Mode::from_cmdline`]); empty for [`Mode::Nothing`].
+    /// Paths with spaces are quoted; arguments are always encoded.
+    pub fn to_cmdline(&self) -> Result<String, ModeError> {
+        fn path(p: &str) -> Result<String, ModeError> {
+            if p.is_empty() || p.chars().any(|c| c == '"' || c.is_control()) {
+                return Err(ModeError::BadPath { path: p.to_owned() });
+            }
+            Ok(if p.chars().any(char::is_whitespace) {
+                format!("\"{p}\"")
+            } else {
+                p.to_owned()
+            })
+        }
+        Ok(match self {
+            Mode::Find => KEY_FIND.to_owned(),
+            Mode::Shell { path: p } if p == DEFAULT_SHELL => KEY_SHELL.to_owned(),
+            Mode::Shell { path: p } => format!("{KEY_SHELL}={}", path(p)?),
+            Mode::Run { path: p, args } if args.is_empty() => format!("{KEY_RUN}={}", path(p)?),
+            Mode::Run { path: p, args } => format!(
+                "{KEY_RUN}={} {KEY_ARGS}={}",
+                path(p)?,
+                encode_args(args).map_err(ModeError::NulInArgument)?
+            ),
+            Mode::Init { path: p } => format!("{KEY_INIT}={}", path(p)?),
+            Mode::Nothing => String::new(),
+        })
     }
 }
 
@@ -435,6 +476,48 @@ mod tests {
             mode("tvix.run=/a tvix.args=!!"),
             Err(ModeError::BadArgs { value: "!!".into() })
         );
+    }
+
+    #[test]
+    fn mode_to_cmdline_round_trips() {
+        let modes = [
+            Mode::Find,
+            Mode::Shell {
+                path: DEFAULT_SHELL.into(),
+            },
+            Mode::Shell {
+                path: "/nix/store/x-bash/bin/bash".into(),
+            },
+            Mode::Run {
+                path: "/nix/store/x-hello/bin/hello".into(),
+                args: vec![],
+            },
+            Mode::Run {
+                path: "/nix/store/x-a b/bin/p".into(),
+                args: vec![b"a b".to_vec(), b"".to_vec(), vec![0xff, b'"']],
+            },
+            Mode::Init {
+                path: "/nix/store/x-system/init".into(),
+            },
+            Mode::Nothing,
+        ];
+        for mode in modes {
+            let line = format!("console=ttyS0 {} panic=-1", mode.to_cmdline().unwrap());
+            assert_eq!(
+                Mode::from_cmdline(&Cmdline::parse(&line)),
+                Ok(mode),
+                "{line}"
+            );
+        }
+        let bad = Mode::Init {
+            path: "/a\"b".into(),
+        };
+        assert!(matches!(bad.to_cmdline(), Err(ModeError::BadPath { .. })));
+        let nul = Mode::Run {
+            path: "/a".into(),
+            args: vec![b"x\0".to_vec()],
+        };
+        assert!(matches!(nul.to_cmdline(), Err(ModeError::NulInArgument(_))));
     }
 
     #[test]
