@@ -7,10 +7,11 @@
 //! boot to save a memcpy in the VMM.
 //!
 //! ```ignore
-//! let mut extra = Vec::new();
-//! if shell_from_initrd {
-//!     extra.extend(InitrdFile::busybox(Path::new(HOST_BUSYBOX))?);
-//! }
+//! // What a run mode needs (busybox only for the default `tvix.shell`):
+//! let initrd: Vec<u8> = build_initrd_for(&mode, Path::new(HOST_BUSYBOX))?;
+//! // Or by hand:
+//! let mut extra = InitrdFile::busybox(Path::new(HOST_BUSYBOX))?;
+//! extra.push(InitrdFile::file("/etc/motd", 0o444, b"hi\n".to_vec()));
 //! let initrd: Vec<u8> = build_initrd(&extra)?;   // hand the bytes to the VMM
 //! ```
 
@@ -23,6 +24,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use cpio::newc::{Builder, ModeFileType};
+use tvix_boot_init::protocol::{DEFAULT_SHELL, Mode};
 
 /// The guest init (boot/init), built statically by build.rs.
 pub const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tvix-boot-init"));
@@ -149,6 +151,18 @@ pub fn build_initrd(extra: &[InitrdFile]) -> Result<Vec<u8>, InitrdError> {
         archive.add(entry)?;
     }
     archive.finish()
+}
+
+/// The initrd `mode` needs: the base archive, plus busybox (read from
+/// `host_busybox`, normally [`HOST_BUSYBOX`]) when the mode is a shell that
+/// is the initrd's own `/bin/sh`. Every other mode runs programs from the
+/// store and needs nothing more.
+pub fn build_initrd_for(mode: &Mode, host_busybox: &Path) -> Result<Vec<u8>, InitrdError> {
+    let extra = match mode {
+        Mode::Shell { path } if path == DEFAULT_SHELL => InitrdFile::busybox(host_busybox)?,
+        _ => Vec::new(),
+    };
+    build_initrd(&extra)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -453,6 +467,38 @@ mod tests {
         let sh = find(&entries, "bin/sh");
         assert_eq!(sh.mode, 0o120777);
         assert_eq!(sh.contents, b"busybox");
+    }
+
+    #[test]
+    fn only_the_default_shell_brings_busybox() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("busybox");
+        std::fs::write(&host, b"bb").unwrap();
+        let shell = Mode::Shell {
+            path: DEFAULT_SHELL.into(),
+        };
+        let names = |mode: &Mode| -> Vec<String> {
+            let archive = build_initrd_for(mode, &host).unwrap();
+            parse(&archive).into_iter().map(|e| e.name).collect()
+        };
+        assert!(names(&shell).contains(&"bin/busybox".to_owned()));
+        let store_shell = Mode::Shell {
+            path: "/nix/store/x-bash/bin/bash".into(),
+        };
+        let run = Mode::Run {
+            path: "/nix/store/x/bin/x".into(),
+            args: vec![],
+        };
+        for mode in [Mode::Find, store_shell, run, Mode::Nothing] {
+            assert!(
+                !names(&mode).iter().any(|n| n.starts_with("bin")),
+                "{mode:?}"
+            );
+        }
+        // The default shell without a busybox on the host: an error naming it.
+        let missing = dir.path().join("no-busybox");
+        let msg = build_initrd_for(&shell, &missing).unwrap_err().to_string();
+        assert!(msg.contains("no-busybox"), "{msg}");
     }
 
     #[test]

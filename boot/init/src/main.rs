@@ -27,7 +27,10 @@
 //! - after the console has drained and the disks synced, one 32-bit `out` of
 //!   `n` to I/O port **0x501** ([`protocol::EXIT_STATUS_PORT`]), immediately
 //!   followed by the ACPI power-off (reboot(RB_POWER_OFF)). The VMM keeps the
-//!   last value written and exits with it once the guest powers off.
+//!   last value written and exits with it once the guest powers off. Port
+//!   access from user space needs ioperm(2), i.e. a guest kernel with
+//!   CONFIG_X86_IOPL_IOPERM=y; without it the init says so on the console and
+//!   the console line is the only channel.
 //!
 //! If the init itself fails (a mount, the command line, switch_root), it
 //! prints `tvix-init: error: <what failed, with which input>` and reports

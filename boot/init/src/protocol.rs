@@ -33,7 +33,8 @@
 //! 1. I/O port [`EXIT_STATUS_PORT`]: one 32-bit `out` (little-endian `n`),
 //!    written after the console output has drained and right before the ACPI
 //!    power-off, so the VMM holds the status by the time the guest stops.
-//!    Out of band: program output cannot forge or garble it.
+//!    Out of band: program output cannot forge or garble it. Needs a guest
+//!    kernel with `CONFIG_X86_IOPL_IOPERM=y` (ioperm(2)).
 //! 2. The console line `tvix-boot: exit-status <n>` (decimal, see
 //!    [`exit_status_line`] / [`parse_exit_status_line`]), for hosts without
 //!    the port device and for humans. Program output may precede it on the
