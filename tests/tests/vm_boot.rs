@@ -209,3 +209,104 @@ fn bzimage_boots_too() {
     assert_eq!(out.exit_code, Some(0), "{out}");
     assert!(out.serial.contains("booted-from-bzimage"), "{out}");
 }
+
+/// The host's QEMU with everything it loads (shared libraries, microvm firmware), as
+/// files for the test host: QEMU itself is the reference to compare boot times with.
+fn qemu_files() -> Vec<GuestFile> {
+    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    let ldd = std::process::Command::new("ldd")
+        .arg(&qemu)
+        .output()
+        .unwrap_or_else(|e| panic!("ldd {}: {e}", qemu.display()));
+    assert!(ldd.status.success(), "ldd {} failed", qemu.display());
+    let mut files = vec![
+        GuestFile::host("/usr/bin/qemu-system-x86_64", &qemu, 0o755),
+        GuestFile::host(
+            "/usr/share/qemu/bios-microvm.bin",
+            "/usr/share/qemu/bios-microvm.bin",
+            0o644,
+        ),
+    ];
+    // Lines look like "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or
+    // "/lib64/ld-linux-x86-64.so.2 (0x...)".
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(str::to_owned);
+        if let Some(path) = path {
+            files.push(GuestFile::host(&path, &path, 0o755));
+        }
+    }
+    files
+}
+
+/// tvix-boot against QEMU (microvm, KVM) with the same bzImage, initrd, command line,
+/// 1 vCPU and 512 MiB, interleaved in one test host. Prints start->init and
+/// start->exit for each; like [`boot_timing`] a benchmark, not a pass/fail test.
+///
+///     cargo test -p tvix-boot-tests --test vm_boot -- --ignored --nocapture qemu_comparison
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn qemu_comparison_timing() {
+    const RUNS: usize = 3;
+    let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
+    let bzimage = vmlinux.with_file_name("bzImage");
+    let cmdline = "console=ttyS0 reboot=k panic=-1 quiet";
+    let tvix_boot = format!(
+        "{} --kernel /guest/bzImage --initrd {GUEST_INITRD} --cpus 1 --memory 512M",
+        tvix_boot_tests::TVIX_BOOT
+    );
+    let qemu = format!(
+        "qemu-system-x86_64 -M microvm -enable-kvm -cpu host -smp 1 -m 512 -nodefaults \
+         -no-user-config -display none -monitor none -serial stdio -no-reboot \
+         -kernel /guest/bzImage -initrd {GUEST_INITRD} -append '{cmdline}'"
+    );
+    let mut script = String::new();
+    for _ in 0..RUNS {
+        for (label, command) in [("tvix-boot", &tvix_boot), ("qemu-microvm", &qemu)] {
+            script.push_str(&format!(
+                "read t0 _ < /proc/uptime\n\
+                 echo bench-run-start={label}=$t0\n\
+                 {{ {command}; echo bench-exit=$?; }} 2>&1 | \
+                 while IFS= read -r line; do case \"$line\" in \
+                   *GUEST-INIT-REACHED*|bench-exit=*) read now _ < /proc/uptime; \
+                   echo \"[$now] $line\";; \
+                 esac; done\n"
+            ));
+        }
+    }
+    let mut files = qemu_files();
+    files.push(GuestFile::host("/guest/bzImage", bzimage, 0o644));
+    // poweroff: microvm has no i8042, so a reboot there takes minutes of fallbacks.
+    files.push(guest_initrd("echo GUEST-INIT-REACHED\npoweroff -f\n"));
+    let out = TestHost::builder()
+        .tvix_boot(tvix_boot_bin())
+        .memory_mib(2048)
+        .build()
+        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
+        .run(&script, &files, Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
+    assert!(out.success(), "{out}");
+
+    let stamp =
+        |line: &str| -> Option<f64> { line.strip_prefix('[')?.split(']').next()?.parse().ok() };
+    let (mut label, mut start, mut init) = (String::new(), None, None);
+    for line in out.serial.lines() {
+        if let Some(rest) = line.strip_prefix("bench-run-start=") {
+            let (l, t) = rest.rsplit_once('=').unwrap_or((rest, ""));
+            (label, start, init) = (l.to_owned(), t.trim().parse::<f64>().ok(), None);
+        } else if line.contains("GUEST-INIT-REACHED") && !line.contains("echo") {
+            init = stamp(line);
+        } else if line.contains("bench-exit=")
+            && let (Some(t), Some(s)) = (stamp(line), start)
+        {
+            let code = line.rsplit('=').next().unwrap_or("?");
+            println!(
+                "{label}: start->init {:.2} s, start->exit {:.2} s (exit status {code})",
+                init.map_or(f64::NAN, |i| i - s),
+                t - s
+            );
+        }
+    }
+}
