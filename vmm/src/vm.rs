@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
@@ -153,6 +154,8 @@ pub struct Vm {
     virtio_mmio: Vec<MmioDeviceInfo>,
     /// What vCPU 0 runs; set by the constructor that loaded a guest.
     entry: Option<BootEntry>,
+    /// When KVM setup began, for the start-up time logged by `run`.
+    created_at: Instant,
 }
 
 impl Vm {
@@ -191,6 +194,7 @@ impl Vm {
                 max: MAX_VCPUS,
             });
         }
+        let created_at = Instant::now();
         let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
         for cap in [
             Cap::Irqchip,
@@ -285,6 +289,7 @@ impl Vm {
             stdio,
             virtio_mmio: Vec::new(),
             entry: None,
+            created_at,
         })
     }
 
@@ -356,6 +361,10 @@ impl Vm {
             }
         }
         if result.is_ok() {
+            tracing::info!(
+                "guest started: {:?} after KVM setup began",
+                self.created_at.elapsed()
+            );
             // Woken by a device's exit request or by a vCPU thread ending.
             result = self.exit.wait().map_err(VmError::Wait);
         }
