@@ -44,6 +44,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Store(args)) => store_cmd::run(&cli.store, args),
-        None => vm::run(cli.vm),
+        None => vm::run(cli.vm, &cli.store),
     }
 }

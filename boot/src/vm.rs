@@ -3,7 +3,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
+use tvix_boot_devices::virtio::VirtioDevice;
+use tvix_boot_store::Store;
+use tvix_boot_virtiofs::{StoreFs, StoreFsOptions, VirtioFs};
 use tvix_boot_vmm::{Console, Vm, VmConfig, VmExit};
+
+use crate::store_cmd::StoreAddrArgs;
+
+/// The virtio-fs tag the guest mounts at /nix/store.
+const STORE_TAG: &str = "tvix";
 
 /// Arguments every guest gets; `--cmdline` / CH_CMDLINE are appended (later arguments
 /// win in Linux, so they can override these: `loglevel=7` brings the boot log back).
@@ -44,7 +54,7 @@ pub struct VmArgs {
     memory: u64,
 }
 
-pub fn run(args: VmArgs) -> ExitCode {
+pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     let kernel = match args.kernel {
         Some(kernel) => kernel,
         None => match default_kernel() {
@@ -79,7 +89,19 @@ pub fn run(args: VmArgs) -> ExitCode {
         console: Console::Stdio,
     };
 
-    let result = Vm::new(config).and_then(Vm::run);
+    // The store is opened before anything boots, so a bad address is reported at once.
+    let store = match store_addrs.open() {
+        Ok(store) => Arc::new(store),
+        Err(e) => {
+            eprintln!("tvix-boot: cannot open the store: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let request_queues = u16::from(args.cpus);
+    let result = Vm::new(config).and_then(|mut vm| {
+        vm.add_virtio_device(store_device(store, request_queues))?;
+        vm.run()
+    });
     match result {
         Ok(VmExit::PowerOff | VmExit::Reset) => ExitCode::SUCCESS,
         Ok(VmExit::Panic) => {
@@ -91,6 +113,21 @@ pub fn run(args: VmArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The guest's /nix/store: the store as a virtio-fs device with tag `tvix`, one request
+/// queue per vCPU. The root is listable, so `tvix.find` and `ls /nix/store` work.
+fn store_device(store: Arc<Store>, request_queues: u16) -> Box<dyn VirtioDevice> {
+    let fs = StoreFs::new(
+        store,
+        StoreFsOptions {
+            list_root: true,
+            show_xattr: false,
+        },
+    );
+    Box::new(
+        VirtioFs::new(fs, STORE_TAG, request_queues).expect("the tag and queue count are valid"),
+    )
 }
 
 /// Where boot/kernel/build.sh puts the kernel: `current/vmlinux` under

@@ -292,7 +292,10 @@ pub fn build_tvix_boot_static() -> Result<PathBuf> {
             "--target",
             "x86_64-unknown-linux-gnu",
         ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // Every test-host run copies the binary into its initrd: keep it lean.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
     run(&mut cmd)?;
     let path = tvix_boot_static_path();
     check_static(&path)?;

@@ -486,3 +486,29 @@ proptest::proptest! {
         h.worker.process_queue().unwrap();
     }
 }
+
+#[test]
+fn config_space_holds_tag_and_queue_count() {
+    let fs = StoreFs::new(Arc::new(Store::memory()), StoreFsOptions::default());
+    let device = VirtioFs::new(fs, "tvix", 3).unwrap();
+    // Linux reads the tag a byte at a time and the queue count as one 32-bit read.
+    let tag: Vec<u8> = (0..36)
+        .map(|offset| {
+            let mut byte = [0xffu8];
+            device.read_config(offset, &mut byte);
+            byte[0]
+        })
+        .collect();
+    assert_eq!(&tag[..4], b"tvix");
+    assert!(tag[4..].iter().all(|b| *b == 0));
+    let mut count = [0u8; 4];
+    device.read_config(36, &mut count);
+    assert_eq!(u32::from_le_bytes(count), 3);
+    let mut past_end = [0xffu8; 4];
+    device.read_config(40, &mut past_end);
+    assert_eq!(
+        past_end, [0xff; 4],
+        "bytes past the config are left as the caller zeroed them"
+    );
+    assert_eq!(device.queue_max_sizes(), vec![QUEUE_SIZE; 4]);
+}

@@ -9,14 +9,17 @@ use std::time::Instant;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use tvix_boot_devices::acpi_sleep::AcpiSleepRegister;
 use tvix_boot_devices::bus::SharedDevice;
 use tvix_boot_devices::i8042::{self, I8042};
 use tvix_boot_devices::pvpanic::PvPanic;
 use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole};
 use tvix_boot_devices::terminal::RawTerminal;
+use tvix_boot_devices::virtio::VirtioDevice;
+use tvix_boot_devices::virtio::mmio::{MmioError, MmioTransport};
 use tvix_boot_devices::{Bus, BusError, ExitNotifier, GuestExit};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -64,6 +67,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("all {slots} virtio-mmio slots are taken")]
     NoVirtioMmioSlot { slots: u64 },
+    #[error("cannot set up the virtio transport: {0}")]
+    VirtioTransport(#[from] MmioError),
     #[error("cannot create {what} eventfd: {source}")]
     EventFd {
         what: &'static str,
@@ -303,7 +308,7 @@ impl Vm {
     /// announced to the guest on the command line and in the DSDT.
     pub fn add_virtio_mmio_device(
         &mut self,
-        make: impl FnOnce(MmioSlot, EventFd) -> SharedDevice,
+        make: impl FnOnce(MmioSlot, EventFd) -> Result<SharedDevice, VmError>,
     ) -> Result<MmioSlot, VmError> {
         let index = self.virtio_mmio.len() as u64;
         let (addr, irq) = layout::virtio_mmio_slot(index).ok_or(VmError::NoVirtioMmioSlot {
@@ -315,7 +320,7 @@ impl Vm {
             irq,
         };
         let interrupt = irqfd(&self.vm_fd, irq, "virtio-mmio interrupt")?;
-        let device = make(slot, interrupt);
+        let device = make(slot, interrupt)?;
         self.mmio
             .insert(&format!("virtio-mmio slot {index}"), addr, slot.len, device)?;
         self.virtio_mmio.push(MmioDeviceInfo {
@@ -323,6 +328,31 @@ impl Vm {
             len: slot.len,
             irq,
         });
+        Ok(slot)
+    }
+
+    /// Puts a virtio device on the MMIO bus behind a virtio-mmio transport. Queue
+    /// notifications reach the device through KVM ioeventfds, without a trip through the
+    /// vCPU thread.
+    pub fn add_virtio_device(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<MmioSlot, VmError> {
+        let memory = self.memory.clone();
+        let mut transport = None;
+        let slot = self.add_virtio_mmio_device(|_slot, irq| {
+            let shared = Arc::new(Mutex::new(MmioTransport::new(device, memory, irq)?));
+            transport = Some(shared.clone());
+            Ok(shared)
+        })?;
+        let transport = transport.expect("add_virtio_mmio_device calls make");
+        let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+        let notify = IoEventAddress::Mmio(slot.addr + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+        for (index, event) in transport.queue_events().iter().enumerate() {
+            self.vm_fd
+                .register_ioevent(event, &notify, index as u32)
+                .map_err(kvm_error("KVM_IOEVENTFD"))?;
+        }
         Ok(slot)
     }
 
@@ -408,20 +438,13 @@ impl Vm {
                 initrd,
                 cmdline,
             } => {
-                let mut cmdline = boot::build_cmdline(cmdline)?;
-                for (index, device) in self.virtio_mmio.iter().enumerate() {
-                    cmdline
-                        .add_virtio_mmio_device(
-                            device.len,
-                            GuestAddress(device.addr),
-                            device.irq,
-                            Some(index as u32),
-                        )
-                        .map_err(|source| BootError::Cmdline {
-                            max: layout::CMDLINE_MAX_SIZE,
-                            source,
-                        })?;
-                }
+                // virtio-mmio devices are described in the DSDT only, not also with
+                // virtio_mmio.device= on the command line: the ACPI tables are
+                // hardware-reduced, so Linux has no legacy IRQs and cannot request a bare
+                // IRQ number from the command line ("probe failed with error -22"); the
+                // DSDT's _CRS gives it a GSI it maps. Listing a device in both places made
+                // the second probe fail to claim the region.
+                let cmdline = boot::build_cmdline(cmdline)?;
                 boot::write_boot_params(&self.memory, kernel, *initrd, &cmdline)?;
                 let vcpu_count = u32::from(self.vcpu_count);
                 mptable::write(&self.memory, vcpu_count)?;
@@ -678,7 +701,7 @@ mod tests {
             writes: writes.clone(),
         };
         let slot = vm
-            .add_virtio_mmio_device(|_, _irq| Arc::new(Mutex::new(probe)))
+            .add_virtio_mmio_device(|_, _irq| Ok(Arc::new(Mutex::new(probe))))
             .unwrap();
         assert_eq!(slot.addr, layout::VIRTIO_MMIO_START);
         assert_eq!(slot.irq, layout::VIRTIO_MMIO_FIRST_IRQ);

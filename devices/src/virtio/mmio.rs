@@ -117,6 +117,13 @@ impl MmioTransport {
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            // No shared memory regions (yet): the spec says a missing region reads as all
+            // ones. Reading 0 instead makes Linux's virtio-fs think it has a DAX window of
+            // length 0 at address 0, fail to claim it, and give up on the device.
+            VIRTIO_MMIO_SHM_LEN_LOW
+            | VIRTIO_MMIO_SHM_LEN_HIGH
+            | VIRTIO_MMIO_SHM_BASE_LOW
+            | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             _ => {
                 tracing::debug!(offset, "virtio-mmio: read of an unknown register");
                 0
@@ -444,6 +451,10 @@ mod tests {
         );
         write(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
         assert_eq!(read(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        write(&mut t, VIRTIO_MMIO_SHM_SEL, 0);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_SHM_LEN_HIGH), u32::MAX);
 
         let mut config = [0u8; 4];
         t.read(VIRTIO_MMIO_CONFIG as u64 + 4, &mut config);
