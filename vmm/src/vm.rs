@@ -305,7 +305,8 @@ impl Vm {
 
     /// Places a virtio-mmio device in the next free slot: `make` gets the slot and an
     /// eventfd that raises the slot's interrupt, and returns the device. The device is
-    /// announced to the guest on the command line and in the DSDT.
+    /// announced to the guest in the DSDT (see `write_boot_state` for why not also on
+    /// the command line).
     pub fn add_virtio_mmio_device(
         &mut self,
         make: impl FnOnce(MmioSlot, EventFd) -> Result<SharedDevice, VmError>,
