@@ -102,7 +102,7 @@ pub struct VmConfig {
     /// vmlinux (ELF) or bzImage.
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    /// The kernel command line, complete (virtio-mmio devices are appended to it).
+    /// The kernel command line, complete (devices are described in the ACPI tables).
     pub cmdline: String,
     pub vcpus: u8,
     /// Guest RAM in bytes.
