@@ -416,9 +416,19 @@ fn paths_substitute_lazily_from_a_binary_cache() {
     let work = tempfile::tempdir().unwrap();
     let cache_dir = work.path().join("cache");
     let (secret, public) = (work.path().join("sk"), work.path().join("pk"));
-    run(Command::new("nix-store").args(["--generate-binary-cache-key", "test-cache-1"]).arg(&secret).arg(&public));
+    run(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "test-cache-1"])
+        .arg(&secret)
+        .arg(&public));
     let nix_cache = tempfile::tempdir().unwrap();
-    run(nix(nix_cache.path()).args(["copy", "--to"]).arg(format!("file://{}?secret-key={}", cache_dir.display(), secret.display())).arg(top));
+    run(nix(nix_cache.path())
+        .args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}",
+            cache_dir.display(),
+            secret.display()
+        ))
+        .arg(top));
     let public_key = std::fs::read_to_string(&public).unwrap();
 
     // Each run starts from an empty embedded store: everything must come from the cache.
@@ -432,29 +442,57 @@ fn paths_substitute_lazily_from_a_binary_cache() {
             .output()
             .unwrap()
     };
-    let trusted = format!("nix+file://{}?trusted-public-keys={}", cache_dir.display(), public_key.trim());
+    let trusted = format!(
+        "nix+file://{}?trusted-public-keys={}",
+        cache_dir.display(),
+        public_key.trim()
+    );
     let out = with_cache(&trusted, &["export-nar", top]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.stdout == nix_dump(top), "substituted NAR differs");
     let out = with_cache(&trusted, &["info", dep]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("signature: test-cache-1:"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("signature: test-cache-1:"),
+        "{out:?}"
+    );
     let out = with_cache(&trusted, &["info", top]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("references:\n  {dep}")), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("references:\n  {dep}")),
+        "{out:?}"
+    );
 
     // A key the cache did not sign with: refused, naming the key.
     let other = work.path().join("other");
-    run(Command::new("nix-store").args(["--generate-binary-cache-key", "other-1"]).arg(work.path().join("osk")).arg(&other));
-    let untrusted = format!("nix+file://{}?trusted-public-keys={}", cache_dir.display(), std::fs::read_to_string(&other).unwrap().trim());
+    run(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "other-1"])
+        .arg(work.path().join("osk"))
+        .arg(&other));
+    let untrusted = format!(
+        "nix+file://{}?trusted-public-keys={}",
+        cache_dir.display(),
+        std::fs::read_to_string(&other).unwrap().trim()
+    );
     let out = with_cache(&untrusted, &["export-nar", top]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no signature by a trusted key (other-1)"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no signature by a trusted key (other-1)"),
+        "{out:?}"
+    );
 
     // Over HTTP, from serve-nar.
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
     run(nix(nix_cache.path()).args(["copy", "--to", &server.url("?compression=none"), top]));
     let out = with_cache(&format!("nix+{}", server.url("")), &["export-nar", top]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.stdout == nix_dump(top));
     server.stop();
 
@@ -466,7 +504,10 @@ fn paths_substitute_lazily_from_a_binary_cache() {
         bytes[middle] ^= 0xff;
         std::fs::write(&path, bytes).unwrap();
     }
-    let out = with_cache(&format!("nix+file://{}", cache_dir.display()), &["export-nar", "--blob-service-addr", "memory://", top]);
+    let out = with_cache(
+        &format!("nix+file://{}", cache_dir.display()),
+        &["export-nar", "--blob-service-addr", "memory://", top],
+    );
     assert!(!out.status.success(), "a tampered NAR was served");
     assert!(out.stdout.is_empty());
 }

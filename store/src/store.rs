@@ -230,17 +230,26 @@ impl Store {
             // the blob and directory services, which may well be persistent.
             let local = Arc::new(KvPathInfoService::new(Arc::new(MemoryKv::default())));
             Arc::new(
-                SubstitutingPathInfoService::new(&addrs.path_info, local, blobs.clone(), directories.clone())
-                    .map_err(|e| StoreError::BadAddress {
-                        service: "path info",
-                        url: addrs.path_info.clone(),
-                        reason: e.to_string(),
-                    })?,
+                SubstitutingPathInfoService::new(
+                    &addrs.path_info,
+                    local,
+                    blobs.clone(),
+                    directories.clone(),
+                )
+                .map_err(|e| StoreError::BadAddress {
+                    service: "path info",
+                    url: addrs.path_info.clone(),
+                    reason: e.to_string(),
+                })?,
             )
         } else {
             open_path_info_service(&addrs.path_info)?
         };
-        Ok(Self { blobs, directories, path_infos })
+        Ok(Self {
+            blobs,
+            directories,
+            path_infos,
+        })
     }
 
     /// A fresh store that lives only in this process.

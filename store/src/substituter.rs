@@ -27,13 +27,27 @@ pub enum SubstituteError {
     #[error("fetching {url}: {reason}")]
     Fetch { url: String, reason: String },
     #[error("{url}: {source}")]
-    NarInfo { url: String, source: crate::narinfo::NarInfoError },
+    NarInfo {
+        url: String,
+        source: crate::narinfo::NarInfoError,
+    },
     #[error("{path}: no signature by a trusted key ({trusted}) verifies")]
     Untrusted { path: String, trusted: String },
-    #[error("{url}: the NAR hashes to sha256:{actual} ({actual_size} bytes); the narinfo says sha256:{expected} ({expected_size} bytes)")]
-    NarMismatch { url: String, expected: String, actual: String, expected_size: u64, actual_size: u64 },
+    #[error(
+        "{url}: the NAR hashes to sha256:{actual} ({actual_size} bytes); the narinfo says sha256:{expected} ({expected_size} bytes)"
+    )]
+    NarMismatch {
+        url: String,
+        expected: String,
+        actual: String,
+        expected_size: u64,
+        actual_size: u64,
+    },
     #[error("{url}: {source}")]
-    Nar { url: String, source: crate::nar::NarError },
+    Nar {
+        url: String,
+        source: crate::nar::NarError,
+    },
     #[error("{url}: decompressing: {source}")]
     Decompress { url: String, source: std::io::Error },
 }
@@ -65,7 +79,10 @@ impl SubstitutingPathInfoService {
         blobs: Arc<dyn BlobService>,
         directories: Arc<dyn DirectoryService>,
     ) -> Result<Self, SubstituteError> {
-        let bad = |reason: &str| SubstituteError::BadAddress { url: url.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| SubstituteError::BadAddress {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
         let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
         let mut trusted_keys = Vec::new();
         for (key, value) in parsed.query_pairs() {
@@ -73,16 +90,24 @@ impl SubstitutingPathInfoService {
                 return Err(bad(&format!("unknown option {key:?}")));
             }
             for entry in value.split([',', ' ']).filter(|e| !e.is_empty()) {
-                let (name, b64) = entry.split_once(':').ok_or_else(|| bad(&format!("key {entry:?} is not name:base64")))?;
-                let bytes = data_encoding::BASE64.decode(b64.as_bytes()).map_err(|_| bad(&format!("key {entry:?} is not base64")))?;
-                let bytes: [u8; 32] = bytes.try_into().map_err(|_| bad(&format!("key {entry:?} is not 32 bytes")))?;
-                let key = VerifyingKey::from_bytes(&bytes).map_err(|_| bad(&format!("key {entry:?} is not an ed25519 key")))?;
+                let (name, b64) = entry
+                    .split_once(':')
+                    .ok_or_else(|| bad(&format!("key {entry:?} is not name:base64")))?;
+                let bytes = data_encoding::BASE64
+                    .decode(b64.as_bytes())
+                    .map_err(|_| bad(&format!("key {entry:?} is not base64")))?;
+                let bytes: [u8; 32] = bytes
+                    .try_into()
+                    .map_err(|_| bad(&format!("key {entry:?} is not 32 bytes")))?;
+                let key = VerifyingKey::from_bytes(&bytes)
+                    .map_err(|_| bad(&format!("key {entry:?} is not an ed25519 key")))?;
                 trusted_keys.push((name.to_owned(), key));
             }
         }
         let location = match parsed.scheme() {
             "nix+http" | "nix+https" => {
-                let mut base = format!("{}{}", &parsed.scheme()[4..], &url[parsed.scheme().len()..]);
+                let mut base =
+                    format!("{}{}", &parsed.scheme()[4..], &url[parsed.scheme().len()..]);
                 if let Some(q) = base.find('?') {
                     base.truncate(q);
                 }
@@ -96,7 +121,13 @@ impl SubstitutingPathInfoService {
             }
             other => return Err(bad(&format!("unknown scheme {other:?}"))),
         };
-        Ok(Self { location, trusted_keys, local, blobs, directories })
+        Ok(Self {
+            location,
+            trusted_keys,
+            local,
+            blobs,
+            directories,
+        })
     }
 
     fn describe(&self, name: &str) -> String {
@@ -109,7 +140,10 @@ impl SubstitutingPathInfoService {
     /// `None` when the cache does not have `name`.
     fn fetch(&self, name: &str) -> Result<Option<Box<dyn Read + Send>>, SubstituteError> {
         let url = self.describe(name);
-        let fetch_err = |reason: String| SubstituteError::Fetch { url: url.clone(), reason };
+        let fetch_err = |reason: String| SubstituteError::Fetch {
+            url: url.clone(),
+            reason,
+        };
         match &self.location {
             Location::Http(_) => match ureq::get(&url).call() {
                 Ok(response) => Ok(Some(Box::new(response.into_body().into_reader()))),
@@ -130,45 +164,79 @@ impl SubstitutingPathInfoService {
         }
         let fingerprint = narinfo.fingerprint();
         let verified = narinfo.signatures.iter().any(|signature| {
-            let Ok(bytes) = <[u8; 64]>::try_from(signature.data.as_ref()) else { return false };
+            let Ok(bytes) = <[u8; 64]>::try_from(signature.data.as_ref()) else {
+                return false;
+            };
             self.trusted_keys.iter().any(|(name, key)| {
                 *name == signature.name
-                    && key.verify(fingerprint.as_bytes(), &Ed25519Signature::from_bytes(&bytes)).is_ok()
+                    && key
+                        .verify(
+                            fingerprint.as_bytes(),
+                            &Ed25519Signature::from_bytes(&bytes),
+                        )
+                        .is_ok()
             })
         });
         if verified {
             Ok(())
         } else {
             let trusted: Vec<&str> = self.trusted_keys.iter().map(|(n, _)| n.as_str()).collect();
-            Err(SubstituteError::Untrusted { path: narinfo.store_path.to_string(), trusted: trusted.join(", ") })
+            Err(SubstituteError::Untrusted {
+                path: narinfo.store_path.to_string(),
+                trusted: trusted.join(", "),
+            })
         }
     }
 
     fn substitute(&self, digest: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, SubstituteError> {
         let name = format!("{}.narinfo", nixbase32::encode(digest));
         let url = self.describe(&name);
-        let Some(mut reader) = self.fetch(&name)? else { return Ok(None) };
+        let Some(mut reader) = self.fetch(&name)? else {
+            return Ok(None);
+        };
         let mut text = String::new();
-        reader.read_to_string(&mut text).map_err(|e| SubstituteError::Fetch { url: url.clone(), reason: e.to_string() })?;
-        let narinfo = NarInfo::parse(&text).map_err(|source| SubstituteError::NarInfo { url: url.clone(), source })?;
+        reader
+            .read_to_string(&mut text)
+            .map_err(|e| SubstituteError::Fetch {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let narinfo = NarInfo::parse(&text).map_err(|source| SubstituteError::NarInfo {
+            url: url.clone(),
+            source,
+        })?;
         if narinfo.store_path.digest() != digest {
-            return Err(SubstituteError::Fetch { url, reason: format!("it describes {}", narinfo.store_path) });
+            return Err(SubstituteError::Fetch {
+                url,
+                reason: format!("it describes {}", narinfo.store_path),
+            });
         }
         self.check_signature(&narinfo)?;
 
         let nar_url = self.describe(&narinfo.url);
         let compressed = self
             .fetch(&narinfo.url)?
-            .ok_or_else(|| SubstituteError::Fetch { url: nar_url.clone(), reason: "not found".into() })?;
-        let decompress_err = |source| SubstituteError::Decompress { url: nar_url.clone(), source };
+            .ok_or_else(|| SubstituteError::Fetch {
+                url: nar_url.clone(),
+                reason: "not found".into(),
+            })?;
+        let decompress_err = |source| SubstituteError::Decompress {
+            url: nar_url.clone(),
+            source,
+        };
         let input: Box<dyn Read> = match narinfo.compression {
             Compression::None => compressed,
             Compression::Xz => Box::new(xz2::read::XzDecoder::new(compressed)),
             Compression::Zstd => Box::new(zstd::Decoder::new(compressed).map_err(decompress_err)?),
             Compression::Bzip2 => Box::new(bzip2::read::BzDecoder::new(compressed)),
         };
-        let ingested = crate::nar::ingest_nar(input, &*self.blobs, &*self.directories)
-            .map_err(|source| SubstituteError::Nar { url: nar_url.clone(), source })?;
+        let ingested =
+            crate::nar::ingest_nar(input, &*self.blobs, &*self.directories).map_err(|source| {
+                SubstituteError::Nar {
+                    url: nar_url.clone(),
+                    source,
+                }
+            })?;
         if ingested.nar_sha256 != narinfo.nar_hash || ingested.nar_size != narinfo.nar_size {
             return Err(SubstituteError::NarMismatch {
                 url: nar_url,
@@ -197,8 +265,16 @@ impl PathInfoService for SubstitutingPathInfoService {
         if let Some(info) = self.local.get(digest)? {
             return Ok(Some(info));
         }
-        let Some(info) = self.substitute(digest)? else { return Ok(None) };
-        self.local.put_nar(&info.nar_sha256, &IndexedNar { node: info.node.clone(), nar_size: info.nar_size })?;
+        let Some(info) = self.substitute(digest)? else {
+            return Ok(None);
+        };
+        self.local.put_nar(
+            &info.nar_sha256,
+            &IndexedNar {
+                node: info.node.clone(),
+                nar_size: info.nar_size,
+            },
+        )?;
         self.local.put(&info)?;
         Ok(Some(info))
     }
