@@ -20,7 +20,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::narinfo::{Compression, NarInfo, NarInfoError};
 use crate::nixbase32;
-use crate::pathinfo::{IndexedNar, PathInfo};
+use crate::pathinfo::IndexedNar;
 use crate::store::{Store, StoreError};
 use crate::store_path::DIGEST_LEN;
 
@@ -179,16 +179,7 @@ async fn put_narinfo(
                 actual: nar.nar_size,
             });
         }
-        let info = PathInfo {
-            store_path: narinfo.store_path,
-            node: nar.node,
-            references: narinfo.references,
-            nar_size: narinfo.nar_size,
-            nar_sha256: narinfo.nar_hash,
-            signatures: narinfo.signatures,
-            deriver: narinfo.deriver,
-            ca: narinfo.ca,
-        };
+        let info = narinfo.into_path_info(nar.node);
         store.put_path_info(&info)?;
         tracing::info!(path = %info.store_path, "path added");
         Ok(())
@@ -224,14 +215,9 @@ pub fn ingest_upload(
         sha256: Sha256::new(),
     };
     let ingested = {
-        let decompressed: Box<dyn Read + '_> = match compression {
-            Compression::None => Box::new(&mut hashing),
-            Compression::Xz => Box::new(xz2::read::XzDecoder::new(&mut hashing)),
-            Compression::Zstd => {
-                Box::new(zstd::Decoder::new(&mut hashing).map_err(CacheError::Decompress)?)
-            }
-            Compression::Bzip2 => Box::new(bzip2::read::BzDecoder::new(&mut hashing)),
-        };
+        let decompressed = compression
+            .decoder(&mut hashing)
+            .map_err(CacheError::Decompress)?;
         store.ingest_nar(decompressed).map_err(CacheError::BadNar)?
     };
     // A decompressor may stop before the end of its input; the file hash covers all of it.

@@ -66,6 +66,19 @@ impl Compression {
         }
     }
 
+    /// A reader that undoes this compression.
+    pub fn decoder<'a>(
+        self,
+        input: impl std::io::Read + 'a,
+    ) -> std::io::Result<Box<dyn std::io::Read + 'a>> {
+        Ok(match self {
+            Self::None => Box::new(input),
+            Self::Xz => Box::new(xz2::read::XzDecoder::new(input)),
+            Self::Zstd => Box::new(zstd::Decoder::new(input)?),
+            Self::Bzip2 => Box::new(bzip2::read::BzDecoder::new(input)),
+        })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",
@@ -225,6 +238,20 @@ impl NarInfo {
             deriver: info.deriver.clone(),
             signatures: info.signatures.clone(),
             ca: info.ca.clone(),
+        }
+    }
+
+    /// The path info this narinfo describes, for a NAR that unpacked to `node`.
+    pub fn into_path_info(self, node: crate::castore::Node) -> PathInfo {
+        PathInfo {
+            store_path: self.store_path,
+            node,
+            references: self.references,
+            nar_size: self.nar_size,
+            nar_sha256: self.nar_hash,
+            signatures: self.signatures,
+            deriver: self.deriver,
+            ca: self.ca,
         }
     }
 

@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use crate::blobservice::BlobService;
 use crate::directoryservice::DirectoryService;
-use crate::narinfo::{Compression, NarInfo};
+use crate::narinfo::NarInfo;
 use crate::nixbase32;
 use crate::pathinfo::{IndexedNar, PathInfo, PathInfoError, PathInfoService};
 use crate::store_path::DIGEST_LEN;
@@ -85,7 +85,15 @@ impl SubstitutingPathInfoService {
         };
         let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
         let mut trusted_keys = Vec::new();
-        for (key, value) in parsed.query_pairs() {
+        // Not `query_pairs`: form decoding turns the '+' of base64 keys into spaces.
+        let options = parsed
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|o| !o.is_empty());
+        for option in options {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
             if key != "trusted-public-keys" {
                 return Err(bad(&format!("unknown option {key:?}")));
             }
@@ -224,12 +232,10 @@ impl SubstitutingPathInfoService {
             url: nar_url.clone(),
             source,
         };
-        let input: Box<dyn Read> = match narinfo.compression {
-            Compression::None => compressed,
-            Compression::Xz => Box::new(xz2::read::XzDecoder::new(compressed)),
-            Compression::Zstd => Box::new(zstd::Decoder::new(compressed).map_err(decompress_err)?),
-            Compression::Bzip2 => Box::new(bzip2::read::BzDecoder::new(compressed)),
-        };
+        let input = narinfo
+            .compression
+            .decoder(compressed)
+            .map_err(decompress_err)?;
         let ingested =
             crate::nar::ingest_nar(input, &*self.blobs, &*self.directories).map_err(|source| {
                 SubstituteError::Nar {
@@ -247,16 +253,7 @@ impl SubstitutingPathInfoService {
             });
         }
         tracing::info!(path = %narinfo.store_path, "substituted");
-        Ok(Some(PathInfo {
-            store_path: narinfo.store_path,
-            node: ingested.node,
-            references: narinfo.references,
-            nar_size: narinfo.nar_size,
-            nar_sha256: narinfo.nar_hash,
-            signatures: narinfo.signatures,
-            deriver: narinfo.deriver,
-            ca: narinfo.ca,
-        }))
+        Ok(Some(narinfo.into_path_info(ingested.node)))
     }
 }
 
@@ -294,5 +291,43 @@ impl PathInfoService for SubstitutingPathInfoService {
 
     fn get_nar(&self, nar_sha256: &[u8; 32]) -> Result<Option<IndexedNar>, PathInfoError> {
         self.local.get_nar(nar_sha256)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+
+    #[test]
+    fn keys_with_plus_and_slash_parse() {
+        let store = Store::memory();
+        // A real key as nix-store --generate-binary-cache-key prints it: base64 with '+' and '/'.
+        let url = "nix+file:///cache?trusted-public-keys=test-1:WM8M69vA7+QE+3dyx/IatJOPoD79iWkgU8toUoqefMo=,other-1:WM8M69vA7%2BQE+3dyx/IatJOPoD79iWkgU8toUoqefMo=";
+        let service = SubstitutingPathInfoService::new(
+            url,
+            store.path_infos.clone(),
+            store.blobs.clone(),
+            store.directories.clone(),
+        )
+        .unwrap();
+        assert_eq!(service.trusted_keys.len(), 2);
+        for bad in [
+            "nix+file:///c?trusted-public-keys=x:notbase64",
+            "nix+file:///c?other=1",
+            "nix+ftp://host/",
+            "nix+file://relative",
+        ] {
+            assert!(
+                SubstitutingPathInfoService::new(
+                    bad,
+                    store.path_infos.clone(),
+                    store.blobs.clone(),
+                    store.directories.clone()
+                )
+                .is_err(),
+                "{bad}"
+            );
+        }
     }
 }

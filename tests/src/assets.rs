@@ -318,6 +318,15 @@ pub fn tvix_boot_static() -> Result<PathBuf> {
     }
 }
 
+/// [`tvix_boot_static`], resolved once per test process: tests running in parallel share
+/// one build instead of queueing on cargo's lock.
+pub fn tvix_boot_static_once() -> std::result::Result<PathBuf, String> {
+    static BIN: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BIN.get_or_init(|| tvix_boot_static().map_err(|e| e.to_string()))
+        .clone()
+}
+
 /// Fails unless `path` is an ELF file without a program interpreter
 /// (PT_INTERP), i.e. one the test host can run without a dynamic loader.
 ///

@@ -3,7 +3,6 @@
 //! checksums the host computes. Fails, never skips, when the test host cannot run.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Initramfs, TVIX_BOOT, TestHost, assets};
@@ -11,14 +10,10 @@ use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Initramfs, TVIX_BOOT, TestHost, a
 const TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_INITRD: &str = "/guest/initrd.cpio";
 
+/// The static tvix-boot binary: $TVIX_BOOT_BIN, else built once for all tests.
 fn tvix_boot_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| match std::env::var_os("TVIX_BOOT_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => assets::build_tvix_boot_static()
-            .unwrap_or_else(|e| panic!("cannot build the static tvix-boot: {e}")),
-    })
-    .clone()
+    assets::tvix_boot_static_once()
+        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"))
 }
 
 /// The guest: mount the store, report what it sees of the path named by `tvix.path=`.

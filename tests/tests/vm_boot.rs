@@ -3,7 +3,6 @@
 //! test host cannot run.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tvix_boot_tests::{GuestFile, Initramfs, TestHost, TestHostOutput, assets};
@@ -17,13 +16,8 @@ const GUEST_INITRD: &str = "/guest/initrd.cpio";
 
 /// The static tvix-boot binary: $TVIX_BOOT_BIN, else built once for all tests.
 fn tvix_boot_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| match std::env::var_os("TVIX_BOOT_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => assets::build_tvix_boot_static()
-            .unwrap_or_else(|e| panic!("cannot build the static tvix-boot: {e}")),
-    })
-    .clone()
+    assets::tvix_boot_static_once()
+        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"))
 }
 
 fn test_host() -> TestHost {
