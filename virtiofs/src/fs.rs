@@ -48,21 +48,14 @@ struct Child {
     inode: u64,
 }
 
+/// What an inode stands for: the store root, or a castore node. A directory's entries are
+/// filled in on first use.
 #[derive(Debug)]
 enum InodeKind {
     Root,
-    Directory {
-        digest: B3Digest,
-        size: u64,
+    Node {
+        node: Node,
         children: OnceLock<Arc<[Child]>>,
-    },
-    File {
-        digest: B3Digest,
-        size: u64,
-        executable: bool,
-    },
-    Symlink {
-        target: Bytes,
     },
 }
 
@@ -154,26 +147,10 @@ impl StoreFs {
         if let Some(inode) = table.by_content.get(&key) {
             return *inode;
         }
-        let kind = match node {
-            Node::Directory { digest, size } => InodeKind::Directory {
-                digest: *digest,
-                size: *size,
-                children: OnceLock::new(),
-            },
-            Node::File {
-                digest,
-                size,
-                executable,
-            } => InodeKind::File {
-                digest: *digest,
-                size: *size,
-                executable: *executable,
-            },
-            Node::Symlink { target } => InodeKind::Symlink {
-                target: target.clone(),
-            },
-        };
-        table.inodes.push(Arc::new(kind));
+        table.inodes.push(Arc::new(InodeKind::Node {
+            node: node.clone(),
+            children: OnceLock::new(),
+        }));
         let inode = table.inodes.len() as u64;
         table.by_content.insert(key, inode);
         inode
@@ -181,8 +158,9 @@ impl StoreFs {
 
     /// A directory's entries, fetched from the directory service on first use.
     fn children(&self, kind: &InodeKind) -> io::Result<Arc<[Child]>> {
-        let InodeKind::Directory {
-            digest, children, ..
+        let InodeKind::Node {
+            node: Node::Directory { digest, .. },
+            children,
         } = kind
         else {
             return Err(errno(libc::ENOTDIR));
@@ -276,14 +254,16 @@ impl StoreFs {
         st.st_blksize = BLOCK_SIZE;
         let (mode, size) = match kind {
             InodeKind::Root => (libc::S_IFDIR | 0o555, 0),
-            InodeKind::Directory { size, .. } => (libc::S_IFDIR | 0o555, *size),
-            InodeKind::File {
-                size, executable, ..
-            } => (
-                libc::S_IFREG | if *executable { 0o555 } else { 0o444 },
-                *size,
-            ),
-            InodeKind::Symlink { target } => (libc::S_IFLNK | 0o777, target.len() as u64),
+            InodeKind::Node { node, .. } => match node {
+                Node::Directory { size, .. } => (libc::S_IFDIR | 0o555, *size),
+                Node::File {
+                    size, executable, ..
+                } => (
+                    libc::S_IFREG | if *executable { 0o555 } else { 0o444 },
+                    *size,
+                ),
+                Node::Symlink { target } => (libc::S_IFLNK | 0o777, target.len() as u64),
+            },
         };
         st.st_mode = mode;
         st.st_size = size as i64;
@@ -309,8 +289,14 @@ impl StoreFs {
 
     fn dir_entry_type(&self, inode: u64) -> u32 {
         match self.inode(inode).as_deref() {
-            Ok(InodeKind::File { .. }) => libc::DT_REG as u32,
-            Ok(InodeKind::Symlink { .. }) => libc::DT_LNK as u32,
+            Ok(InodeKind::Node {
+                node: Node::File { .. },
+                ..
+            }) => libc::DT_REG as u32,
+            Ok(InodeKind::Node {
+                node: Node::Symlink { .. },
+                ..
+            }) => libc::DT_LNK as u32,
             _ => libc::DT_DIR as u32,
         }
     }
@@ -344,10 +330,18 @@ impl StoreFs {
             return Vec::new();
         }
         match kind {
-            InodeKind::Directory { digest, .. } => {
+            InodeKind::Node {
+                node: Node::Directory { digest, .. },
+                ..
+            } => {
                 vec![(XATTR_DIRECTORY_DIGEST, digest.to_string())]
             }
-            InodeKind::File { digest, .. } => vec![(XATTR_BLOB_DIGEST, digest.to_string())],
+            InodeKind::Node {
+                node: Node::File { digest, .. },
+                ..
+            } => {
+                vec![(XATTR_BLOB_DIGEST, digest.to_string())]
+            }
             _ => Vec::new(),
         }
     }
@@ -373,7 +367,10 @@ impl FileSystem for StoreFs {
         let parent_kind = self.inode(parent)?;
         let inode = match &*parent_kind {
             InodeKind::Root => self.lookup_root(name)?,
-            kind @ InodeKind::Directory { .. } => {
+            kind @ InodeKind::Node {
+                node: Node::Directory { .. },
+                ..
+            } => {
                 let children = self.children(kind)?;
                 let index = children
                     .binary_search_by(|child| child.name.as_ref().cmp(name))
@@ -401,7 +398,10 @@ impl FileSystem for StoreFs {
 
     fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
         match &*self.inode(inode)? {
-            InodeKind::Symlink { target } => Ok(target.to_vec()),
+            InodeKind::Node {
+                node: Node::Symlink { target },
+                ..
+            } => Ok(target.to_vec()),
             _ => Err(errno(libc::EINVAL)),
         }
     }
@@ -417,9 +417,21 @@ impl FileSystem for StoreFs {
             return read_only();
         }
         let (digest, size) = match &*self.inode(inode)? {
-            InodeKind::File { digest, size, .. } => (*digest, *size),
-            InodeKind::Root | InodeKind::Directory { .. } => return Err(errno(libc::EISDIR)),
-            InodeKind::Symlink { .. } => return Err(errno(libc::ELOOP)),
+            InodeKind::Node {
+                node: Node::File { digest, size, .. },
+                ..
+            } => (*digest, *size),
+            InodeKind::Root
+            | InodeKind::Node {
+                node: Node::Directory { .. },
+                ..
+            } => {
+                return Err(errno(libc::EISDIR));
+            }
+            InodeKind::Node {
+                node: Node::Symlink { .. },
+                ..
+            } => return Err(errno(libc::ELOOP)),
         };
         let blob = match self.store.blobs.open(&digest) {
             Ok(Some(blob)) if blob.size() == size => blob,
@@ -505,7 +517,10 @@ impl FileSystem for StoreFs {
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let children = match &*self.inode(inode)? {
             InodeKind::Root => self.root_listing()?,
-            kind @ InodeKind::Directory { .. } => self.children(kind)?,
+            kind @ InodeKind::Node {
+                node: Node::Directory { .. },
+                ..
+            } => self.children(kind)?,
             _ => return Err(errno(libc::ENOTDIR)),
         };
         let handle = self.new_handle();
