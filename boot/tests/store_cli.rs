@@ -6,18 +6,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tvix-boot");
+mod common;
 
-/// A tvix-boot whose embedded store lives in `data_home`, with no store address from the
-/// caller's environment leaking in.
-fn tvix_boot(data_home: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env("XDG_DATA_HOME", data_home)
-        .env_remove("BLOB_SERVICE_ADDR")
-        .env_remove("DIRECTORY_SERVICE_ADDR")
-        .env_remove("PATH_INFO_SERVICE_ADDR");
-    cmd
-}
+use common::{BIN, tvix_boot};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("tvix-boot runs")

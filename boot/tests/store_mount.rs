@@ -7,16 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tvix-boot");
+mod common;
 
-fn tvix_boot(data_home: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env("XDG_DATA_HOME", data_home)
-        .env_remove("BLOB_SERVICE_ADDR")
-        .env_remove("DIRECTORY_SERVICE_ADDR")
-        .env_remove("PATH_INFO_SERVICE_ADDR");
-    cmd
-}
+use common::tvix_boot;
 
 fn sh(script: &str) -> Output {
     Command::new("sh")
