@@ -15,10 +15,6 @@
 //! let initrd: Vec<u8> = build_initrd(&extra)?;   // hand the bytes to the VMM
 //! ```
 
-// The CLI wiring (issue 5, item 3) is the caller; until it lands, nothing in
-// the binary uses this module outside the tests.
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -60,6 +56,11 @@ pub enum InitrdError {
     BadSymlinkTarget { path: String, target: String },
     #[error("initrd file {path:?} is {size} bytes; newc archives hold at most 4 GiB - 1 per file")]
     TooLarge { path: String, size: usize },
+    #[error(
+        "{host} is not a statically linked x86_64 executable, and the initrd has no \
+         libraries to run it (on Debian: apt-get install busybox-static)"
+    )]
+    NotStatic { host: PathBuf },
     #[error("cannot write initrd entry {path:?}: {source}")]
     Write { path: String, source: io::Error },
 }
@@ -122,10 +123,15 @@ impl InitrdFile {
     /// the shell `tvix.shell` runs by default. It must be statically linked;
     /// the initrd has no libraries.
     pub fn busybox(host: &Path) -> Result<Vec<Self>, InitrdError> {
-        Ok(vec![
-            InitrdFile::host_file("/bin/busybox", 0o755, host)?,
-            InitrdFile::symlink("/bin/sh", "busybox"),
-        ])
+        let busybox = InitrdFile::host_file("/bin/busybox", 0o755, host)?;
+        if let InitrdFile::File { contents, .. } = &busybox
+            && !is_static_x86_64_elf(contents)
+        {
+            return Err(InitrdError::NotStatic {
+                host: host.to_owned(),
+            });
+        }
+        Ok(vec![busybox, InitrdFile::symlink("/bin/sh", "busybox")])
     }
 
     fn path(&self) -> &str {
@@ -338,6 +344,44 @@ impl Archive {
     }
 }
 
+/// Whether `elf` is an x86_64 ELF executable without a program interpreter (PT_INTERP),
+/// i.e. one that runs without a dynamic loader. Hand-written: it reads four header
+/// fields and the program headers, less code than wiring up an ELF crate for it.
+fn is_static_x86_64_elf(elf: &[u8]) -> bool {
+    const ELFCLASS64: u8 = 2;
+    const ELFDATA2LSB: u8 = 1;
+    const EM_X86_64: u16 = 62;
+    const PT_INTERP: u32 = 3;
+    let u16_at = |at: usize| {
+        elf.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        elf.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |at: usize| {
+        elf.get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', ELFCLASS64, ELFDATA2LSB][..])
+        || u16_at(0x12) != Some(EM_X86_64)
+    {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(phnum)).all(|i| {
+        usize::try_from(phoff)
+            .ok()
+            .and_then(|off| off.checked_add(i * usize::from(phentsize)))
+            .and_then(u32_at)
+            .is_some_and(|p_type| p_type != PT_INTERP)
+    })
+}
+
 /// The archive name for a guest path: absolute, normalised, without the
 /// leading '/' (the form `find . | cpio -o` writes and the kernel expects).
 fn archive_name(path: &str) -> Result<String, InitrdError> {
@@ -452,7 +496,8 @@ mod tests {
     fn busybox_adds_binary_and_sh_symlink_with_parents() {
         let dir = tempfile::tempdir().unwrap();
         let host = dir.path().join("busybox");
-        std::fs::write(&host, b"not really busybox").unwrap();
+        // Any static x86_64 executable will do: the init is one.
+        std::fs::write(&host, INIT).unwrap();
         let archive = build_initrd(&InitrdFile::busybox(&host).unwrap()).unwrap();
         let entries = parse(&archive);
         let bin = entries.iter().position(|e| e.name == "bin").unwrap();
@@ -463,7 +508,7 @@ mod tests {
         assert!(bin < busybox, "parent directory comes first");
         assert_eq!(entries[bin].mode, 0o040755);
         assert_eq!(entries[busybox].mode, 0o100755);
-        assert_eq!(entries[busybox].contents, b"not really busybox");
+        assert_eq!(entries[busybox].contents, INIT);
         let sh = find(&entries, "bin/sh");
         assert_eq!(sh.mode, 0o120777);
         assert_eq!(sh.contents, b"busybox");
@@ -473,7 +518,7 @@ mod tests {
     fn only_the_default_shell_brings_busybox() {
         let dir = tempfile::tempdir().unwrap();
         let host = dir.path().join("busybox");
-        std::fs::write(&host, b"bb").unwrap();
+        std::fs::write(&host, INIT).unwrap();
         let shell = Mode::Shell {
             path: DEFAULT_SHELL.into(),
         };
@@ -499,6 +544,27 @@ mod tests {
         let missing = dir.path().join("no-busybox");
         let msg = build_initrd_for(&shell, &missing).unwrap_err().to_string();
         assert!(msg.contains("no-busybox"), "{msg}");
+    }
+
+    #[test]
+    fn a_dynamically_linked_busybox_is_refused() {
+        assert!(is_static_x86_64_elf(INIT));
+        // The init with its first program header turned into PT_INTERP.
+        let mut dynamic = INIT.to_vec();
+        let phoff = u64::from_le_bytes(dynamic[0x20..0x28].try_into().unwrap()) as usize;
+        dynamic[phoff..phoff + 4].copy_from_slice(&3u32.to_le_bytes());
+        assert!(!is_static_x86_64_elf(&dynamic));
+        for garbage in [&b"#!/bin/sh\n"[..], b"\x7fELF", &INIT[..0x30]] {
+            assert!(!is_static_x86_64_elf(garbage));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("busybox");
+        std::fs::write(&host, &dynamic).unwrap();
+        let msg = InitrdFile::busybox(&host).unwrap_err().to_string();
+        assert!(
+            msg.contains("busybox-static") && msg.contains("busybox"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod initrd;
+mod mode;
 mod store_cmd;
 mod vm;
 

@@ -1,15 +1,17 @@
 //! Booting a VM from the command line: a thin layer over the vmm crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
 use std::sync::Arc;
 
 use tvix_boot_devices::virtio::VirtioDevice;
+use tvix_boot_init::protocol::{Mode, STATUS_INIT_FAILED};
 use tvix_boot_store::Store;
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions, VirtioFs};
-use tvix_boot_vmm::{Console, Vm, VmConfig, VmExit};
+use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmExit};
 
+use crate::initrd::{self, HOST_BUSYBOX};
+use crate::mode::{self, ModeArgs};
 use crate::store_cmd::StoreAddrArgs;
 
 /// The virtio-fs tag the guest mounts at /nix/store.
@@ -34,12 +36,14 @@ pub struct VmArgs {
     #[arg(long, env = "TVIX_BOOT_KERNEL", value_name = "PATH")]
     kernel: Option<PathBuf>,
 
-    /// initramfs (cpio archive, optionally compressed) for the guest.
-    #[arg(long, value_name = "PATH")]
+    /// Your own initramfs (cpio archive, optionally compressed) instead of the one
+    /// tvix-boot builds around its guest init; the mode flags then do nothing.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["run", "shell", "shell_path", "init", "find"])]
     initrd: Option<PathBuf>,
 
     /// Extra kernel command-line arguments, appended to the defaults
-    /// ("console=ttyS0 reboot=k panic=-1 quiet").
+    /// ("console=ttyS0 reboot=k panic=-1 quiet"). The guest init reads tvix.find,
+    /// tvix.shell[=PATH], tvix.run=PATH and init=PATH from here too.
     #[arg(long, env = "CH_CMDLINE", value_name = "STR")]
     cmdline: Option<String>,
 
@@ -52,6 +56,15 @@ pub struct VmArgs {
     #[arg(long, env = "CH_MEM_SIZE", value_name = "SIZE", default_value = "512M",
           value_parser = parse_size)]
     memory: u64,
+
+    #[command(flatten)]
+    mode: ModeArgs,
+}
+
+/// What the guest runs: our init in `mode`, or the user's own initrd.
+enum Guest {
+    TvixInit(Mode),
+    CustomInitrd(PathBuf),
 }
 
 pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
@@ -80,16 +93,23 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
-    let config = VmConfig {
-        kernel,
-        initrd: args.initrd,
-        cmdline,
-        vcpus: args.cpus,
-        mem_size: args.memory,
-        console: Console::Stdio,
+    let mut guest = match args.initrd {
+        Some(path) => Guest::CustomInitrd(path),
+        None => match args
+            .mode
+            .requested()
+            .and_then(|requested| mode::apply(&mut cmdline, requested.as_ref()))
+        {
+            Ok(mode) => Guest::TvixInit(mode),
+            Err(e) => {
+                eprintln!("tvix-boot: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
 
-    // The store is opened before anything boots, so a bad address is reported at once.
+    // The store is opened before anything boots, so a bad address is reported at once,
+    // and so is a program that is not in it.
     let store = match store_addrs.open() {
         Ok(store) => Arc::new(store),
         Err(e) => {
@@ -97,13 +117,49 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Guest::TvixInit(mode) = &mut guest {
+        let requested = mode.clone();
+        if let Err(e) = mode::check_in_store(&store, mode) {
+            eprintln!("tvix-boot: {e}");
+            return ExitCode::FAILURE;
+        }
+        if *mode != requested {
+            // --shell-path STORE_PATH became STORE_PATH/bin/sh.
+            cmdline.push(' ');
+            cmdline.push_str(&mode.to_cmdline().expect("checked paths encode"));
+        }
+    }
+    let initrd = match &guest {
+        Guest::CustomInitrd(path) => Initrd::File(path.clone()),
+        Guest::TvixInit(mode) => match initrd::build_initrd_for(mode, Path::new(HOST_BUSYBOX)) {
+            Ok(bytes) => Initrd::Bytes(bytes),
+            Err(e) => {
+                eprintln!("tvix-boot: cannot build the initrd: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let config = VmConfig {
+        kernel,
+        initrd: Some(initrd),
+        cmdline,
+        vcpus: args.cpus,
+        mem_size: args.memory,
+        console: Console::Stdio,
+    };
+
     let request_queues = u16::from(args.cpus);
+    let mut status = None;
     let result = Vm::new(config).and_then(|mut vm| {
         vm.add_virtio_device(store_device(store, request_queues))?;
+        status = Some(vm.guest_status());
         vm.run()
     });
     match result {
-        Ok(VmExit::PowerOff | VmExit::Reset) => ExitCode::SUCCESS,
+        Ok(VmExit::PowerOff | VmExit::Reset) => {
+            let reported = status.and_then(|s| s.get());
+            exit_code(&guest, reported)
+        }
         Ok(VmExit::Panic) => {
             eprintln!("tvix-boot: the guest kernel panicked");
             ExitCode::from(GUEST_PANIC_STATUS)
@@ -112,6 +168,36 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
             eprintln!("tvix-boot: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// tvix-boot's exit code after a clean stop: the status the guest init reported for
+/// the program it ran (0..=255, as a shell would give it), else success.
+fn exit_code(guest: &Guest, reported: Option<u32>) -> ExitCode {
+    let expects_status = matches!(
+        guest,
+        Guest::TvixInit(Mode::Run { .. } | Mode::Shell { .. } | Mode::Find)
+    );
+    match reported {
+        Some(status) => match u8::try_from(status) {
+            Ok(status) => ExitCode::from(status),
+            Err(_) if status == STATUS_INIT_FAILED => {
+                eprintln!("tvix-boot: the guest init failed; its error is on the console above");
+                ExitCode::FAILURE
+            }
+            Err(_) => {
+                eprintln!("tvix-boot: the guest reported an invalid exit status {status}");
+                ExitCode::FAILURE
+            }
+        },
+        None if expects_status => {
+            eprintln!(
+                "tvix-boot: the guest powered off without reporting an exit status (a guest \
+                 kernel without CONFIG_X86_IOPL_IOPERM cannot write the status port)"
+            );
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
     }
 }
 
@@ -174,6 +260,17 @@ fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_and_vmm_agree_on_the_status_port() {
+        use tvix_boot_init::protocol::{EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN};
+        use tvix_boot_vmm::arch::x86_64::layout::STATUS_PORT;
+        assert_eq!(EXIT_STATUS_PORT, STATUS_PORT);
+        assert_eq!(
+            u64::from(EXIT_STATUS_PORT_LEN),
+            tvix_boot_devices::status_port::STATUS_PORT_LEN
+        );
+    }
 
     #[test]
     fn sizes() {

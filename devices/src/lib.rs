@@ -11,6 +11,7 @@ pub mod exit;
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;
+pub mod status_port;
 pub mod terminal;
 pub mod virtio;
 

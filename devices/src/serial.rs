@@ -143,16 +143,36 @@ impl Write for ConsoleOutput {
     }
 }
 
+/// Register offsets and bits the console watches (16550 data sheet).
+const REG_IER: u8 = 1;
+const REG_LCR: u8 = 3;
+const IER_RECEIVED_DATA: u8 = 0x01;
+const LCR_DLAB: u8 = 0x80;
+
 /// COM1 as seen by the guest.
 pub struct SerialConsole {
     uart: Serial<IrqTrigger, NoEvents, ConsoleOutput>,
+    /// The guest's last line-control and interrupt-enable values (IER only while the
+    /// divisor latch is off; with DLAB set, offset 1 is the divisor's high byte).
+    lcr: u8,
+    ier: u8,
 }
 
 impl SerialConsole {
     pub fn new(irq: IrqTrigger, out: ConsoleOutput) -> Self {
         Self {
             uart: Serial::new(irq, out),
+            lcr: 0,
+            ier: 0,
         }
+    }
+
+    /// Whether the guest listens for input: it enabled the received-data interrupt,
+    /// which Linux's 8250 driver does when a program opens the tty. Input queued
+    /// before that is lost, because the driver clears the FIFO when it opens the port:
+    /// `echo ls | tvix-boot --shell` must not depend on how fast the guest boots.
+    fn accepts_input(&self) -> bool {
+        self.ier & IER_RECEIVED_DATA != 0
     }
 
     /// Writes out console output still buffered.
@@ -163,7 +183,11 @@ impl SerialConsole {
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    /// Nothing is queued until the guest listens for input (see `accepts_input`).
     pub fn queue_input(&mut self, bytes: &[u8]) -> usize {
+        if !self.accepts_input() {
+            return 0;
+        }
         let room = self.uart.fifo_capacity().min(bytes.len());
         if room == 0 {
             return 0;
@@ -187,6 +211,11 @@ impl BusDevice for SerialConsole {
         let (Ok(offset), [value]) = (u8::try_from(offset), data) else {
             return;
         };
+        match offset {
+            REG_LCR => self.lcr = *value,
+            REG_IER if self.lcr & LCR_DLAB == 0 => self.ier = *value,
+            _ => {}
+        }
         if let Err(e) = self.uart.write(offset, *value) {
             // Losing console output (host stdout closed) must not kill the guest.
             tracing::debug!("serial: write to register {offset}: {e:?}");
@@ -299,6 +328,7 @@ mod tests {
 
     const THR: u64 = 0;
     const IER: u64 = 1;
+    const LCR: u64 = 3;
     const IER_THR_EMPTY: u8 = 0x02;
     const LSR: u64 = 5;
     const LSR_DATA_READY: u8 = 0x01;
@@ -345,8 +375,24 @@ mod tests {
     }
 
     #[test]
+    fn input_waits_until_the_guest_enables_receive_interrupts() {
+        let (mut uart, _, _, _) = console();
+        assert_eq!(uart.queue_input(b"ab"), 0, "nobody listens yet");
+        // With the divisor latch on, offset 1 is the divisor, not IER.
+        uart.write(LCR, &[LCR_DLAB]);
+        uart.write(IER, &[IER_RECEIVED_DATA]);
+        uart.write(LCR, &[0x03]);
+        assert_eq!(uart.queue_input(b"ab"), 0);
+        uart.write(IER, &[IER_RECEIVED_DATA]);
+        assert_eq!(uart.queue_input(b"ab"), 2);
+        uart.write(IER, &[0]);
+        assert_eq!(uart.queue_input(b"c"), 0, "the guest closed the port");
+    }
+
+    #[test]
     fn input_is_readable_by_the_guest() {
         let (mut uart, _, _, _) = console();
+        uart.write(IER, &[IER_RECEIVED_DATA]);
         assert_eq!(uart.queue_input(b"ab"), 2);
         let mut lsr = [0];
         uart.read(LSR, &mut lsr);
@@ -388,7 +434,8 @@ mod tests {
 
     #[test]
     fn stdin_forwarding_stops_at_end_of_input() {
-        let (uart, _, _, _) = console();
+        let (mut uart, _, _, _) = console();
+        uart.write(IER, &[IER_RECEIVED_DATA]);
         let uart = Mutex::new(uart);
         let (reader, mut writer) = std::io::pipe().unwrap();
         writer.write_all(b"x").unwrap();

@@ -24,5 +24,5 @@ pub mod substituter;
 pub use castore::{Directory, Node, PathComponent};
 pub use digest::B3Digest;
 pub use pathinfo::PathInfo;
-pub use store::{Store, StoreAddrs, StoreError};
+pub use store::{Lookup, Store, StoreAddrs, StoreError};
 pub use store_path::StorePath;

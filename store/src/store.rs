@@ -49,6 +49,27 @@ pub enum StoreError {
     Backend(#[from] KvError),
 }
 
+/// The answer of [`Store::lookup`]. Sub-paths (`at`, `found`) are relative to the store
+/// path, with a leading '/', and empty for the store path itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Found(Node),
+    /// The store has no path info for the store path.
+    NoStorePath,
+    /// `found` exists and is a directory, but has no entry for the next component.
+    Missing {
+        found: String,
+    },
+    /// `at` is a file, yet the path goes on below it.
+    NotADirectory {
+        at: String,
+    },
+    /// `at` is a symlink and the path goes on below it.
+    Symlink {
+        at: String,
+    },
+}
+
 /// Where the three services live, as URLs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreAddrs {
@@ -295,6 +316,39 @@ impl Store {
             .filter(|info| info.store_path == *path))
     }
 
+    /// What an absolute path such as `/nix/store/<hash>-hello/bin/hello` names in the
+    /// store: the path info of its store path, then one directory per component.
+    /// Only what the store holds is looked at; a symlink on the way ends the walk,
+    /// since where it leads is for whoever follows it to decide.
+    pub fn lookup(&self, path: &StorePath, sub_path: &str) -> Result<Lookup, StoreError> {
+        let Some(info) = self.path_info(path)? else {
+            return Ok(Lookup::NoStorePath);
+        };
+        let mut node = info.node;
+        let mut walked = String::new();
+        for component in sub_path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            let digest = match &node {
+                Node::Directory { digest, .. } => *digest,
+                Node::Symlink { .. } => return Ok(Lookup::Symlink { at: walked }),
+                Node::File { .. } => return Ok(Lookup::NotADirectory { at: walked }),
+            };
+            let directory =
+                self.directories
+                    .get(&digest)?
+                    .ok_or_else(|| StoreError::Incomplete {
+                        path: path.clone(),
+                        what: format!("directory {digest} at {walked:?}"),
+                    })?;
+            let Some(child) = directory.get(component.as_bytes()) else {
+                return Ok(Lookup::Missing { found: walked });
+            };
+            node = child.clone();
+            walked.push('/');
+            walked.push_str(component);
+        }
+        Ok(Lookup::Found(node))
+    }
+
     pub fn write_nar(&self, node: &Node, out: impl Write) -> Result<(), StoreError> {
         Ok(render_nar(node, &*self.blobs, &*self.directories, out)?)
     }
@@ -326,5 +380,48 @@ mod tests {
         assert!(parse_address("blob", "redb:///tmp/x").is_err());
         let err = open_blob_service("bogus://x").err().unwrap().to_string();
         assert!(err.contains("bogus://x") && err.contains("blob"), "{err}");
+    }
+
+    #[test]
+    fn lookup_walks_directories_and_stops_at_symlinks() {
+        let tree = tempfile::tempdir().unwrap();
+        let root = tree.path().join("demo");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join("bin/hello"), b"#!/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink("bin", root.join("link")).unwrap();
+        let store = Store::memory();
+        let info = crate::import::import_path(&store, &root, &mut |_| {}).unwrap();
+        let path = &info.store_path;
+
+        assert!(matches!(
+            store.lookup(path, ""),
+            Ok(Lookup::Found(Node::Directory { .. }))
+        ));
+        assert!(matches!(
+            store.lookup(path, "/bin/hello"),
+            Ok(Lookup::Found(Node::File { .. }))
+        ));
+        assert!(matches!(
+            store.lookup(path, "/bin/./hello/"),
+            Ok(Lookup::Found(_))
+        ));
+        assert_eq!(
+            store.lookup(path, "/bin/hellp").unwrap(),
+            Lookup::Missing {
+                found: "/bin".into()
+            }
+        );
+        assert_eq!(
+            store.lookup(path, "/bin/hello/x").unwrap(),
+            Lookup::NotADirectory {
+                at: "/bin/hello".into()
+            }
+        );
+        assert_eq!(
+            store.lookup(path, "/link/hello").unwrap(),
+            Lookup::Symlink { at: "/link".into() }
+        );
+        let other = StorePath::new([7; 20], "demo").unwrap();
+        assert_eq!(store.lookup(&other, "/bin").unwrap(), Lookup::NoStorePath);
     }
 }

@@ -1,9 +1,9 @@
 //! tvix-boot's virtual machine monitor: a KVM microVM that boots a Linux kernel.
 //!
 //! ```no_run
-//! use tvix_boot_vmm::{Console, Vm, VmConfig};
+//! use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig};
 //! let config = VmConfig {
-//!     initrd: Some("initrd.cpio".into()),
+//!     initrd: Some(Initrd::File("initrd.cpio".into())),
 //!     cmdline: "console=ttyS0 reboot=k panic=-1".into(),
 //!     vcpus: 2,
 //!     mem_size: 512 << 20,
@@ -18,7 +18,9 @@ pub mod arch;
 mod vcpu;
 mod vm;
 
+pub use arch::x86_64::boot::Initrd;
 pub use tvix_boot_devices::GuestExit as VmExit;
 pub use tvix_boot_devices::bus::{BusDevice, SharedDevice};
+pub use tvix_boot_devices::status_port::GuestStatus;
 pub use vcpu::VcpuError;
 pub use vm::{Console, MAX_VCPUS, MmioSlot, Vm, VmConfig, VmError};

@@ -15,6 +15,7 @@ use tvix_boot_devices::bus::SharedDevice;
 use tvix_boot_devices::i8042::{self, I8042};
 use tvix_boot_devices::pvpanic::PvPanic;
 use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole};
+use tvix_boot_devices::status_port::{self, GuestStatus, StatusPort};
 use tvix_boot_devices::terminal::RawTerminal;
 use tvix_boot_devices::virtio::VirtioDevice;
 use tvix_boot_devices::virtio::mmio::{MmioError, MmioTransport};
@@ -24,7 +25,7 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{self, AcpiConfig, AcpiError, MmioDeviceInfo};
-use crate::arch::x86_64::boot::{self, BootError, LoadedInitrd, LoadedKernel};
+use crate::arch::x86_64::boot::{self, BootError, Initrd, LoadedInitrd, LoadedKernel};
 use crate::arch::x86_64::regs::{self, EntryMode, RegsError};
 use crate::arch::x86_64::{cpuid, layout, mptable};
 use crate::vcpu::{self, Vcpu, VcpuContext, VcpuError};
@@ -101,7 +102,7 @@ pub enum Console {
 pub struct VmConfig {
     /// vmlinux (ELF) or bzImage.
     pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    pub initrd: Option<Initrd>,
     /// The kernel command line, complete (devices are described in the ACPI tables).
     pub cmdline: String,
     pub vcpus: u8,
@@ -155,6 +156,8 @@ pub struct Vm {
     exit: ExitNotifier,
     serial: Arc<Mutex<SerialConsole>>,
     panic_on_console: Arc<AtomicBool>,
+    /// The last value the guest wrote to the exit-status port.
+    guest_status: GuestStatus,
     stdio: bool,
     virtio_mmio: Vec<MmioDeviceInfo>,
     /// What vCPU 0 runs; set by the constructor that loaded a guest.
@@ -180,7 +183,7 @@ impl Vm {
         let mut vm = Self::create(config.vcpus, config.mem_size, config.console)?;
         let kernel = boot::load_kernel(&vm.memory, &config.kernel)?;
         let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&vm.memory, path, kernel.end)?),
+            Some(initrd) => Some(boot::load_initrd(&vm.memory, initrd, kernel.end)?),
             None => None,
         };
         vm.entry = Some(BootEntry::Linux {
@@ -280,6 +283,13 @@ impl Vm {
             1,
             Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
         )?;
+        let guest_status = GuestStatus::default();
+        pio.insert(
+            "exit-status port",
+            layout::STATUS_PORT.into(),
+            status_port::STATUS_PORT_LEN,
+            Arc::new(Mutex::new(StatusPort::new(guest_status.clone()))),
+        )?;
 
         Ok(Self {
             kvm,
@@ -291,11 +301,19 @@ impl Vm {
             exit,
             serial,
             panic_on_console,
+            guest_status,
             stdio,
             virtio_mmio: Vec::new(),
             entry: None,
             created_at,
         })
+    }
+
+    /// The value the guest reports on the exit-status port (layout::STATUS_PORT), to
+    /// read after [`run`](Self::run) returns: tvix-boot's init writes the exit status
+    /// of the program it ran there.
+    pub fn guest_status(&self) -> GuestStatus {
+        self.guest_status.clone()
     }
 
     /// Guest memory, for devices that read and write it (virtio queues).
@@ -651,6 +669,24 @@ mod tests {
         code.extend(HALT_FOREVER);
         let (vm, _) = test_vm(&code, 1);
         assert_eq!(run_with_deadline(vm), GuestExit::Panic);
+    }
+
+    #[test]
+    fn status_port_keeps_the_last_32_bit_value_through_power_off() {
+        const MOV_EAX_IMM32: u8 = 0xb8;
+        const OUT_DX_EAX: u8 = 0xef;
+        let mut code = mov_dx(layout::STATUS_PORT);
+        for value in [7u32, 0x101] {
+            code.push(MOV_EAX_IMM32);
+            code.extend(value.to_le_bytes());
+            code.push(OUT_DX_EAX);
+        }
+        code.extend(power_off());
+        let (vm, _) = test_vm(&code, 1);
+        let status = vm.guest_status();
+        assert_eq!(status.get(), None);
+        assert_eq!(run_with_deadline(vm), GuestExit::PowerOff);
+        assert_eq!(status.get(), Some(0x101));
     }
 
     #[test]

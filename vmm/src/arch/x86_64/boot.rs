@@ -28,18 +28,18 @@ pub enum BootError {
     },
     #[error("bzImage {path} cannot be booted in 64-bit mode (too old, or a 32-bit kernel)")]
     BzImageNot64Bit { path: PathBuf },
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {initrd}: {source}")]
     ReadInitrd {
-        path: PathBuf,
+        initrd: String,
         source: std::io::Error,
     },
     #[error(
-        "initrd {path} ({size} bytes) does not fit in guest memory above the kernel; give the guest more memory"
+        "initrd {initrd} ({size} bytes) does not fit in guest memory above the kernel; give the guest more memory"
     )]
-    InitrdTooBig { path: PathBuf, size: u64 },
-    #[error("cannot copy initrd {path} into guest memory: {source}")]
+    InitrdTooBig { initrd: String, size: u64 },
+    #[error("cannot copy initrd {initrd} into guest memory: {source}")]
     LoadInitrd {
-        path: PathBuf,
+        initrd: String,
         source: vm_memory::GuestMemoryError,
     },
     #[error("kernel command line is invalid or longer than {max} bytes: {source}")]
@@ -176,18 +176,41 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     }
 }
 
-/// Copies the initrd to the top of low RAM (below the MMIO hole), page aligned.
+/// Where the initrd comes from.
+#[derive(Clone, Debug)]
+pub enum Initrd {
+    /// A file, read when the VM is created.
+    File(PathBuf),
+    /// An archive built in memory (tvix-boot assembles its own).
+    Bytes(Vec<u8>),
+}
+
+impl Initrd {
+    /// How errors name it.
+    fn describe(&self) -> String {
+        match self {
+            Initrd::File(path) => path.display().to_string(),
+            Initrd::Bytes(bytes) => format!("(built in memory, {} bytes)", bytes.len()),
+        }
+    }
+}
+
+/// Copies the initrd to the top of low RAM (below the 32-bit MMIO hole), page-aligned,
+/// where Linux expects to find it; it must not overlap the kernel.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    initrd: &Initrd,
     kernel_end: u64,
 ) -> Result<LoadedInitrd, BootError> {
+    let name = initrd.describe();
     let read_error = |source| BootError::ReadInitrd {
-        path: path.to_owned(),
+        initrd: name.clone(),
         source,
     };
-    let mut file = File::open(path).map_err(read_error)?;
-    let size = file.metadata().map_err(read_error)?.len();
+    let size = match initrd {
+        Initrd::File(path) => std::fs::metadata(path).map_err(read_error)?.len(),
+        Initrd::Bytes(bytes) => bytes.len() as u64,
+    };
     let low_ram_end = mem
         .last_addr()
         .raw_value()
@@ -198,14 +221,23 @@ pub fn load_initrd(
         .map(|a| a & !(PAGE_SIZE - 1))
         .filter(|&a| a >= kernel_end)
         .ok_or_else(|| BootError::InitrdTooBig {
-            path: path.to_owned(),
+            initrd: name.clone(),
             size,
         })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|source| BootError::LoadInitrd {
-            path: path.to_owned(),
-            source,
-        })?;
+    let load_error = |source| BootError::LoadInitrd {
+        initrd: name.clone(),
+        source,
+    };
+    match initrd {
+        Initrd::File(path) => {
+            let mut file = File::open(path).map_err(read_error)?;
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+                .map_err(load_error)?;
+        }
+        Initrd::Bytes(bytes) => mem
+            .write_slice(bytes, GuestAddress(addr))
+            .map_err(load_error)?,
+    }
     Ok(LoadedInitrd { addr, size })
 }
 
@@ -363,14 +395,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("initrd");
         std::fs::write(&path, vec![0xabu8; 5000]).unwrap();
-        let initrd = load_initrd(&mem, &path, 16 << 20).unwrap();
+        let from_file = Initrd::File(path);
+        let initrd = load_initrd(&mem, &from_file, 16 << 20).unwrap();
         assert_eq!(initrd.addr % PAGE_SIZE, 0);
         assert!(initrd.addr + initrd.size <= 64 << 20);
         let byte: u8 = mem.read_obj(GuestAddress(initrd.addr + 4999)).unwrap();
         assert_eq!(byte, 0xab);
         assert!(matches!(
-            load_initrd(&mem, &path, (64 << 20) - 4096),
+            load_initrd(&mem, &from_file, (64 << 20) - 4096),
             Err(BootError::InitrdTooBig { .. })
         ));
+
+        let in_memory = Initrd::Bytes(vec![0xcd; 5000]);
+        let initrd = load_initrd(&mem, &in_memory, 16 << 20).unwrap();
+        assert_eq!(initrd.size, 5000);
+        let byte: u8 = mem.read_obj(GuestAddress(initrd.addr + 4999)).unwrap();
+        assert_eq!(byte, 0xcd);
+        let err = load_initrd(&mem, &Initrd::File(dir.path().join("gone")), 16 << 20);
+        assert!(err.unwrap_err().to_string().contains("gone"));
     }
 }
