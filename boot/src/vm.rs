@@ -132,7 +132,10 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     let initrd = match &guest {
         Guest::CustomInitrd(path) => Initrd::File(path.clone()),
         Guest::TvixInit(mode) => match initrd::build_initrd_for(mode, Path::new(HOST_BUSYBOX)) {
-            Ok(bytes) => Initrd::Bytes(bytes),
+            Ok(bytes) => {
+                tracing::info!("initrd built in memory: {} bytes", bytes.len());
+                Initrd::Bytes(bytes)
+            }
             Err(e) => {
                 eprintln!("tvix-boot: cannot build the initrd: {e}");
                 return ExitCode::FAILURE;

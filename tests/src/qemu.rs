@@ -2,11 +2,12 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::GuestFile;
 use crate::error::{Error, Result};
 
 /// What one QEMU run produced.
@@ -131,4 +132,57 @@ fn take(buf: &Mutex<Vec<u8>>) -> Vec<u8> {
         Ok(mut b) => std::mem::take(&mut *b),
         Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
     }
+}
+
+/// A dynamically linked host program and the shared libraries `ldd` lists for it, as
+/// test-host files at the same paths: how QEMU and virtiofsd run inside the test host.
+pub fn binary_with_libraries(binary: &Path) -> Result<Vec<GuestFile>> {
+    let path = binary.to_str().ok_or_else(|| Error::BadOutput {
+        command: format!("ldd {}", binary.display()),
+        detail: "the path is not UTF-8".into(),
+    })?;
+    let output = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|source| Error::Spawn {
+            command: format!("ldd {path}"),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(Error::CommandFailed {
+            command: format!("ldd {path}"),
+            status: output.status,
+            output: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    let mut files = vec![GuestFile::host(path, binary, 0o755)];
+    // Lines look like "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or
+    // "/lib64/ld-linux-x86-64.so.2 (0x...)".
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if let Some(library) = line.split_whitespace().find(|word| word.starts_with('/')) {
+            files.push(GuestFile::host(library, library, 0o755));
+        }
+    }
+    Ok(files)
+}
+
+/// The firmware QEMU's microvm machine loads.
+pub const MICROVM_BIOS: &str = "/usr/share/qemu/bios-microvm.bin";
+
+/// qemu-system-x86_64 (from PATH), its libraries and the microvm firmware, for running
+/// QEMU microvm with KVM inside the test host.
+pub fn microvm_files() -> Result<Vec<GuestFile>> {
+    let qemu = find_qemu()?;
+    let mut files = binary_with_libraries(&qemu)?;
+    // Inside the test host QEMU is run by this name.
+    files[0] = GuestFile::host("/usr/bin/qemu-system-x86_64", &qemu, 0o755);
+    if !Path::new(MICROVM_BIOS).is_file() {
+        return Err(Error::Missing {
+            what: "QEMU microvm firmware",
+            path: MICROVM_BIOS.into(),
+            hint: "; apt-get install qemu-system-x86".into(),
+        });
+    }
+    files.push(GuestFile::host(MICROVM_BIOS, MICROVM_BIOS, 0o644));
+    Ok(files)
 }

@@ -79,7 +79,7 @@ fn run_passes_arguments_and_returns_the_exit_status() {
     let out = in_test_host(
         r#"
 echo run-args-begin
-tvix-boot --run "$BB/bin/busybox" -- printf '[%s]\n' 'a b' '' ' lead' 'x"y' '$HOME'
+tvix-boot --run "$BB/bin/busybox" -- printf 'arg=[%s]\n' 'a b' '' ' lead' 'x"y' '$HOME'
 echo "run-args-status=$?"
 echo run-args-end
 tvix-boot --run "$BB/bin/sh" -- -c 'exit 42'
@@ -104,8 +104,7 @@ echo missing-end
     let run_args = between(&out, "run-args-begin", "run-args-end");
     let printed: Vec<&str> = run_args
         .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with('['))
+        .filter_map(|l| l.trim().strip_prefix("arg="))
         .collect();
     assert_eq!(
         printed,

@@ -204,37 +204,6 @@ fn bzimage_boots_too() {
     assert!(out.serial.contains("booted-from-bzimage"), "{out}");
 }
 
-/// The host's QEMU with everything it loads (shared libraries, microvm firmware), as
-/// files for the test host: QEMU itself is the reference to compare boot times with.
-fn qemu_files() -> Vec<GuestFile> {
-    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
-    let ldd = std::process::Command::new("ldd")
-        .arg(&qemu)
-        .output()
-        .unwrap_or_else(|e| panic!("ldd {}: {e}", qemu.display()));
-    assert!(ldd.status.success(), "ldd {} failed", qemu.display());
-    let mut files = vec![
-        GuestFile::host("/usr/bin/qemu-system-x86_64", &qemu, 0o755),
-        GuestFile::host(
-            "/usr/share/qemu/bios-microvm.bin",
-            "/usr/share/qemu/bios-microvm.bin",
-            0o644,
-        ),
-    ];
-    // Lines look like "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or
-    // "/lib64/ld-linux-x86-64.so.2 (0x...)".
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|word| word.starts_with('/'))
-            .map(str::to_owned);
-        if let Some(path) = path {
-            files.push(GuestFile::host(&path, &path, 0o755));
-        }
-    }
-    files
-}
-
 /// tvix-boot against QEMU (microvm, KVM) with the same bzImage, initrd, command line,
 /// 1 vCPU and 512 MiB, interleaved in one test host. Prints start->init and
 /// start->exit for each; like [`boot_timing`] a benchmark, not a pass/fail test.
@@ -270,7 +239,8 @@ fn qemu_comparison_timing() {
             ));
         }
     }
-    let mut files = qemu_files();
+    let mut files = tvix_boot_tests::qemu::microvm_files()
+        .unwrap_or_else(|e| panic!("QEMU for the test host: {e}"));
     files.push(GuestFile::host("/guest/bzImage", bzimage, 0o644));
     // poweroff: microvm has no i8042, so a reboot there takes minutes of fallbacks.
     files.push(guest_initrd("echo GUEST-INIT-REACHED\npoweroff -f\n"));

@@ -1,0 +1,210 @@
+//! End-to-end with real Nix: a closure built by `nix-build` on this machine runs in a
+//! tvix-boot guest (inside the QEMU TCG test host), reached two ways:
+//!
+//! - `nix copy --to http://…` into `tvix-boot store serve-nar`; the resulting embedded
+//!   store goes into the test host, and `tvix-boot --run` runs the closure from it;
+//! - `nix copy --to file://…` makes a signed binary cache; in the test host tvix-boot
+//!   starts from an empty store with `PATH_INFO_SERVICE_ADDR=nix+file://…` and the guest
+//!   pulls every path lazily, the referenced ones only when the guest opens them.
+//!
+//! Needs nix-bin (as root, sandbox off: the closure copies the host's static busybox).
+//! Fails, never skips, when Nix or the test host is missing.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, assets};
+
+const TIMEOUT: Duration = Duration::from_secs(420);
+
+/// busybox as a store path of its own, and a program whose shebang and body refer to it
+/// and to a data path: three store paths, with references Nix finds by scanning.
+const CLOSURE: &str = r#"
+let
+  sh = "/bin/sh";
+  bb = derivation { name = "busybox-static"; system = builtins.currentSystem; builder = sh;
+    args = [ "-c" "/bin/mkdir -p $out/bin && /bin/cp /bin/busybox $out/bin/busybox && /bin/ln -s busybox $out/bin/sh" ]; };
+  data = derivation { name = "greeting-data"; system = builtins.currentSystem; builder = sh;
+    args = [ "-c" "/bin/mkdir -p $out/share && echo 'greetings from a dependency' > $out/share/greeting" ]; };
+in derivation { name = "greeter"; system = builtins.currentSystem; builder = sh;
+  args = [ "-c" ''
+    /bin/mkdir -p $out/bin
+    /usr/bin/printf '#!${bb}/bin/sh\n${bb}/bin/busybox cat ${data}/share/greeting\necho "greeter args: $*"\nexit 7\n' > $out/bin/greeter
+    /bin/chmod +x $out/bin/greeter
+  '' ]; }
+"#;
+
+fn run(cmd: &mut Command) -> Output {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (apt-get install nix-bin)"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// `nix` with its own cache directory, so narinfo lookups it remembers from other runs
+/// cannot hide what the server does now.
+fn nix(cache: &Path) -> Command {
+    let mut cmd = Command::new("nix");
+    cmd.env("XDG_CACHE_HOME", cache)
+        .args(["--extra-experimental-features", "nix-command"]);
+    cmd
+}
+
+/// Every file under `dir`, as test-host files under `guest_dir` (symlinks and empty
+/// directories do not occur in the stores and caches copied here).
+fn tree_files(dir: &Path, guest_dir: &str, files: &mut Vec<GuestFile>) {
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let entry = entry.unwrap();
+        let guest = format!("{guest_dir}/{}", entry.file_name().to_str().unwrap());
+        if entry.file_type().unwrap().is_dir() {
+            tree_files(&entry.path(), &guest, files);
+        } else {
+            files.push(GuestFile::host(&guest, entry.path(), 0o644));
+        }
+    }
+}
+
+struct ServeNar(Child);
+
+impl ServeNar {
+    /// Starts serve-nar on a free port; returns it with its address.
+    fn start(bin: &Path, data_home: &Path) -> (ServeNar, String) {
+        let mut child = Command::new(bin)
+            .env("XDG_DATA_HOME", data_home)
+            .args(["store", "serve-nar", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .unwrap_or_else(|| panic!("serve-nar did not print its address: {line:?}"))
+            .to_owned();
+        (ServeNar(child), format!("http://{addr}"))
+    }
+}
+
+impl Drop for ServeNar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily() {
+    let tvix_boot: PathBuf = assets::tvix_boot_static_once()
+        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"));
+    let work = tempfile::tempdir().unwrap();
+    let expr = work.path().join("closure.nix");
+    std::fs::write(&expr, CLOSURE).unwrap();
+    let built = run(Command::new("nix-build")
+        .args(["--option", "sandbox", "false", "--no-out-link"])
+        .arg(&expr));
+    let greeter = String::from_utf8(built.stdout).unwrap().trim().to_owned();
+    let closure = run(Command::new("nix-store").args(["--query", "--requisites", &greeter]));
+    let closure: Vec<String> = String::from_utf8_lossy(&closure.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(closure.len(), 3, "greeter, busybox, data: {closure:?}");
+
+    // Route 1: nix copy into serve-nar.
+    let data_home = work.path().join("data");
+    let nix_cache = work.path().join("nix-cache");
+    {
+        let (_server, url) = ServeNar::start(&tvix_boot, &data_home);
+        run(nix(&nix_cache)
+            .args(["copy", "--to", &format!("{url}?compression=xz")])
+            .arg(&greeter));
+    }
+
+    // Route 2: a signed file:// binary cache.
+    let cache = work.path().join("cache");
+    let (secret, public) = (work.path().join("sk"), work.path().join("pk"));
+    run(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "closure-test-1"])
+        .arg(&secret)
+        .arg(&public));
+    run(nix(&nix_cache)
+        .args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}",
+            cache.display(),
+            secret.display()
+        ))
+        .arg(&greeter));
+    let public_key = std::fs::read_to_string(&public).unwrap();
+
+    let mut files = Vec::new();
+    tree_files(&data_home, "/input/data", &mut files);
+    tree_files(&cache, "/input/cache", &mut files);
+    let script = format!(
+        r#"
+export TVIX_BOOT_KERNEL={GUEST_KERNEL}
+echo copied-begin
+XDG_DATA_HOME=/input/data tvix-boot --run {greeter}/bin/greeter -- "two words"
+echo "copied-status=$?"
+echo copied-end
+echo lazy-begin
+XDG_DATA_HOME=/tmp/empty PATH_INFO_SERVICE_ADDR='nix+file:///input/cache?trusted-public-keys={key}' \
+  tvix-boot --run {greeter}/bin/greeter -- lazily
+echo "lazy-status=$?"
+echo lazy-end
+XDG_DATA_HOME=/tmp/empty PATH_INFO_SERVICE_ADDR='nix+file:///input/cache?trusted-public-keys=other-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=' \
+  tvix-boot --run {greeter}/bin/greeter
+echo "untrusted-status=$?"
+"#,
+        key = public_key.trim(),
+    );
+    let out = TestHost::builder()
+        .tvix_boot(&tvix_boot)
+        .build()
+        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
+        .run(&script, &files, TIMEOUT)
+        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
+    eprintln!("{out}");
+    assert!(out.success(), "{out}");
+
+    let section = |name: &str| {
+        let begin = format!("{name}-begin");
+        let start = out.serial.find(&begin).expect(&begin) + begin.len();
+        let end = out.serial[start..]
+            .find(&format!("{name}-end"))
+            .expect("end");
+        out.serial[start..start + end].to_owned()
+    };
+    for (name, args) in [("copied", "two words"), ("lazy", "lazily")] {
+        let text = section(name);
+        assert!(
+            text.contains("greetings from a dependency"),
+            "{name}: {out}"
+        );
+        assert!(
+            text.contains(&format!("greeter args: {args}")),
+            "{name}: {out}"
+        );
+        assert!(
+            out.serial.contains(&format!("{name}-status=7")),
+            "{name}: the program's own exit status: {out}"
+        );
+    }
+    // Without a trusted signature nothing is substituted: refused before boot.
+    assert!(out.serial.contains("untrusted-status=1"), "{out}");
+    assert!(
+        out.serial.contains("no signature by a trusted key"),
+        "the refusal names why: {out}"
+    );
+}
