@@ -216,6 +216,15 @@ fn compressed_uploads_are_accepted() {
             tvix_store(data.path(), &["export-nar", top]).stdout == nix_dump(top),
             "{compression}"
         );
+        // The same nix reads it back. Its disk cache still holds the narinfo it uploaded,
+        // whose URL names the compressed file, so that URL must be served too.
+        let root = tempfile::tempdir().unwrap();
+        run(nix(cache.path())
+            .args(["copy", "--no-check-sigs", "--from", &server.url(""), "--to"])
+            .arg(format!("local?root={}", root.path().display()))
+            .arg(top));
+        let copied = root.path().join(top.trim_start_matches('/'));
+        assert!(copied.join("bin/top").is_file(), "{compression}");
         server.stop();
     }
 }

@@ -252,6 +252,12 @@ async fn put_nar(
             .path_infos
             .put_nar(&nar_sha256, &nar)
             .map_err(StoreError::from)?;
+        if compression != Compression::None {
+            store
+                .path_infos
+                .put_nar_file(&file_hash, &nar_sha256)
+                .map_err(StoreError::from)?;
+        }
         tracing::info!(nar = %nixbase32::encode(&nar_sha256), size = nar.nar_size, "NAR uploaded");
         Ok(())
     })
@@ -274,20 +280,31 @@ impl Write for ChannelWriter {
     }
 }
 
+/// `nar/<nar sha256>.nar` is what our narinfos point to. A compressed name,
+/// `nar/<file sha256>.nar.xz` and friends, is what a client uploaded and may still have in
+/// its narinfo cache: it is served compressed the same way (the bytes differ from the
+/// upload, but Nix checks the NAR hash after decompression, not the file hash).
 async fn get_nar(
     State(store): State<Arc<Store>>,
     Path(name): Path<String>,
 ) -> Result<Response, CacheError> {
-    let (nar_sha256, compression) = parse_nar_name(&name)?;
-    if compression != Compression::None {
-        return Ok(StatusCode::NOT_FOUND.into_response());
-    }
+    let (name_sha256, compression) = parse_nar_name(&name)?;
     let lookup = store.clone();
     let Some(nar) = blocking(move || {
-        Ok(lookup
-            .path_infos
-            .get_nar(&nar_sha256)
-            .map_err(StoreError::from)?)
+        let nar_sha256 = match compression {
+            Compression::None => Some(name_sha256),
+            _ => lookup
+                .path_infos
+                .nar_of_file(&name_sha256)
+                .map_err(StoreError::from)?,
+        };
+        Ok(match nar_sha256 {
+            Some(nar_sha256) => lookup
+                .path_infos
+                .get_nar(&nar_sha256)
+                .map_err(StoreError::from)?,
+            None => None,
+        })
     })
     .await?
     else {
@@ -295,11 +312,12 @@ async fn get_nar(
     };
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     tokio::task::spawn_blocking(move || {
-        let mut out = io::BufWriter::with_capacity(256 * 1024, ChannelWriter(sender.clone()));
-        let result = store
-            .write_nar(&nar.node, &mut out)
-            .map_err(io::Error::other)
-            .and_then(|()| out.flush());
+        let out = io::BufWriter::with_capacity(256 * 1024, ChannelWriter(sender.clone()));
+        let result = compression
+            .encode(out, |writer| {
+                store.write_nar(&nar.node, writer).map_err(io::Error::other)
+            })
+            .and_then(|mut out| out.flush());
         if let Err(e) = result {
             tracing::warn!(error = %e, "streaming a NAR failed");
             // The client sees a truncated body, never wrong bytes.
@@ -307,6 +325,10 @@ async fn get_nar(
         }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
+    if compression != Compression::None {
+        // The compressed size is known only at the end.
+        return Ok(([(header::CONTENT_TYPE, "application/x-nix-nar")], body).into_response());
+    }
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-nix-nar"),

@@ -79,6 +79,37 @@ impl Compression {
         })
     }
 
+    /// Runs `produce` with a writer that compresses into `out`, then finishes the
+    /// compressed stream and returns `out`. Fast presets: this serves downloads.
+    pub fn encode<W: std::io::Write>(
+        self,
+        out: W,
+        produce: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> std::io::Result<W> {
+        match self {
+            Self::None => {
+                let mut out = out;
+                produce(&mut out)?;
+                Ok(out)
+            }
+            Self::Xz => {
+                let mut encoder = xz2::write::XzEncoder::new(out, 1);
+                produce(&mut encoder)?;
+                encoder.finish()
+            }
+            Self::Zstd => {
+                let mut encoder = zstd::Encoder::new(out, 3)?;
+                produce(&mut encoder)?;
+                encoder.finish()
+            }
+            Self::Bzip2 => {
+                let mut encoder = bzip2::write::BzEncoder::new(out, bzip2::Compression::fast());
+                produce(&mut encoder)?;
+                encoder.finish()
+            }
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",

@@ -293,6 +293,16 @@ pub trait PathInfoService: Send + Sync {
     /// by hash, and an uploaded NAR comes before the narinfo that names its store path.
     fn put_nar(&self, nar_sha256: &[u8; 32], nar: &IndexedNar) -> Result<(), PathInfoError>;
     fn get_nar(&self, nar_sha256: &[u8; 32]) -> Result<Option<IndexedNar>, PathInfoError>;
+    /// Remember that the file a client uploaded as `nar/<file_sha256>.nar.<ext>` (a
+    /// compressed NAR) is the NAR with `nar_sha256`. Nix keeps the narinfo it uploaded,
+    /// with that URL, in its disk cache and asks for that URL again later.
+    fn put_nar_file(
+        &self,
+        file_sha256: &[u8; 32],
+        nar_sha256: &[u8; 32],
+    ) -> Result<(), PathInfoError>;
+    /// The NAR a file uploaded by [`put_nar_file`](Self::put_nar_file) holds.
+    fn nar_of_file(&self, file_sha256: &[u8; 32]) -> Result<Option<[u8; 32]>, PathInfoError>;
 }
 
 /// A NAR known by its hash: its root node (unnamed) and size.
@@ -308,6 +318,13 @@ const NAR_KEY_PREFIX: &[u8] = b"nar:";
 
 fn nar_key(nar_sha256: &[u8; 32]) -> Vec<u8> {
     [NAR_KEY_PREFIX, nar_sha256].concat()
+}
+
+/// Uploaded-file entries (file SHA-256 -> NAR SHA-256), kept apart like the NAR index.
+const NAR_FILE_KEY_PREFIX: &[u8] = b"file:";
+
+fn nar_file_key(file_sha256: &[u8; 32]) -> Vec<u8> {
+    [NAR_FILE_KEY_PREFIX, file_sha256].concat()
 }
 
 /// Path info in any key-value backend, keyed by the store path digest.
@@ -404,6 +421,28 @@ impl PathInfoService for KvPathInfoService {
         let (_, node) = Node::from_proto(node).map_err(|e| decode_err(Box::new(e)))?;
         let nar_size = proto.narinfo.map_or(0, |n| n.nar_size);
         Ok(Some(IndexedNar { node, nar_size }))
+    }
+
+    fn put_nar_file(
+        &self,
+        file_sha256: &[u8; 32],
+        nar_sha256: &[u8; 32],
+    ) -> Result<(), PathInfoError> {
+        self.kv
+            .put(&nar_file_key(file_sha256), nar_sha256.to_vec().into())?;
+        Ok(())
+    }
+
+    fn nar_of_file(&self, file_sha256: &[u8; 32]) -> Result<Option<[u8; 32]>, PathInfoError> {
+        let Some(bytes) = self.kv.get(&nar_file_key(file_sha256))? else {
+            return Ok(None);
+        };
+        let nar_sha256 =
+            <[u8; 32]>::try_from(bytes.as_ref()).map_err(|_| PathInfoError::Decode {
+                key: format!("nar file sha256:{}", nixbase32::encode(file_sha256)),
+                source: format!("{} bytes where a SHA-256 belongs", bytes.len()).into(),
+            })?;
+        Ok(Some(nar_sha256))
     }
 }
 

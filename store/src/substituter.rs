@@ -292,6 +292,18 @@ impl PathInfoService for SubstitutingPathInfoService {
     fn get_nar(&self, nar_sha256: &[u8; 32]) -> Result<Option<IndexedNar>, PathInfoError> {
         self.local.get_nar(nar_sha256)
     }
+
+    fn put_nar_file(
+        &self,
+        file_sha256: &[u8; 32],
+        nar_sha256: &[u8; 32],
+    ) -> Result<(), PathInfoError> {
+        self.local.put_nar_file(file_sha256, nar_sha256)
+    }
+
+    fn nar_of_file(&self, file_sha256: &[u8; 32]) -> Result<Option<[u8; 32]>, PathInfoError> {
+        self.local.nar_of_file(file_sha256)
+    }
 }
 
 #[cfg(test)]
