@@ -1,6 +1,9 @@
 //! Store import throughput: a tree of large files and a tree of many small files, imported
 //! into the embedded (file-based) store and the in-memory store, beside `nix-store --add`
-//! of the same trees when Nix is installed.
+//! of the same trees when Nix is installed. Then NAR ingest (what `nix copy --to` into
+//! serve-nar and substitution from a binary cache do): the trees' NARs ingested into both
+//! stores, beside `nix-store --restore` of the same NAR (how Nix unpacks a substituted
+//! NAR).
 //!
 //! Run: `cargo bench -p tvix-boot-benches --bench store_import` (STORE_BENCH_SCALE=N scales
 //! the trees; default 1 = 1 GiB of large files and 20,000 small files;
@@ -130,8 +133,45 @@ fn main() {
 
         let memory = Store::memory();
         let started = Instant::now();
-        import_path(&memory, root, &mut |_| {}).unwrap();
+        let info = import_path(&memory, root, &mut |_| {}).unwrap();
         report("tvix-boot, memory store", tree, started.elapsed());
+
+        let mut nar = Vec::with_capacity(tree.bytes as usize + (1 << 20));
+        memory.write_nar(&info.node, &mut nar).unwrap();
+        let nar_tree = Tree {
+            label: tree.label,
+            bytes: nar.len() as u64,
+            files: tree.files,
+        };
+        let ingest_dir = tempfile::tempdir().unwrap();
+        let ingest_store = Store::open(&StoreAddrs::in_directory(ingest_dir.path())).unwrap();
+        let started = Instant::now();
+        let ingested = ingest_store.ingest_nar(&nar[..]).unwrap();
+        report("NAR ingest, embedded store", &nar_tree, started.elapsed());
+        assert_eq!(
+            ingested.node, info.node,
+            "the NAR ingests to the imported tree"
+        );
+        let started = Instant::now();
+        Store::memory().ingest_nar(&nar[..]).unwrap();
+        report("NAR ingest, memory store", &nar_tree, started.elapsed());
+        if nix_available {
+            let restore_to = tempfile::tempdir().unwrap();
+            let target = restore_to.path().join("out");
+            let started = Instant::now();
+            let mut child = Command::new("nix-store")
+                .arg("--restore")
+                .arg(&target)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), &nar).unwrap();
+            assert!(
+                child.wait().unwrap().success(),
+                "nix-store --restore failed"
+            );
+            report("nix-store --restore (ref.)", &nar_tree, started.elapsed());
+        }
 
         if nix_available {
             let started = Instant::now();

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use tvix_boot_devices::virtio::VirtioDevice;
 use tvix_boot_init::protocol::{Mode, STATUS_INIT_FAILED};
-use tvix_boot_store::Store;
+use tvix_boot_store::{Store, StoreError};
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions, VirtioFs};
-use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmExit};
+use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError, VmExit};
 
 use crate::initrd::{self, HOST_BUSYBOX};
 use crate::mode::{self, ModeArgs};
@@ -67,20 +67,49 @@ enum Guest {
     CustomInitrd(PathBuf),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum VmCmdError {
+    #[error(
+        "no guest kernel{}: pass --kernel PATH, set TVIX_BOOT_KERNEL, or build one with \
+         boot/kernel/build.sh",
+        .looked_at.as_ref().map_or_else(String::new, |p| format!(" (looked for {})", p.display()))
+    )]
+    NoKernel { looked_at: Option<PathBuf> },
+    #[error(transparent)]
+    Mode(#[from] mode::ModeArgsError),
+    #[error("cannot open the store: {0}")]
+    OpenStore(#[from] StoreError),
+    #[error("cannot build the initrd: {0}")]
+    Initrd(#[from] initrd::InitrdError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
 pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
+    match boot(args, store_addrs) {
+        Ok((guest, VmExit::PowerOff | VmExit::Reset, reported)) => exit_code(&guest, reported),
+        Ok((_, VmExit::Panic, _)) => {
+            eprintln!("tvix-boot: the guest kernel panicked");
+            ExitCode::from(GUEST_PANIC_STATUS)
+        }
+        Err(e) => {
+            eprintln!("tvix-boot: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Checks everything, boots, waits for the guest to stop. Returns how it stopped and
+/// the status it reported on the exit-status port.
+fn boot(
+    args: VmArgs,
+    store_addrs: &StoreAddrArgs,
+) -> Result<(Guest, VmExit, Option<u32>), VmCmdError> {
     let kernel = match args.kernel {
         Some(kernel) => kernel,
         None => match default_kernel() {
             Some(kernel) if kernel.exists() => kernel,
-            looked_at => {
-                let looked_at = looked_at
-                    .map_or_else(String::new, |p| format!(" (looked for {})", p.display()));
-                eprintln!(
-                    "tvix-boot: no guest kernel{looked_at}: pass --kernel PATH, set \
-                     TVIX_BOOT_KERNEL, or build one with boot/kernel/build.sh"
-                );
-                return ExitCode::FAILURE;
-            }
+            looked_at => return Err(VmCmdError::NoKernel { looked_at }),
         },
     };
     let mut cmdline = DEFAULT_CMDLINE.to_owned();
@@ -95,52 +124,31 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     }
     let mut guest = match args.initrd {
         Some(path) => Guest::CustomInitrd(path),
-        None => match args
-            .mode
-            .requested()
-            .and_then(|requested| mode::apply(&mut cmdline, requested.as_ref()))
-        {
-            Ok(mode) => Guest::TvixInit(mode),
-            Err(e) => {
-                eprintln!("tvix-boot: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
+        None => {
+            let requested = args.mode.requested()?;
+            Guest::TvixInit(mode::apply(&mut cmdline, requested.as_ref())?)
+        }
     };
 
     // The store is opened before anything boots, so a bad address is reported at once,
     // and so is a program that is not in it.
-    let store = match store_addrs.open() {
-        Ok(store) => Arc::new(store),
-        Err(e) => {
-            eprintln!("tvix-boot: cannot open the store: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let store = Arc::new(store_addrs.open()?);
     if let Guest::TvixInit(mode) = &mut guest {
         let requested = mode.clone();
-        if let Err(e) = mode::check_in_store(&store, mode) {
-            eprintln!("tvix-boot: {e}");
-            return ExitCode::FAILURE;
-        }
+        mode::check_in_store(&store, mode)?;
         if *mode != requested {
-            // --shell-path STORE_PATH became STORE_PATH/bin/sh.
+            // --shell-path STORE_PATH became STORE_PATH/bin/sh; the later key wins.
             cmdline.push(' ');
-            cmdline.push_str(&mode.to_cmdline().expect("checked paths encode"));
+            cmdline.push_str(&mode.to_cmdline().map_err(mode::ModeArgsError::from)?);
         }
     }
     let initrd = match &guest {
         Guest::CustomInitrd(path) => Initrd::File(path.clone()),
-        Guest::TvixInit(mode) => match initrd::build_initrd_for(mode, Path::new(HOST_BUSYBOX)) {
-            Ok(bytes) => {
-                tracing::info!("initrd built in memory: {} bytes", bytes.len());
-                Initrd::Bytes(bytes)
-            }
-            Err(e) => {
-                eprintln!("tvix-boot: cannot build the initrd: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
+        Guest::TvixInit(mode) => {
+            let bytes = initrd::build_initrd_for(mode, Path::new(HOST_BUSYBOX))?;
+            tracing::info!("initrd built in memory: {} bytes", bytes.len());
+            Initrd::Bytes(bytes)
+        }
     };
     let config = VmConfig {
         kernel,
@@ -151,27 +159,11 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
         console: Console::Stdio,
     };
 
-    let request_queues = u16::from(args.cpus);
-    let mut status = None;
-    let result = Vm::new(config).and_then(|mut vm| {
-        vm.add_virtio_device(store_device(store, request_queues))?;
-        status = Some(vm.guest_status());
-        vm.run()
-    });
-    match result {
-        Ok(VmExit::PowerOff | VmExit::Reset) => {
-            let reported = status.and_then(|s| s.get());
-            exit_code(&guest, reported)
-        }
-        Ok(VmExit::Panic) => {
-            eprintln!("tvix-boot: the guest kernel panicked");
-            ExitCode::from(GUEST_PANIC_STATUS)
-        }
-        Err(e) => {
-            eprintln!("tvix-boot: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let mut vm = Vm::new(config)?;
+    vm.add_virtio_device(store_device(store, u16::from(args.cpus)))?;
+    let status = vm.guest_status();
+    let exit = vm.run()?;
+    Ok((guest, exit, status.get()))
 }
 
 /// tvix-boot's exit code after a clean stop: the status the guest init reported for

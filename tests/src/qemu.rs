@@ -168,21 +168,31 @@ pub fn binary_with_libraries(binary: &Path) -> Result<Vec<GuestFile>> {
 
 /// The firmware QEMU's microvm machine loads.
 pub const MICROVM_BIOS: &str = "/usr/share/qemu/bios-microvm.bin";
+/// The option ROMs QEMU loads `-kernel` with: over DMA (fast) or, when that one is
+/// missing, over port I/O, byte by byte; then QEMU only warns "Could not open option
+/// rom 'linuxboot_dma.bin'", and a boot-time comparison would be unfair to QEMU.
+pub const KERNEL_LOADER_ROMS: &[&str] = &[
+    "/usr/share/qemu/linuxboot_dma.bin",
+    "/usr/share/qemu/linuxboot.bin",
+    "/usr/share/qemu/pvh.bin",
+];
 
-/// qemu-system-x86_64 (from PATH), its libraries and the microvm firmware, for running
-/// QEMU microvm with KVM inside the test host.
+/// qemu-system-x86_64 (from PATH), its libraries, the microvm firmware and the kernel
+/// loader ROMs, for running QEMU microvm with KVM inside the test host.
 pub fn microvm_files() -> Result<Vec<GuestFile>> {
     let qemu = find_qemu()?;
     let mut files = binary_with_libraries(&qemu)?;
     // Inside the test host QEMU is run by this name.
     files[0] = GuestFile::host("/usr/bin/qemu-system-x86_64", &qemu, 0o755);
-    if !Path::new(MICROVM_BIOS).is_file() {
-        return Err(Error::Missing {
-            what: "QEMU microvm firmware",
-            path: MICROVM_BIOS.into(),
-            hint: "; apt-get install qemu-system-x86".into(),
-        });
+    for firmware in std::iter::once(&MICROVM_BIOS).chain(KERNEL_LOADER_ROMS) {
+        if !Path::new(firmware).is_file() {
+            return Err(Error::Missing {
+                what: "QEMU firmware",
+                path: firmware.into(),
+                hint: "; apt-get install qemu-system-x86".into(),
+            });
+        }
+        files.push(GuestFile::host(firmware, firmware, 0o644));
     }
-    files.push(GuestFile::host(MICROVM_BIOS, MICROVM_BIOS, 0o644));
     Ok(files)
 }
