@@ -146,16 +146,22 @@ impl Write for ConsoleOutput {
 /// Register offsets and bits the console watches (16550 data sheet).
 const REG_IER: u8 = 1;
 const REG_LCR: u8 = 3;
+const REG_MCR: u8 = 4;
 const IER_RECEIVED_DATA: u8 = 0x01;
 const LCR_DLAB: u8 = 0x80;
+const MCR_DTR: u8 = 0x01;
+const MCR_OUT2: u8 = 0x08;
+const MCR_LOOP: u8 = 0x10;
 
 /// COM1 as seen by the guest.
 pub struct SerialConsole {
     uart: Serial<IrqTrigger, NoEvents, ConsoleOutput>,
-    /// The guest's last line-control and interrupt-enable values (IER only while the
-    /// divisor latch is off; with DLAB set, offset 1 is the divisor's high byte).
+    /// The guest's last line-control, interrupt-enable and modem-control values (IER
+    /// only while the divisor latch is off; with DLAB set, offset 1 is the divisor's
+    /// high byte).
     lcr: u8,
     ier: u8,
+    mcr: u8,
 }
 
 impl SerialConsole {
@@ -164,15 +170,20 @@ impl SerialConsole {
             uart: Serial::new(irq, out),
             lcr: 0,
             ier: 0,
+            mcr: 0,
         }
     }
 
-    /// Whether the guest listens for input: it enabled the received-data interrupt,
-    /// which Linux's 8250 driver does when a program opens the tty. Input queued
-    /// before that is lost, because the driver clears the FIFO when it opens the port:
-    /// `echo ls | tvix-boot --shell` must not depend on how fast the guest boots.
+    /// Whether the guest listens for input: the port is open. Linux's 8250 driver
+    /// shows that by the received-data interrupt on, DTR and OUT2 (the PC's interrupt
+    /// gate) raised, loopback off; it raises OUT2 only when a program opens the tty.
+    /// Before that it throws received bytes away: its probe turns every interrupt on
+    /// for a moment (with DTR already raised by the console) and then reads RX in its
+    /// loopback tests and while opening the port. Traced in the guest: an IER-only
+    /// check let `printf 'ls …' | tvix-boot --shell` lose "ls " in one boot of three.
     fn accepts_input(&self) -> bool {
-        self.ier & IER_RECEIVED_DATA != 0
+        const OPEN: u8 = MCR_DTR | MCR_OUT2;
+        self.ier & IER_RECEIVED_DATA != 0 && self.mcr & (OPEN | MCR_LOOP) == OPEN
     }
 
     /// Writes out console output still buffered.
@@ -213,6 +224,7 @@ impl BusDevice for SerialConsole {
         };
         match offset {
             REG_LCR => self.lcr = *value,
+            REG_MCR => self.mcr = *value,
             REG_IER if self.lcr & LCR_DLAB == 0 => self.ier = *value,
             _ => {}
         }
@@ -329,6 +341,13 @@ mod tests {
     const THR: u64 = 0;
     const IER: u64 = 1;
     const LCR: u64 = 3;
+    const MCR: u64 = 4;
+
+    /// What Linux's 8250 driver leaves behind once a program opened the tty.
+    fn open_port(uart: &mut SerialConsole) {
+        uart.write(MCR, &[MCR_DTR | 0x02 | MCR_OUT2]);
+        uart.write(IER, &[IER_RECEIVED_DATA]);
+    }
     const IER_THR_EMPTY: u8 = 0x02;
     const LSR: u64 = 5;
     const LSR_DATA_READY: u8 = 0x01;
@@ -375,15 +394,27 @@ mod tests {
     }
 
     #[test]
-    fn input_waits_until_the_guest_enables_receive_interrupts() {
+    fn input_waits_until_the_guest_opens_the_port() {
         let (mut uart, _, _, _) = console();
         assert_eq!(uart.queue_input(b"ab"), 0, "nobody listens yet");
+        // The driver's probe: all interrupts on for a moment, DTR raised by the
+        // console, OUT2 not.
+        uart.write(MCR, &[MCR_DTR]);
+        uart.write(IER, &[0x0f]);
+        assert_eq!(uart.queue_input(b"ab"), 0, "probing, not listening");
+        uart.write(IER, &[0]);
+        // Loopback tests.
+        uart.write(MCR, &[MCR_LOOP | MCR_OUT2 | MCR_DTR]);
+        uart.write(IER, &[IER_RECEIVED_DATA]);
+        assert_eq!(uart.queue_input(b"ab"), 0, "loopback");
+        uart.write(IER, &[0]);
+        uart.write(MCR, &[MCR_DTR]);
         // With the divisor latch on, offset 1 is the divisor, not IER.
         uart.write(LCR, &[LCR_DLAB]);
         uart.write(IER, &[IER_RECEIVED_DATA]);
         uart.write(LCR, &[0x03]);
         assert_eq!(uart.queue_input(b"ab"), 0);
-        uart.write(IER, &[IER_RECEIVED_DATA]);
+        open_port(&mut uart);
         assert_eq!(uart.queue_input(b"ab"), 2);
         uart.write(IER, &[0]);
         assert_eq!(uart.queue_input(b"c"), 0, "the guest closed the port");
@@ -392,7 +423,7 @@ mod tests {
     #[test]
     fn input_is_readable_by_the_guest() {
         let (mut uart, _, _, _) = console();
-        uart.write(IER, &[IER_RECEIVED_DATA]);
+        open_port(&mut uart);
         assert_eq!(uart.queue_input(b"ab"), 2);
         let mut lsr = [0];
         uart.read(LSR, &mut lsr);
@@ -435,7 +466,7 @@ mod tests {
     #[test]
     fn stdin_forwarding_stops_at_end_of_input() {
         let (mut uart, _, _, _) = console();
-        uart.write(IER, &[IER_RECEIVED_DATA]);
+        open_port(&mut uart);
         let uart = Mutex::new(uart);
         let (reader, mut writer) = std::io::pipe().unwrap();
         writer.write_all(b"x").unwrap();
