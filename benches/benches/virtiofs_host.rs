@@ -85,7 +85,12 @@ impl Drop for Mount {
         // SAFETY: kill sends SIGTERM to our own child process.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.1).status();
+        // tvix-boot unmounts on SIGTERM; this only cleans up after a crash.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.1)
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
