@@ -1,25 +1,14 @@
 //! `nix copy` into `tvix-boot store serve-nar` and back out, with real Nix (Debian's nix-bin,
 //! as root, sandbox off to build a small closure). Fails loudly when Nix is missing.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tvix-boot");
+use tvix_boot_tests::nix::{ServeNar, nix, run};
 
-fn run(cmd: &mut Command) -> Output {
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (apt-get install nix-bin)"));
-    assert!(
-        output.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
+const BIN: &str = env!("CARGO_BIN_EXE_tvix-boot");
 
 fn stdout_lines(output: &Output) -> Vec<String> {
     String::from_utf8_lossy(&output.stdout)
@@ -56,79 +45,6 @@ fn nix_dump(path: &str) -> Vec<u8> {
     run(Command::new("nix-store").args(["--dump", path])).stdout
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(data_home: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .env("XDG_DATA_HOME", data_home)
-            .args(["store", "serve-nar", "--listen", "127.0.0.1:0"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stderr.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .rsplit("http://")
-            .next()
-            .expect("serve-nar prints its address")
-            .to_owned();
-        Server { child, addr }
-    }
-
-    fn url(&self, query: &str) -> String {
-        format!("http://{}{query}", self.addr)
-    }
-
-    fn stop(mut self) {
-        // SAFETY: kill sends a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(
-            status.success(),
-            "serve-nar exited with {status} on SIGTERM"
-        );
-    }
-
-    /// A raw HTTP request; returns the status code and body.
-    fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        let mut stream = TcpStream::connect(&self.addr).unwrap();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        )
-        .unwrap();
-        stream.write_all(body).unwrap();
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).unwrap();
-        let text = String::from_utf8_lossy(&response);
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("an HTTP status line");
-        let body_start = response
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(response.len(), |p| p + 4);
-        (status, response[body_start..].to_vec())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
 fn tvix_store(data_home: &Path, args: &[&str]) -> Output {
     run(Command::new(BIN)
         .env("XDG_DATA_HOME", data_home)
@@ -136,13 +52,20 @@ fn tvix_store(data_home: &Path, args: &[&str]) -> Output {
         .args(args))
 }
 
-/// `nix` with its own empty cache directory, so nothing it remembers from earlier runs
-/// (narinfo lookups are cached for days) hides what the server does now.
-fn nix(cache: &Path) -> Command {
-    let mut cmd = Command::new("nix");
-    cmd.env("XDG_CACHE_HOME", cache)
-        .args(["--extra-experimental-features", "nix-command"]);
-    cmd
+/// `nix copy --from` the server into a fresh local store (with `nix_cache` as nix's
+/// cache directory); panics unless `top` arrives whole.
+fn copy_back_with_nix(nix_cache: &Path, server: &ServeNar, top: &str) {
+    let root = tempfile::tempdir().unwrap();
+    run(nix(nix_cache)
+        .args(["copy", "--no-check-sigs", "--from", &server.url(""), "--to"])
+        .arg(format!("local?root={}", root.path().display()))
+        .arg(top));
+    let copied = root.path().join(top.trim_start_matches('/'));
+    assert!(
+        copied.join("bin/top").is_file(),
+        "{} missing after nix copy --from",
+        copied.display()
+    );
 }
 
 #[test]
@@ -150,7 +73,7 @@ fn nix_copy_round_trips_a_closure() {
     let (top, dep) = closure();
     let data = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let server = Server::start(data.path());
+    let server = ServeNar::start(Path::new(BIN), data.path());
     run(nix(cache.path()).args(["copy", "--to", &server.url("?compression=none"), top]));
 
     let mut listed = stdout_lines(&tvix_store(data.path(), &["list"]));
@@ -172,22 +95,12 @@ fn nix_copy_round_trips_a_closure() {
         "{info}"
     );
 
-    // Substituters read it back: nix copy --from into a fresh local store.
-    let root = tempfile::tempdir().unwrap();
-    run(nix(cache.path())
-        .args(["copy", "--no-check-sigs", "--from", &server.url(""), "--to"])
-        .arg(format!("local?root={}", root.path().display()))
-        .arg(top));
-    let copied = root.path().join(top.trim_start_matches('/'));
-    assert!(
-        copied.join("bin/top").is_file(),
-        "{} missing after nix copy --from",
-        copied.display()
-    );
+    // Substituters read it back.
+    copy_back_with_nix(cache.path(), &server, top);
 
     // What was acknowledged survives a restart.
     server.stop();
-    let server = Server::start(data.path());
+    let server = ServeNar::start(Path::new(BIN), data.path());
     let (status, narinfo) = server.request("GET", &format!("/{}.narinfo", &top[11..43]), b"");
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&narinfo).contains(&format!("StorePath: {top}")));
@@ -200,7 +113,7 @@ fn compressed_uploads_are_accepted() {
     for compression in ["xz", "zstd", "bzip2"] {
         let data = tempfile::tempdir().unwrap();
         let cache = tempfile::tempdir().unwrap();
-        let server = Server::start(data.path());
+        let server = ServeNar::start(Path::new(BIN), data.path());
         run(nix(cache.path()).args([
             "copy",
             "--to",
@@ -218,13 +131,7 @@ fn compressed_uploads_are_accepted() {
         );
         // The same nix reads it back. Its disk cache still holds the narinfo it uploaded,
         // whose URL names the compressed file, so that URL must be served too.
-        let root = tempfile::tempdir().unwrap();
-        run(nix(cache.path())
-            .args(["copy", "--no-check-sigs", "--from", &server.url(""), "--to"])
-            .arg(format!("local?root={}", root.path().display()))
-            .arg(top));
-        let copied = root.path().join(top.trim_start_matches('/'));
-        assert!(copied.join("bin/top").is_file(), "{compression}");
+        copy_back_with_nix(cache.path(), &server, top);
         server.stop();
     }
 }
@@ -233,7 +140,7 @@ fn compressed_uploads_are_accepted() {
 fn lying_uploads_are_refused_and_store_nothing() {
     let (top, dep) = closure();
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start(data.path());
+    let server = ServeNar::start(Path::new(BIN), data.path());
     let nar = nix_dump(dep);
     let hash = |bytes: &[u8]| {
         let out = Command::new("sh")
@@ -494,7 +401,7 @@ fn paths_substitute_lazily_from_a_binary_cache() {
 
     // Over HTTP, from serve-nar.
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start(data.path());
+    let server = ServeNar::start(Path::new(BIN), data.path());
     run(nix(nix_cache.path()).args(["copy", "--to", &server.url("?compression=none"), top]));
     let out = with_cache(&format!("nix+{}", server.url("")), &["export-nar", top]);
     assert!(

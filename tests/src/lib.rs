@@ -27,6 +27,7 @@ pub mod assets;
 mod error;
 pub mod initramfs;
 mod kvm;
+pub mod nix;
 pub mod qemu;
 pub mod testhost;
 

@@ -10,11 +10,11 @@
 //! Needs nix-bin (as root, sandbox off: the closure copies the host's static busybox).
 //! Fails, never skips, when Nix or the test host is missing.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use tvix_boot_tests::nix::{ServeNar, nix, run};
 use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(420);
@@ -36,27 +36,6 @@ in derivation { name = "greeter"; system = builtins.currentSystem; builder = sh;
   '' ]; }
 "#;
 
-fn run(cmd: &mut Command) -> Output {
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (apt-get install nix-bin)"));
-    assert!(
-        output.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// `nix` with its own cache directory, so narinfo lookups it remembers from other runs
-/// cannot hide what the server does now.
-fn nix(cache: &Path) -> Command {
-    let mut cmd = Command::new("nix");
-    cmd.env("XDG_CACHE_HOME", cache)
-        .args(["--extra-experimental-features", "nix-command"]);
-    cmd
-}
-
 /// Every file under `dir`, as test-host files under `guest_dir` (symlinks and empty
 /// directories do not occur in the stores and caches copied here).
 fn tree_files(dir: &Path, guest_dir: &str, files: &mut Vec<GuestFile>) {
@@ -68,38 +47,6 @@ fn tree_files(dir: &Path, guest_dir: &str, files: &mut Vec<GuestFile>) {
         } else {
             files.push(GuestFile::host(&guest, entry.path(), 0o644));
         }
-    }
-}
-
-struct ServeNar(Child);
-
-impl ServeNar {
-    /// Starts serve-nar on a free port; returns it with its address.
-    fn start(bin: &Path, data_home: &Path) -> (ServeNar, String) {
-        let mut child = Command::new(bin)
-            .env("XDG_DATA_HOME", data_home)
-            .args(["store", "serve-nar", "--listen", "127.0.0.1:0"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stderr.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .rsplit("http://")
-            .next()
-            .unwrap_or_else(|| panic!("serve-nar did not print its address: {line:?}"))
-            .to_owned();
-        (ServeNar(child), format!("http://{addr}"))
-    }
-}
-
-impl Drop for ServeNar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -125,10 +72,11 @@ fn a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily() {
     let data_home = work.path().join("data");
     let nix_cache = work.path().join("nix-cache");
     {
-        let (_server, url) = ServeNar::start(&tvix_boot, &data_home);
+        let server = ServeNar::start(&tvix_boot, &data_home);
         run(nix(&nix_cache)
-            .args(["copy", "--to", &format!("{url}?compression=xz")])
+            .args(["copy", "--to", &server.url("?compression=xz")])
             .arg(&greeter));
+        server.stop();
     }
 
     // Route 2: a signed file:// binary cache.

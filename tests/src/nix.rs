@@ -1,0 +1,110 @@
+//! Real Nix and `tvix-boot store serve-nar`, for tests that use both. These helpers
+//! panic with a message naming what failed: they are for tests only.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+/// Runs `cmd` and panics, with its stderr, unless it succeeds.
+pub fn run(cmd: &mut Command) -> Output {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (apt-get install nix-bin)"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// `nix` with its own cache directory, so narinfo lookups it remembers from other runs
+/// (they are cached for days) cannot hide what a server does now.
+pub fn nix(cache: &Path) -> Command {
+    let mut cmd = Command::new("nix");
+    cmd.env("XDG_CACHE_HOME", cache)
+        .args(["--extra-experimental-features", "nix-command"]);
+    cmd
+}
+
+/// `tvix-boot store serve-nar` on a free port, over the embedded store in `data_home`.
+/// Killed when dropped; [`stop`](Self::stop) stops it the polite way and checks that.
+pub struct ServeNar {
+    child: Child,
+    addr: String,
+}
+
+impl ServeNar {
+    pub fn start(tvix_boot: &Path, data_home: &Path) -> Self {
+        let mut child = Command::new(tvix_boot)
+            .env("XDG_DATA_HOME", data_home)
+            .args(["store", "serve-nar", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {} store serve-nar: {e}", tvix_boot.display())
+            });
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().expect("stderr is piped"))
+            .read_line(&mut line)
+            .expect("serve-nar's first line");
+        let addr = line
+            .trim()
+            .rsplit_once("http://")
+            .unwrap_or_else(|| panic!("serve-nar did not print its address: {line:?}"))
+            .1
+            .to_owned();
+        ServeNar { child, addr }
+    }
+
+    /// `http://ADDR` followed by `query` (e.g. "?compression=none").
+    pub fn url(&self, query: &str) -> String {
+        format!("http://{}{query}", self.addr)
+    }
+
+    /// SIGTERM, then checks that it exited successfully.
+    pub fn stop(mut self) {
+        // SAFETY: kill sends a signal to our own child process, which has not been
+        // waited for yet, so its pid is still ours.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("waiting for serve-nar");
+        assert!(
+            status.success(),
+            "serve-nar exited with {status} on SIGTERM"
+        );
+    }
+
+    /// A raw HTTP/1.1 request; returns the status code and body.
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let mut stream = TcpStream::connect(&self.addr).expect("connect to serve-nar");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        )
+        .expect("send request");
+        stream.write_all(body).expect("send body");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).expect("read response");
+        let text = String::from_utf8_lossy(&response);
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("an HTTP status line");
+        let body_start = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(response.len(), |p| p + 4);
+        (status, response[body_start..].to_vec())
+    }
+}
+
+impl Drop for ServeNar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
