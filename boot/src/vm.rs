@@ -37,7 +37,7 @@ pub struct VmArgs {
     kernel: Option<PathBuf>,
 
     /// Your own initramfs (cpio archive, optionally compressed) instead of the one
-    /// tvix-boot builds around its guest init; the mode flags then do nothing.
+    /// tvix-boot builds around its guest init (so none of --run, --shell, --init, --find).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["run", "shell", "shell_path", "init", "find"])]
     initrd: Option<PathBuf>,
 
