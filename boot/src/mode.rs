@@ -112,24 +112,35 @@ impl ModeArgs {
     }
 }
 
-/// Appends the keys for `requested` to `cmdline` and returns the mode the guest init
-/// will pick from the result. Keys the user put on the command line themselves work as
-/// they always did; a flag that the init would overrule (it checks `tvix.find`, then
-/// `tvix.shell`, `tvix.run`, `init=`) is an error rather than a surprise.
-pub fn apply(cmdline: &mut String, requested: Option<&Mode>) -> Result<Mode, ModeArgsError> {
-    if let Some(mode) = requested {
-        let keys = mode.to_cmdline()?;
+/// The mode the guest init will pick once the keys for `requested` follow `cmdline`.
+/// Keys the user put on the command line themselves work as they always did; a flag
+/// that the init would overrule (it checks `tvix.find`, then `tvix.shell`, `tvix.run`,
+/// `init=`) is an error rather than a surprise.
+pub fn choose(cmdline: &str, requested: Option<&Mode>) -> Result<Mode, ModeArgsError> {
+    let Some(mode) = requested else {
+        return Ok(Mode::from_cmdline(&Cmdline::parse(cmdline))?);
+    };
+    let with_keys = format!("{cmdline} {}", mode.to_cmdline()?);
+    let chosen = Mode::from_cmdline(&Cmdline::parse(&with_keys))?;
+    if chosen != *mode {
+        return Err(ModeArgsError::Conflict {
+            flag: ModeArgs::flag(mode).into(),
+            keys: chosen.to_cmdline()?,
+        });
+    }
+    Ok(chosen)
+}
+
+/// Appends the keys for `mode` to `cmdline`, after the user's own, so that they win:
+/// the guest then does `mode` as checked, e.g. with `--shell-path`'s store path
+/// resolved to its bin/sh.
+pub fn append_keys(cmdline: &mut String, mode: &Mode) -> Result<(), ModeArgsError> {
+    let keys = mode.to_cmdline()?;
+    if !keys.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&keys);
     }
-    let chosen = Mode::from_cmdline(&Cmdline::parse(cmdline))?;
-    match requested {
-        Some(mode) if *mode != chosen => Err(ModeArgsError::Conflict {
-            flag: ModeArgs::flag(mode).into(),
-            keys: chosen.to_cmdline()?,
-        }),
-        _ => Ok(chosen),
-    }
+    Ok(())
 }
 
 /// Checks that the program `mode` names is in the store, so a typo is reported here and
@@ -168,15 +179,10 @@ pub fn check_in_store(store: &Store, mode: &mut Mode) -> Result<(), ModeArgsErro
                 store_path.to_absolute_path()
             )));
         }
-        Lookup::Missing { found } => {
+        Lookup::Missing { found, name } => {
             return Err(not_in_store(format!(
-                "{}{found} has no entry {:?}",
+                "{}{found} has no entry {name:?}",
                 store_path.to_absolute_path(),
-                sub_path[found.len()..]
-                    .trim_start_matches('/')
-                    .split('/')
-                    .next()
-                    .unwrap_or_default()
             )));
         }
         Lookup::NotADirectory { at } => {
@@ -275,22 +281,25 @@ mod tests {
             args: vec![b"a b".to_vec()],
         };
         let mut cmdline = "console=ttyS0 quiet".to_owned();
-        assert_eq!(apply(&mut cmdline, Some(&run)).unwrap(), run);
+        let chosen = choose(&cmdline, Some(&run)).unwrap();
+        assert_eq!(chosen, run);
+        append_keys(&mut cmdline, &chosen).unwrap();
         assert!(cmdline.starts_with("console=ttyS0 quiet tvix.run=/nix/store/x-p/bin/p"));
 
         // The original keys alone still work.
-        let mut cmdline = "console=ttyS0 tvix.run=/nix/store/x-p/bin/p".to_owned();
-        assert!(matches!(apply(&mut cmdline, None), Ok(Mode::Run { .. })));
+        let cmdline = "console=ttyS0 tvix.run=/nix/store/x-p/bin/p";
+        assert!(matches!(choose(cmdline, None), Ok(Mode::Run { .. })));
         let mut cmdline = "console=ttyS0".to_owned();
-        assert_eq!(apply(&mut cmdline, None).unwrap(), Mode::Nothing);
+        assert_eq!(choose(&cmdline, None).unwrap(), Mode::Nothing);
+        append_keys(&mut cmdline, &Mode::Nothing).unwrap();
+        assert_eq!(cmdline, "console=ttyS0", "no keys, nothing appended");
 
         // tvix.shell on the command line overrules --run: refused, naming both.
-        let mut cmdline = "console=ttyS0 tvix.shell".to_owned();
-        let err = apply(&mut cmdline, Some(&run)).unwrap_err().to_string();
+        let cmdline = "console=ttyS0 tvix.shell";
+        let err = choose(cmdline, Some(&run)).unwrap_err().to_string();
         assert!(err.contains("--run") && err.contains("tvix.shell"), "{err}");
 
-        let mut cmdline = "tvix.run".to_owned();
-        assert!(apply(&mut cmdline, None).is_err());
+        assert!(choose("tvix.run", None).is_err());
     }
 
     #[test]
@@ -321,6 +330,9 @@ mod tests {
             e.contains("--run") && e.contains("has no entry \"hsh\""),
             "{e}"
         );
+        // Unnormalised paths name the same entry.
+        let e = err(run(format!("{base}/./bin//hsh")));
+        assert!(e.contains("/bin has no entry \"hsh\""), "{e}");
         let e = err(run(format!("{base}/readme")));
         assert!(e.contains("not executable"), "{e}");
         let e = err(run(base.clone()));

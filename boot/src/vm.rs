@@ -124,23 +124,15 @@ fn boot(
     }
     let mut guest = match args.initrd {
         Some(path) => Guest::CustomInitrd(path),
-        None => {
-            let requested = args.mode.requested()?;
-            Guest::TvixInit(mode::apply(&mut cmdline, requested.as_ref())?)
-        }
+        None => Guest::TvixInit(mode::choose(&cmdline, args.mode.requested()?.as_ref())?),
     };
 
     // The store is opened before anything boots, so a bad address is reported at once,
     // and so is a program that is not in it.
     let store = Arc::new(store_addrs.open()?);
     if let Guest::TvixInit(mode) = &mut guest {
-        let requested = mode.clone();
         mode::check_in_store(&store, mode)?;
-        if *mode != requested {
-            // --shell-path STORE_PATH became STORE_PATH/bin/sh; the later key wins.
-            cmdline.push(' ');
-            cmdline.push_str(&mode.to_cmdline().map_err(mode::ModeArgsError::from)?);
-        }
+        mode::append_keys(&mut cmdline, mode)?;
     }
     let initrd = match &guest {
         Guest::CustomInitrd(path) => Initrd::File(path.clone()),

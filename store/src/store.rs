@@ -56,9 +56,10 @@ pub enum Lookup {
     Found(Node),
     /// The store has no path info for the store path.
     NoStorePath,
-    /// `found` exists and is a directory, but has no entry for the next component.
+    /// `found` exists and is a directory, but has no entry `name`.
     Missing {
         found: String,
+        name: String,
     },
     /// `at` is a file, yet the path goes on below it.
     NotADirectory {
@@ -340,7 +341,10 @@ impl Store {
                         what: format!("directory {digest} at {walked:?}"),
                     })?;
             let Some(child) = directory.get(component.as_bytes()) else {
-                return Ok(Lookup::Missing { found: walked });
+                return Ok(Lookup::Missing {
+                    found: walked,
+                    name: component.to_owned(),
+                });
             };
             node = child.clone();
             walked.push('/');
@@ -408,7 +412,8 @@ mod tests {
         assert_eq!(
             store.lookup(path, "/bin/hellp").unwrap(),
             Lookup::Missing {
-                found: "/bin".into()
+                found: "/bin".into(),
+                name: "hellp".into()
             }
         );
         assert_eq!(
