@@ -207,38 +207,42 @@ pub fn load_initrd(
         initrd: name.clone(),
         source,
     };
-    let size = match initrd {
-        Initrd::File(path) => std::fs::metadata(path).map_err(read_error)?.len(),
-        Initrd::Bytes(bytes) => bytes.len() as u64,
+    let load_error = |source| BootError::LoadInitrd {
+        initrd: name.clone(),
+        source,
     };
     let low_ram_end = mem
         .last_addr()
         .raw_value()
         .min(layout::MMIO32_HOLE_START - 1)
         + 1;
-    let addr = low_ram_end
-        .checked_sub(size)
-        .map(|a| a & !(PAGE_SIZE - 1))
-        .filter(|&a| a >= kernel_end)
-        .ok_or_else(|| BootError::InitrdTooBig {
-            initrd: name.clone(),
-            size,
-        })?;
-    let load_error = |source| BootError::LoadInitrd {
-        initrd: name.clone(),
-        source,
+    let place = |size: u64| {
+        low_ram_end
+            .checked_sub(size)
+            .map(|a| a & !(PAGE_SIZE - 1))
+            .filter(|&a| a >= kernel_end)
+            .ok_or_else(|| BootError::InitrdTooBig {
+                initrd: name.clone(),
+                size,
+            })
     };
     match initrd {
         Initrd::File(path) => {
             let mut file = File::open(path).map_err(read_error)?;
+            let size = file.metadata().map_err(read_error)?.len();
+            let addr = place(size)?;
             mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
                 .map_err(load_error)?;
+            Ok(LoadedInitrd { addr, size })
         }
-        Initrd::Bytes(bytes) => mem
-            .write_slice(bytes, GuestAddress(addr))
-            .map_err(load_error)?,
+        Initrd::Bytes(bytes) => {
+            let size = bytes.len() as u64;
+            let addr = place(size)?;
+            mem.write_slice(bytes, GuestAddress(addr))
+                .map_err(load_error)?;
+            Ok(LoadedInitrd { addr, size })
+        }
     }
-    Ok(LoadedInitrd { addr, size })
 }
 
 /// Parses and length-checks a command line.
