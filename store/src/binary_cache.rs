@@ -325,16 +325,12 @@ async fn get_nar(
         }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
-    if compression != Compression::None {
-        // The compressed size is known only at the end.
-        return Ok(([(header::CONTENT_TYPE, "application/x-nix-nar")], body).into_response());
+    let mut response = ([(header::CONTENT_TYPE, "application/x-nix-nar")], body).into_response();
+    // A compressed body's size is known only at its end.
+    if compression == Compression::None {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, nar.nar_size.into());
     }
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-nix-nar"),
-            (header::CONTENT_LENGTH, &nar.nar_size.to_string()),
-        ],
-        body,
-    )
-        .into_response())
+    Ok(response)
 }
