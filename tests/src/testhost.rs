@@ -79,6 +79,14 @@ impl TestHostOutput {
         !self.timed_out && self.exit_code == Some(0)
     }
 
+    /// The serial output between the first `begin` marker and the next `end` marker
+    /// after it, for scripts that bracket each step's output with echoed markers.
+    pub fn between(&self, begin: &str, end: &str) -> Option<&str> {
+        let start = self.serial.find(begin)? + begin.len();
+        let len = self.serial[start..].find(end)?;
+        Some(&self.serial[start..start + len])
+    }
+
     /// The serial output without the kernel's and /init's own lines: just
     /// what the script printed, as far as it can be told apart.
     pub fn script_output(&self) -> &str {

@@ -127,12 +127,8 @@ echo "untrusted-status=$?"
     assert!(out.success(), "{out}");
 
     let section = |name: &str| {
-        let begin = format!("{name}-begin");
-        let start = out.serial.find(&begin).expect(&begin) + begin.len();
-        let end = out.serial[start..]
-            .find(&format!("{name}-end"))
-            .expect("end");
-        out.serial[start..start + end].to_owned()
+        out.between(&format!("{name}-begin"), &format!("{name}-end"))
+            .unwrap_or_else(|| panic!("no {name}-begin ... {name}-end in the output: {out}"))
     };
     for (name, args) in [("copied", "two words"), ("lazy", "lazily")] {
         let text = section(name);

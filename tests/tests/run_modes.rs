@@ -63,15 +63,8 @@ fn value<'a>(out: &'a TestHostOutput, key: &str) -> &'a str {
 
 /// The serial output between `begin` and `end` marker lines.
 fn between<'a>(out: &'a TestHostOutput, begin: &str, end: &str) -> &'a str {
-    let start = out
-        .serial
-        .find(begin)
-        .unwrap_or_else(|| panic!("no {begin}: {out}"))
-        + begin.len();
-    let len = out.serial[start..]
-        .find(end)
-        .unwrap_or_else(|| panic!("no {end}: {out}"));
-    &out.serial[start..start + len]
+    out.between(begin, end)
+        .unwrap_or_else(|| panic!("no {begin} ... {end} in the output: {out}"))
 }
 
 #[test]
