@@ -21,6 +21,7 @@ use tvix_boot_store::store::{
 use tvix_boot_store::store_path::StorePathError;
 use tvix_boot_store::{Node, PathInfo, Store, StoreAddrs, StoreError, StorePath};
 use tvix_boot_virtiofs::host_mount::{HostMount, MountError};
+use tvix_boot_virtiofs::vhost_user::{MAX_REQUEST_QUEUES, VhostUserFsError, VhostUserFsSocket};
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions};
 
 /// Imports slower than this get a progress bar.
@@ -111,6 +112,32 @@ enum StoreCommand {
         #[arg(long, default_value_t = 4)]
         threads: usize,
     },
+    /// Serve the store read-only as a vhost-user-fs backend on a unix socket, for QEMU,
+    /// cloud-hypervisor and other VMMs (the guest mounts it by the tag the VMM gives).
+    /// Frontends are served one after another until SIGINT or SIGTERM, which remove the
+    /// socket.
+    Virtiofs {
+        /// The unix socket to create (mode 0600, or 0660 with --socket-group).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Give the socket to this group (name or number) and let it connect too.
+        #[arg(long)]
+        socket_group: Option<String>,
+        /// Request queues offered to the frontend, each served by its own thread (the
+        /// frontend uses as many as it was configured with, e.g. QEMU's
+        /// num-request-queues). Default: the number of host CPUs.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_REQUEST_QUEUES as i64))]
+        threads: Option<u16>,
+        /// Allow listing the store root (else `ls /nix/store` fails with EPERM).
+        #[arg(long)]
+        list_root: bool,
+        /// Expose castore digests as user.tvix.castore.* extended attributes.
+        #[arg(long)]
+        show_xattr: bool,
+        /// Exit when the first frontend disconnects, instead of waiting for the next.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -138,6 +165,10 @@ enum CliError {
     LocalNix(#[from] LocalNixError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserFsError),
+    #[error("--socket-group {0:?}: no such group")]
+    NoSuchGroup(String),
 }
 
 pub fn run(addrs: &StoreAddrArgs, args: StoreArgs) -> ExitCode {
@@ -196,6 +227,32 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
                     show_xattr,
                 },
                 threads,
+            )?;
+        }
+        StoreCommand::Virtiofs {
+            socket,
+            socket_group,
+            threads,
+            list_root,
+            show_xattr,
+            once,
+        } => {
+            let group = socket_group.as_deref().map(group_id).transpose()?;
+            let request_queues = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(1, |n| u16::try_from(n.get()).unwrap_or(MAX_REQUEST_QUEUES))
+                    .min(MAX_REQUEST_QUEUES)
+            });
+            serve_vhost_user(
+                store,
+                &socket,
+                group,
+                request_queues,
+                StoreFsOptions {
+                    list_root,
+                    show_xattr,
+                },
+                once,
             )?;
         }
     }
@@ -312,6 +369,86 @@ fn mount(
     }
     mounted.unmount()?;
     Ok(())
+}
+
+fn serve_vhost_user(
+    store: Store,
+    socket: &std::path::Path,
+    group: Option<u32>,
+    request_queues: u16,
+    options: StoreFsOptions,
+    once: bool,
+) -> Result<(), CliError> {
+    // Register for the signals before the socket exists, so none is lost in between.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    let mut listener = VhostUserFsSocket::bind(socket, group)?;
+    let socket_path = socket.to_owned();
+    // The main thread blocks in accept or in a session; a signal ends the process from
+    // here. Nothing is lost by that: the store is only read.
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let _ = std::fs::remove_file(&socket_path);
+                eprintln!("tvix-boot: signal {signal}: socket removed, exiting");
+                std::process::exit(0);
+            }
+        })
+        .map_err(CliError::Signals)?;
+    eprintln!(
+        "tvix-boot: serving the store as vhost-user-fs on {} ({request_queues} request queues)",
+        socket.display()
+    );
+    let store = Arc::new(store);
+    loop {
+        let end = listener.serve_session(
+            StoreFs::new(store.clone(), options),
+            request_queues,
+            |frontend| match frontend {
+                Some(frontend) => eprintln!("tvix-boot: frontend connected: {frontend}"),
+                None => eprintln!("tvix-boot: frontend connected (could not tell which)"),
+            },
+        )?;
+        let who = end.frontend.map_or_else(
+            || "frontend".to_owned(),
+            |f| format!("frontend pid {}", f.pid),
+        );
+        match end.error {
+            None => eprintln!("tvix-boot: {who} disconnected"),
+            Some(e) => eprintln!("tvix-boot: {who}: session ended: {e}"),
+        }
+        if once {
+            return Ok(());
+        }
+        eprintln!("tvix-boot: waiting for the next frontend");
+    }
+}
+
+/// A group by name, or by number.
+fn group_id(group: &str) -> Result<u32, CliError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group).map_err(|_| CliError::NoSuchGroup(group.into()))?;
+    let mut entry = std::mem::MaybeUninit::<libc::group>::uninit();
+    let mut result = std::ptr::null_mut();
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `entry` and
+    // `result` are writable, and `buffer` is writable for its stated length.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            entry.as_mut_ptr(),
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return Err(CliError::NoSuchGroup(group.into()));
+    }
+    // SAFETY: getgrnam_r succeeded and set `result` to `entry`, which it filled in.
+    Ok(unsafe { entry.assume_init() }.gr_gid)
 }
 
 fn import_with_progress(store: &Store, path: &std::path::Path) -> Result<PathInfo, ImportError> {

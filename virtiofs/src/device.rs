@@ -173,55 +173,68 @@ impl QueueWorker {
 
     /// Answer every available request, then tell the driver if it wants to know.
     pub(crate) fn process_queue(&mut self) -> Result<(), virtio_queue::Error> {
-        let mut used_any = false;
-        loop {
-            self.queue.disable_notification(&self.memory)?;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&self.memory) {
-                let head = chain.head_index();
-                let written = self.handle_chain(chain);
-                // A head index the driver put out of range cannot be returned; the chain is
-                // dropped and the queue goes on.
-                match self.queue.add_used(&self.memory, head, written) {
-                    Ok(()) => used_any = true,
-                    Err(virtio_queue::Error::InvalidDescriptorIndex) => {
-                        tracing::warn!(head, "virtio-fs: chain with an invalid head index dropped");
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            // Re-enabling tells us whether the driver added more while notifications were off.
-            if !self.queue.enable_notification(&self.memory)? {
-                break;
-            }
-        }
-        if used_any && self.queue.needs_notification(&self.memory)? {
+        if serve_available_requests(&mut self.queue, &self.memory, &self.server)? {
             self.interrupt.signal_used_queue();
         }
         Ok(())
     }
+}
 
-    /// Returns how many bytes were written into the chain. A chain that does not describe
-    /// valid guest memory gets nothing written and is returned as used with length 0, so the
-    /// driver never waits forever.
-    fn handle_chain(&self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let reader = Reader::from_descriptor_chain(&self.memory, chain.clone());
-        let writer = VirtioFsWriter::new(&self.memory, chain);
-        let (reader, writer) = match (reader, writer) {
-            (Ok(reader), Ok(writer)) => (reader, writer),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "virtio-fs: malformed descriptor chain dropped");
-                return 0;
+/// Answers every request the driver has made available on `queue`, reading and writing
+/// `memory` in place; the part of a request queue that the in-process device and the
+/// vhost-user-fs backend share. Returns whether the driver asked to be told (an interrupt
+/// or a call eventfd, the transport's business).
+pub(crate) fn serve_available_requests(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    server: &Server<StoreFs>,
+) -> Result<bool, virtio_queue::Error> {
+    let mut used_any = false;
+    loop {
+        queue.disable_notification(memory)?;
+        while let Some(chain) = queue.pop_descriptor_chain(memory) {
+            let head = chain.head_index();
+            let written = handle_chain(memory, server, chain);
+            // A head index the driver put out of range cannot be returned; the chain is
+            // dropped and the queue goes on.
+            match queue.add_used(memory, head, written) {
+                Ok(()) => used_any = true,
+                Err(virtio_queue::Error::InvalidDescriptorIndex) => {
+                    tracing::warn!(head, "virtio-fs: chain with an invalid head index dropped");
+                }
+                Err(e) => return Err(e),
             }
-        };
-        match self
-            .server
-            .handle_message(reader, writer.into(), None, None)
-        {
-            Ok(written) => u32::try_from(written).unwrap_or(u32::MAX),
-            Err(e) => {
-                tracing::debug!(error = %e, "virtio-fs: request failed");
-                0
-            }
+        }
+        // Re-enabling tells us whether the driver added more while notifications were off.
+        if !queue.enable_notification(memory)? {
+            break;
+        }
+    }
+    Ok(used_any && queue.needs_notification(memory)?)
+}
+
+/// Returns how many bytes were written into the chain. A chain that does not describe
+/// valid guest memory gets nothing written and is returned as used with length 0, so the
+/// driver never waits forever.
+fn handle_chain(
+    memory: &GuestMemoryMmap,
+    server: &Server<StoreFs>,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
+    let reader = Reader::from_descriptor_chain(memory, chain.clone());
+    let writer = VirtioFsWriter::new(memory, chain);
+    let (reader, writer) = match (reader, writer) {
+        (Ok(reader), Ok(writer)) => (reader, writer),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "virtio-fs: malformed descriptor chain dropped");
+            return 0;
+        }
+    };
+    match server.handle_message(reader, writer.into(), None, None) {
+        Ok(written) => u32::try_from(written).unwrap_or(u32::MAX),
+        Err(e) => {
+            tracing::debug!(error = %e, "virtio-fs: request failed");
+            0
         }
     }
 }

@@ -8,6 +8,7 @@ mod blob_source;
 pub mod device;
 pub mod fs;
 pub mod host_mount;
+pub mod vhost_user;
 
 pub use device::VirtioFs;
 pub use fs::{StoreFs, StoreFsOptions};
