@@ -30,6 +30,7 @@ mod kvm;
 pub mod nix;
 pub mod qemu;
 pub mod testhost;
+pub mod tree;
 
 pub use error::{Error, Result};
 pub use initramfs::Initramfs;

@@ -1,0 +1,459 @@
+//! `tvix-boot store virtiofs`: the vhost-user-fs backend's behaviour towards its socket,
+//! its frontends and signals, on the build machine. The frontends are raw vhost-user
+//! messages (malformed on purpose) and the real peer, QEMU, under TCG here (the test-host
+//! test in tests/tests/vhost_user_fs.rs runs it with KVM). Fails loudly when QEMU, the
+//! guest kernel or busybox is missing.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tvix_boot_tests::tree::{LIST_TREE, MAKE_TREE, TREE_ENTRIES, lines_with};
+use tvix_boot_tests::{Initramfs, assets, qemu};
+
+mod common;
+
+use common::tvix_boot;
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `store virtiofs`, its stderr collected; killed when dropped.
+struct Backend {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Backend {
+    fn start(data_home: &Path, socket: &Path, flags: &[&str]) -> Self {
+        let mut child = tvix_boot(data_home)
+            .args(["store", "virtiofs", "--socket"])
+            .arg(socket)
+            .args(flags)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let backend = Backend { child, log };
+        backend.wait_for_log("serving the store", 1);
+        assert!(
+            std::fs::symlink_metadata(socket)
+                .unwrap()
+                .file_type()
+                .is_socket(),
+            "the socket exists once the backend says it serves"
+        );
+        backend
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until `needle` has appeared `count` times in the backend's stderr.
+    fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while self.log().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "backend did not log {needle:?} {count} times; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Open descriptors and threads of the backend process, once they have settled (the
+    /// next session's queue threads start right after the previous session's end).
+    fn resources(&self) -> (usize, usize) {
+        let count = |dir: String| std::fs::read_dir(dir).unwrap().count();
+        let pid = self.child.id();
+        let sample = || {
+            (
+                count(format!("/proc/{pid}/fd")),
+                count(format!("/proc/{pid}/task")),
+            )
+        };
+        let mut last = sample();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = sample();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "backend ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn socket_is_private_and_sigterm_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vfs.sock");
+    let mut backend = Backend::start(dir.path(), &socket, &["--threads", "1"]);
+    let meta = std::fs::symlink_metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), unsafe { libc::getuid() });
+    assert!(backend.terminate().success(), "{}", backend.log());
+    assert!(!socket.exists(), "SIGTERM leaves no socket behind");
+    assert!(
+        backend.log().contains("socket removed"),
+        "{}",
+        backend.log()
+    );
+
+    // A group may connect too: mode 0660 and that group. Debian's nogroup is 65534.
+    let mut backend = Backend::start(dir.path(), &socket, &["--socket-group", "nogroup"]);
+    let meta = std::fs::symlink_metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534);
+    assert!(backend.terminate().success());
+
+    let out = tvix_boot(dir.path())
+        .args(["store", "virtiofs", "--socket"])
+        .arg(&socket)
+        .args(["--socket-group", "no-such-group-here"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"no-such-group-here\": no such group"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!socket.exists());
+}
+
+#[test]
+fn refuses_to_replace_a_file_or_a_served_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("precious");
+    std::fs::write(&file, "keep me").unwrap();
+    let out = tvix_boot(dir.path())
+        .args(["store", "virtiofs", "--socket"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    let socket = dir.path().join("vfs.sock");
+    let _first = Backend::start(dir.path(), &socket, &[]);
+    let out = tvix_boot(dir.path())
+        .args(["store", "virtiofs", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already served by another process"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(socket.exists(), "the first backend's socket is untouched");
+
+    // A stale socket (nobody accepts on it) is replaced.
+    drop(_first);
+    assert!(socket.exists(), "a killed backend leaves its socket");
+    let _second = Backend::start(dir.path(), &socket, &[]);
+}
+
+/// vhost-user message header flags and requests (the vhost-user specification).
+const VERSION: u32 = 0x1;
+const REPLY: u32 = 0x4;
+const GET_FEATURES: u32 = 1;
+const SET_OWNER: u32 = 3;
+const SET_VRING_NUM: u32 = 8;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_QUEUE_NUM: u32 = 17;
+
+fn message(request: u32, size: u32, body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&request.to_le_bytes());
+    msg.extend_from_slice(&VERSION.to_le_bytes());
+    msg.extend_from_slice(&size.to_le_bytes());
+    msg.extend_from_slice(body);
+    msg
+}
+
+/// Sends a request without a body and reads its u64 reply.
+fn ask_u64(stream: &mut UnixStream, request: u32) -> u64 {
+    stream.write_all(&message(request, 0, &[])).unwrap();
+    let mut reply = [0u8; 20];
+    stream.read_exact(&mut reply).unwrap();
+    let field = |i: usize| u32::from_le_bytes(reply[i..i + 4].try_into().unwrap());
+    assert_eq!(field(0), request, "reply to the request asked");
+    assert_eq!(field(4), VERSION | REPLY);
+    assert_eq!(field(8), 8);
+    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+}
+
+#[test]
+fn malformed_messages_end_the_session_not_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vfs.sock");
+    let mut backend = Backend::start(dir.path(), &socket, &["--threads", "2"]);
+    let mut vring_num = Vec::new();
+    vring_num.extend_from_slice(&1000u32.to_le_bytes()); // no such queue
+    vring_num.extend_from_slice(&64u32.to_le_bytes());
+    let sessions: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", (0..=255u8).cycle().take(300).collect()),
+        (
+            "a header announcing a 256 MiB body",
+            message(GET_FEATURES, 256 << 20, &[0; 64]),
+        ),
+        ("an unknown request", message(0xdead, 0, &[])),
+        ("half a header", message(GET_FEATURES, 0, &[])[..6].to_vec()),
+        (
+            "a queue index out of range",
+            [
+                message(SET_OWNER, 0, &[]),
+                message(SET_VRING_NUM, 8, &vring_num),
+            ]
+            .concat(),
+        ),
+    ];
+    let mut resources_after_first = None;
+    for (index, (what, bytes)) in sessions.iter().enumerate() {
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        if index == 0 {
+            // An honest start first: the backend answers what it offers.
+            let features = ask_u64(&mut stream, GET_FEATURES);
+            assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1: {features:#x}");
+            assert_ne!(features & (1 << 29), 0, "EVENT_IDX: {features:#x}");
+            assert_ne!(features & (1 << 28), 0, "INDIRECT_DESC: {features:#x}");
+            let protocol = ask_u64(&mut stream, GET_PROTOCOL_FEATURES);
+            assert_ne!(protocol & 1, 0, "MQ: {protocol:#x}");
+            let ack = message(SET_PROTOCOL_FEATURES, 8, &protocol.to_le_bytes());
+            stream.write_all(&ack).unwrap();
+            assert_eq!(ask_u64(&mut stream, GET_QUEUE_NUM), 3, "hiprio + 2");
+        }
+        let _ = stream.write_all(bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        // Whatever the backend answers, it must then end the session or wait for more;
+        // closing our end must end it.
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let _ = stream.read(&mut [0u8; 64]);
+        drop(stream);
+        backend.wait_for_log("waiting for the next frontend", index + 1);
+        assert!(
+            backend.alive(),
+            "{what} killed the backend:\n{}",
+            backend.log()
+        );
+        if index == 0 {
+            resources_after_first = Some(backend.resources());
+        }
+    }
+    assert_eq!(
+        Some(backend.resources()),
+        resources_after_first,
+        "descriptors and threads stay the same from session to session"
+    );
+    let log = backend.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("session ended"), "errors are reported: {log}");
+    assert!(backend.terminate().success());
+}
+
+/// A guest that mounts tag `tvix`, says so, then reads the large file forever.
+const GUEST_READ_FOREVER: &str = r#"
+mkdir -p /nix/store
+mount -t virtiofs tvix /nix/store || echo guest-mount-failed
+P=$(sed 's/.*tree.path=\([^ ]*\).*/\1/' /proc/cmdline)
+echo guest-reading
+while true; do cat "$P/large" > /dev/null; done
+"#;
+
+/// A guest that mounts tag `tvix` and lists the tree.
+const GUEST_LIST: &str = r#"
+mkdir -p /nix/store
+mount -t virtiofs -o ro tvix /nix/store || echo guest-mount-failed
+P=$(sed 's/.*tree.path=\([^ ]*\).*/\1/' /proc/cmdline)
+list_tree "$P" guest-entry stat
+poweroff -f
+"#;
+
+fn qemu_args(socket: &Path, bzimage: &Path, initrd: &Path, store_path: &str) -> Vec<String> {
+    [
+        "-M",
+        "microvm,memory-backend=mem",
+        "-cpu",
+        "max",
+        "-smp",
+        "1",
+        "-m",
+        "256",
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-chardev",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([
+        format!("socket,id=vfs,path={}", socket.display()),
+        "-device".into(),
+        "vhost-user-fs-device,chardev=vfs,tag=tvix,queue-size=1024".into(),
+        "-kernel".into(),
+        bzimage.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-append".into(),
+        format!("console=ttyS0 reboot=k panic=-1 quiet tree.path={store_path}"),
+    ])
+    .collect()
+}
+
+fn sh(script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn frontend_killed_mid_read_then_the_next_frontend_is_served() {
+    let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
+    let bzimage = vmlinux.with_file_name("bzImage");
+    let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    sh(&format!("{MAKE_TREE}make_tree {} 16", tree.display()));
+    let host_listing = sh(&format!(
+        "{LIST_TREE}list_tree {} entry store",
+        tree.display()
+    ));
+    let import = tvix_boot(dir.path())
+        .args(["store", "import"])
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert!(import.status.success());
+    let store_path = String::from_utf8(import.stdout).unwrap().trim().to_owned();
+
+    let initrd = |body: &str, name: &str| {
+        let bytes = Initramfs::busybox_init(&busybox, &format!("{LIST_TREE}{body}"))
+            .unwrap()
+            .finish();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let reader_initrd = initrd(GUEST_READ_FOREVER, "reader.cpio");
+    let lister_initrd = initrd(GUEST_LIST, "lister.cpio");
+    let socket = dir.path().join("vfs.sock");
+    let mut backend = Backend::start(dir.path(), &socket, &["--threads", "1"]);
+
+    // The first frontend is killed (SIGKILL, no goodbye) while its guest reads.
+    let mut first = Command::new(qemu::find_qemu().unwrap())
+        .args(["-accel", "tcg"])
+        .args(qemu_args(&socket, &bzimage, &reader_initrd, &store_path))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut console = BufReader::new(first.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut line = String::new();
+    while !line.contains("guest-reading") {
+        line.clear();
+        assert!(
+            console.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline,
+            "the first guest never started reading; backend log:\n{}",
+            backend.log()
+        );
+        assert!(!line.contains("guest-mount-failed"), "{line}");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    // Documented: the session ends, the backend stays and waits for the next frontend.
+    backend.wait_for_log("waiting for the next frontend", 1);
+    assert!(backend.alive(), "{}", backend.log());
+    assert!(socket.exists(), "the socket stays for the next frontend");
+
+    let second = qemu::run_qemu(
+        qemu_args(&socket, &bzimage, &lister_initrd, &store_path),
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    assert!(!second.timed_out, "{}", second.serial);
+    assert!(
+        !second.serial.contains("guest-mount-failed"),
+        "{}",
+        second.serial
+    );
+    let expected = lines_with(&host_listing, "entry ");
+    assert_eq!(expected.len(), TREE_ENTRIES);
+    assert_eq!(
+        lines_with(&second.serial, "guest-entry "),
+        expected,
+        "the second frontend's guest sees the whole tree as the source"
+    );
+
+    let log = backend.log();
+    assert_eq!(
+        log.matches("frontend connected: pid").count(),
+        2,
+        "both frontends named: {log}"
+    );
+    assert!(backend.terminate().success());
+    assert!(!socket.exists());
+}
