@@ -1,7 +1,7 @@
 //! The QEMU TCG "test host": a Linux booted under QEMU's software CPU with
 //! nested SVM, which gives it a real /dev/kvm (the build machines' own
 //! /dev/kvm is PVM and cannot run a Linux guest; see
-//! shared/docs/ENVIRONMENT.md). Each run boots a fresh test host from an
+//! docs/ARCHITECTURE.md). Each run boots a fresh test host from an
 //! initramfs holding busybox, the KVM modules, the guest kernel, tvix-boot and
 //! the test's files, runs one shell script as its /init's job, and reads the
 //! script's exit code back from the serial console.

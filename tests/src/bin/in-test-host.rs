@@ -1,5 +1,5 @@
 //! Runs a shell script inside the QEMU TCG test host, the way the end-to-end tests do:
-//! for machines whose /dev/kvm cannot boot Linux (see ENVIRONMENT.md). In the test host,
+//! for machines whose /dev/kvm cannot boot Linux (see docs/ARCHITECTURE.md). In the test host,
 //! `tvix-boot` (static, built if needed) is on PATH, TVIX_BOOT_KERNEL names the guest
 //! kernel and the embedded store lives under /tmp/data.
 //!
