@@ -7,11 +7,12 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tvix_boot_tests::nix::{nix, run};
 use tvix_boot_tests::tree::{LIST_TREE, MAKE_TREE, TREE_ENTRIES, lines_with};
 use tvix_boot_tests::{Initramfs, assets, qemu};
 
@@ -29,7 +30,12 @@ struct Backend {
 
 impl Backend {
     fn start(data_home: &Path, socket: &Path, flags: &[&str]) -> Self {
-        let mut child = tvix_boot(data_home)
+        Self::spawn(tvix_boot(data_home), socket, flags)
+    }
+
+    /// `command` is tvix-boot with its store set up; this adds the subcommand.
+    fn spawn(mut command: Command, socket: &Path, flags: &[&str]) -> Self {
+        let mut child = command
             .args(["store", "virtiofs", "--socket"])
             .arg(socket)
             .args(flags)
@@ -314,46 +320,112 @@ mkdir -p /nix/store
 mount -t virtiofs -o ro tvix /nix/store || echo guest-mount-failed
 P=$(sed 's/.*tree.path=\([^ ]*\).*/\1/' /proc/cmdline)
 list_tree "$P" guest-entry stat
-poweroff -f
+reboot -f
 "#;
 
-fn qemu_args(socket: &Path, bzimage: &Path, initrd: &Path, store_path: &str) -> Vec<String> {
-    [
-        "-M",
-        "microvm,memory-backend=mem",
-        "-cpu",
-        "max",
-        "-smp",
-        "1",
-        "-m",
-        "256",
-        "-object",
-        "memory-backend-memfd,id=mem,size=256M,share=on",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-chardev",
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain([
-        format!("socket,id=vfs,path={}", socket.display()),
-        "-device".into(),
-        "vhost-user-fs-device,chardev=vfs,tag=tvix,queue-size=1024".into(),
-        "-kernel".into(),
-        bzimage.display().to_string(),
-        "-initrd".into(),
-        initrd.display().to_string(),
-        "-append".into(),
-        format!("console=ttyS0 reboot=k panic=-1 quiet tree.path={store_path}"),
-    ])
-    .collect()
+/// QEMU guests on the build machine (TCG): the project's kernel and busybox initrds.
+///
+/// microvm with `acpi=off`: with its (hardware-reduced) ACPI Linux sees no PIT, and under
+/// TCG on a loaded machine the kernel then fails to calibrate the TSC and hangs at boot.
+/// Without ACPI there is no power-off either, so guests end with a triple-fault reboot
+/// (`reboot=t`), which `-no-reboot` turns into QEMU's exit.
+struct Guests {
+    bzimage: PathBuf,
+    reader: PathBuf,
+    lister: PathBuf,
+}
+
+impl Guests {
+    fn new(dir: &Path) -> Self {
+        let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
+        let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
+        let initrd = |body: &str, name: &str| {
+            let bytes = Initramfs::busybox_init(&busybox, &format!("{LIST_TREE}{body}"))
+                .unwrap()
+                .finish();
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        Guests {
+            bzimage: vmlinux.with_file_name("bzImage"),
+            reader: initrd(GUEST_READ_FOREVER, "reader.cpio"),
+            lister: initrd(GUEST_LIST, "lister.cpio"),
+        }
+    }
+
+    fn qemu_args(&self, socket: &Path, initrd: &Path, store_path: &str) -> Vec<String> {
+        [
+            "-M",
+            "microvm,acpi=off,memory-backend=mem",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            "256",
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-chardev",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            format!("socket,id=vfs,path={}", socket.display()),
+            "-device".into(),
+            "vhost-user-fs-device,chardev=vfs,tag=tvix,queue-size=1024".into(),
+            "-kernel".into(),
+            self.bzimage.display().to_string(),
+            "-initrd".into(),
+            initrd.display().to_string(),
+            "-append".into(),
+            format!("console=ttyS0 reboot=t panic=-1 quiet tree.path={store_path}"),
+        ])
+        .collect()
+    }
+
+    /// Boots a guest on `socket` that lists `store_path`; returns its `list_tree` lines.
+    fn list(&self, socket: &Path, store_path: &str) -> Vec<String> {
+        let out = qemu::run_qemu(
+            self.qemu_args(socket, &self.lister, store_path),
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        assert!(!out.timed_out, "{}", out.serial);
+        assert!(!out.serial.contains("guest-mount-failed"), "{}", out.serial);
+        lines_with(&out.serial, "guest-entry ")
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+}
+
+/// A tree made by `make_tree` and its listing as the store must show it.
+fn make_tree(dir: &Path, large_mib: u32) -> (PathBuf, Vec<String>) {
+    let tree = dir.join("tree");
+    sh(&format!(
+        "{MAKE_TREE}make_tree {} {large_mib}",
+        tree.display()
+    ));
+    let listing = sh(&format!(
+        "{LIST_TREE}list_tree {} entry store",
+        tree.display()
+    ));
+    let expected: Vec<String> = lines_with(&listing, "entry ")
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(expected.len(), TREE_ENTRIES);
+    (tree, expected)
 }
 
 fn sh(script: &str) -> String {
@@ -368,16 +440,9 @@ fn sh(script: &str) -> String {
 
 #[test]
 fn frontend_killed_mid_read_then_the_next_frontend_is_served() {
-    let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
-    let bzimage = vmlinux.with_file_name("bzImage");
-    let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
     let dir = tempfile::tempdir().unwrap();
-    let tree = dir.path().join("tree");
-    sh(&format!("{MAKE_TREE}make_tree {} 16", tree.display()));
-    let host_listing = sh(&format!(
-        "{LIST_TREE}list_tree {} entry store",
-        tree.display()
-    ));
+    let guests = Guests::new(dir.path());
+    let (tree, expected) = make_tree(dir.path(), 16);
     let import = tvix_boot(dir.path())
         .args(["store", "import"])
         .arg(&tree)
@@ -385,40 +450,47 @@ fn frontend_killed_mid_read_then_the_next_frontend_is_served() {
         .unwrap();
     assert!(import.status.success());
     let store_path = String::from_utf8(import.stdout).unwrap().trim().to_owned();
-
-    let initrd = |body: &str, name: &str| {
-        let bytes = Initramfs::busybox_init(&busybox, &format!("{LIST_TREE}{body}"))
-            .unwrap()
-            .finish();
-        let path = dir.path().join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    };
-    let reader_initrd = initrd(GUEST_READ_FOREVER, "reader.cpio");
-    let lister_initrd = initrd(GUEST_LIST, "lister.cpio");
     let socket = dir.path().join("vfs.sock");
     let mut backend = Backend::start(dir.path(), &socket, &["--threads", "1"]);
 
     // The first frontend is killed (SIGKILL, no goodbye) while its guest reads.
     let mut first = Command::new(qemu::find_qemu().unwrap())
         .args(["-accel", "tcg"])
-        .args(qemu_args(&socket, &bzimage, &reader_initrd, &store_path))
+        .args(guests.qemu_args(&socket, &guests.reader, &store_path))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut console = BufReader::new(first.stdout.take().unwrap());
+    // Console lines arrive over a channel so a guest that never gets going fails the
+    // test at the deadline instead of blocking it.
+    let (lines, console) = std::sync::mpsc::channel();
+    let stdout = first.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut line = String::new();
-    while !line.contains("guest-reading") {
-        line.clear();
-        assert!(
-            console.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline,
-            "the first guest never started reading; backend log:\n{}",
-            backend.log()
-        );
-        assert!(!line.contains("guest-mount-failed"), "{line}");
+    let mut seen = String::new();
+    while !seen.contains("guest-reading") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match console.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(_) => {
+                let _ = first.kill();
+                panic!(
+                    "the first guest never started reading; console:\n{seen}\nbackend log:\n{}",
+                    backend.log()
+                );
+            }
+        }
+        assert!(!seen.contains("guest-mount-failed"), "{seen}");
     }
     std::thread::sleep(Duration::from_millis(1500));
     first.kill().unwrap();
@@ -429,25 +501,11 @@ fn frontend_killed_mid_read_then_the_next_frontend_is_served() {
     assert!(backend.alive(), "{}", backend.log());
     assert!(socket.exists(), "the socket stays for the next frontend");
 
-    let second = qemu::run_qemu(
-        qemu_args(&socket, &bzimage, &lister_initrd, &store_path),
-        Duration::from_secs(300),
-    )
-    .unwrap();
-    assert!(!second.timed_out, "{}", second.serial);
-    assert!(
-        !second.serial.contains("guest-mount-failed"),
-        "{}",
-        second.serial
-    );
-    let expected = lines_with(&host_listing, "entry ");
-    assert_eq!(expected.len(), TREE_ENTRIES);
     assert_eq!(
-        lines_with(&second.serial, "guest-entry "),
+        guests.list(&socket, &store_path),
         expected,
         "the second frontend's guest sees the whole tree as the source"
     );
-
     let log = backend.log();
     assert_eq!(
         log.matches("frontend connected: pid").count(),
@@ -456,4 +514,45 @@ fn frontend_killed_mid_read_then_the_next_frontend_is_served() {
     );
     assert!(backend.terminate().success());
     assert!(!socket.exists());
+}
+
+/// Substitution is the store's business, so it works behind any transport: a backend
+/// on an empty store whose path info comes from a signed Nix binary cache serves a path
+/// that only the cache has, and the guest reads it whole.
+#[test]
+fn a_path_substituted_from_a_binary_cache_is_served_to_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let guests = Guests::new(dir.path());
+    let (tree, expected) = make_tree(dir.path(), 1);
+    let added = run(Command::new("nix-store").arg("--add").arg(&tree));
+    let store_path = String::from_utf8(added.stdout).unwrap().trim().to_owned();
+    let (secret, public) = (dir.path().join("sk"), dir.path().join("pk"));
+    run(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "vhost-user-test-1"])
+        .arg(&secret)
+        .arg(&public));
+    let cache = dir.path().join("cache");
+    run(nix(&dir.path().join("nix-cache"))
+        .args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}",
+            cache.display(),
+            secret.display()
+        ))
+        .arg(&store_path));
+
+    let empty = dir.path().join("empty-store");
+    let socket = dir.path().join("vfs.sock");
+    let path_info_addr = format!(
+        "nix+file://{}?trusted-public-keys={}",
+        cache.display(),
+        std::fs::read_to_string(&public).unwrap().trim()
+    );
+    let mut backend = {
+        let mut cmd = tvix_boot(&empty);
+        cmd.env("PATH_INFO_SERVICE_ADDR", &path_info_addr);
+        Backend::spawn(cmd, &socket, &["--threads", "1"])
+    };
+    assert_eq!(guests.list(&socket, &store_path), expected);
+    assert!(backend.terminate().success());
 }
