@@ -198,6 +198,24 @@ fn refuses_to_replace_a_file_or_a_served_socket() {
     );
     assert!(socket.exists(), "the first backend's socket is untouched");
 
+    // Another program's listening socket is refused too, and nothing connects to it (a
+    // probe would start a session of the backend behind it).
+    let foreign_path = dir.path().join("foreign.sock");
+    let foreign = std::os::unix::net::UnixListener::bind(&foreign_path).unwrap();
+    let out = tvix_boot(dir.path())
+        .args(["store", "virtiofs", "--socket"])
+        .arg(&foreign_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already served by another process"));
+    foreign.set_nonblocking(true).unwrap();
+    assert_eq!(
+        foreign.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "tvix-boot connected to a socket it was refusing"
+    );
+
     // A stale socket (nobody accepts on it) is replaced.
     drop(_first);
     assert!(socket.exists(), "a killed backend leaves its socket");

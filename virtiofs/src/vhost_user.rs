@@ -10,8 +10,10 @@
 use std::fs;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::{SocketAddr, UnixListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -89,30 +91,36 @@ pub struct SessionEnd {
 pub struct VhostUserFsSocket {
     listener: Listener,
     path: PathBuf,
+    /// Held for as long as this process serves `path` (see `claim`).
+    _claim: UnixListener,
 }
 
 impl VhostUserFsSocket {
     /// Creates the socket at `path`, readable and writable by the owner only (mode 0600),
-    /// or by `group` too (mode 0660). A stale socket left at `path` is replaced; a live one
-    /// (some process accepts on it) or anything that is not a socket is refused.
+    /// or by `group` too (mode 0660). A stale socket left at `path` is replaced; one that
+    /// another process listens on, or anything that is not a socket, is refused. Nothing
+    /// connects to an existing socket to find out: that would start (and end) a session of
+    /// the backend behind it.
     pub fn bind(path: &Path, group: Option<u32>) -> Result<Self, VhostUserFsError> {
+        let in_use = || VhostUserFsError::SocketInUse {
+            path: path.to_owned(),
+        };
+        let canonical = canonical_path(path)?;
+        let claim = claim(&canonical)?.ok_or_else(in_use)?;
         match fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(VhostUserFsError::NotASocket {
                     path: path.to_owned(),
                 });
             }
-            Ok(_) if UnixStream::connect(path).is_ok() => {
-                return Err(VhostUserFsError::SocketInUse {
-                    path: path.to_owned(),
-                });
-            }
+            Ok(_) if listened_on(path) || listened_on(&canonical) => return Err(in_use()),
             _ => {}
         }
         let listener = bind_with_mode(path, group)?;
         Ok(Self {
             listener: Listener::from(listener),
             path: path.to_owned(),
+            _claim: claim,
         })
     }
 
@@ -167,6 +175,60 @@ impl Drop for VhostUserFsSocket {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// `path` with its directory resolved (the socket itself need not exist yet).
+fn canonical_path(path: &Path) -> Result<PathBuf, VhostUserFsError> {
+    let bind_err = |source| VhostUserFsError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        bind_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path names no file",
+        ))
+    })?;
+    Ok(fs::canonicalize(parent).map_err(bind_err)?.join(file_name))
+}
+
+/// Claims the socket path `canonical` for this process: binds an abstract unix socket
+/// named after it. Another tvix-boot serving the same path holds that name (`None`); the
+/// kernel frees it when the holder ends, however it ends, so a killed backend leaves
+/// nothing that blocks the next one.
+fn claim(canonical: &Path) -> Result<Option<UnixListener>, VhostUserFsError> {
+    let bind_err = |source| VhostUserFsError::Bind {
+        path: canonical.to_owned(),
+        source,
+    };
+    let digest = blake3::hash(canonical.as_os_str().as_bytes());
+    let name = format!("tvix-boot/vhost-user-fs/{}", digest.to_hex());
+    let address = SocketAddr::from_abstract_name(name.as_bytes()).map_err(bind_err)?;
+    match UnixListener::bind_addr(&address) {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
+        Err(e) => Err(bind_err(e)),
+    }
+}
+
+/// Whether some process listens on the unix socket bound at `path` (as /proc/net/unix
+/// shows it: flags `00010000` mark a listening socket, the bound path ends the line).
+fn listened_on(path: &Path) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let Some(path) = path.to_str() else {
+        return false;
+    };
+    let suffix = format!(" {path}");
+    table
+        .lines()
+        .skip(1)
+        .any(|line| line.split_whitespace().nth(3) == Some("00010000") && line.ends_with(&suffix))
 }
 
 /// Binds in a private directory beside `path`, sets the mode, then renames into place: the
