@@ -359,15 +359,29 @@ fn mount(
 ) -> Result<(), CliError> {
     // Register for the signals before mounting, so none is lost in between.
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
-    let mounted = HostMount::mount(StoreFs::new(Arc::new(store), options), dir, threads)?;
+    let signals_handle = signals.handle();
+    // An unmount from outside ends the serving threads; closing the signal iterator then
+    // ends the wait below, as FUSE daemons exit when their file system goes away.
+    let mounted = HostMount::mount(
+        StoreFs::new(Arc::new(store), options),
+        dir,
+        threads,
+        Box::new(move || signals_handle.close()),
+    )?;
     eprintln!(
         "tvix-boot: store mounted at {}; SIGINT or SIGTERM unmounts",
         dir.display()
     );
-    if let Some(signal) = signals.forever().next() {
-        tracing::info!(signal, "unmounting");
+    match signals.forever().next() {
+        Some(signal) => {
+            tracing::info!(signal, "unmounting");
+            mounted.unmount()?;
+        }
+        None => {
+            eprintln!("tvix-boot: {} was unmounted; exiting", dir.display());
+            mounted.finish();
+        }
     }
-    mounted.unmount()?;
     Ok(())
 }
 

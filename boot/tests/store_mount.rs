@@ -238,3 +238,27 @@ fn real_tools_see_the_imported_tree() {
     assert!(out.stdout.is_empty(), "xattrs shown without --show-xattr");
     mount.stop();
 }
+
+/// Like other FUSE daemons, `store mount` ends when its file system is unmounted from
+/// outside, cleanly and by itself.
+#[test]
+fn exits_when_unmounted_from_outside() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mnt = work.path().join("mnt");
+    let mut mount = Mount::start(data.path(), &mnt, &["--threads", "3"]);
+    sh_ok(&format!("umount {}", mnt.display()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = mount.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store mount still runs 10 s after its file system was unmounted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "store mount exited with {status}");
+    assert!(!is_mounted(&mnt));
+}

@@ -1,8 +1,8 @@
 //! Mounting the store on the host through /dev/fuse, for users and for tests with real tools.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
@@ -20,7 +20,12 @@ pub enum MountError {
     Serve { path: PathBuf, reason: String },
 }
 
-/// A mounted store. Requests are served on `threads` threads until `unmount`.
+/// Called once when every serving thread has ended without `unmount`: the file system
+/// was unmounted from outside (`umount DIR`), or no thread can serve it any more.
+pub type OnServingEnded = Box<dyn FnOnce() + Send>;
+
+/// A mounted store. Requests are served on `threads` threads until `unmount`, or until
+/// the file system is unmounted from outside.
 pub struct HostMount {
     session: FuseSession,
     path: PathBuf,
@@ -30,7 +35,12 @@ pub struct HostMount {
 }
 
 impl HostMount {
-    pub fn mount(fs: StoreFs, path: &Path, threads: usize) -> Result<Self, MountError> {
+    pub fn mount(
+        fs: StoreFs,
+        path: &Path,
+        threads: usize,
+        on_serving_ended: OnServingEnded,
+    ) -> Result<Self, MountError> {
         let mount_err = |reason: String| MountError::Mount {
             path: path.to_owned(),
             reason,
@@ -40,17 +50,32 @@ impl HostMount {
         session.mount().map_err(|e| mount_err(e.to_string()))?;
         let server = Arc::new(Server::new(fs));
         let stopping = Arc::new(AtomicBool::new(false));
+        let threads = threads.max(1);
+        let serving = Arc::new(AtomicUsize::new(threads));
+        let on_serving_ended = Arc::new(Mutex::new(Some(on_serving_ended)));
         let mut workers = Vec::new();
-        for index in 0..threads.max(1) {
+        for index in 0..threads {
             let channel = session
                 .new_channel()
                 .map_err(|e| mount_err(e.to_string()))?;
             let server = server.clone();
             let path = path.to_owned();
             let stopping = stopping.clone();
+            let serving = serving.clone();
+            let on_serving_ended = on_serving_ended.clone();
             let worker = std::thread::Builder::new()
                 .name(format!("fuse-{index}"))
-                .spawn(move || serve(channel, &server, &path, &stopping))
+                .spawn(move || {
+                    let result = serve(channel, &server, &path, &stopping);
+                    let last = serving.fetch_sub(1, Ordering::SeqCst) == 1;
+                    if last && !stopping.load(Ordering::SeqCst) {
+                        let callback = on_serving_ended.lock().ok().and_then(|mut c| c.take());
+                        if let Some(callback) = callback {
+                            callback();
+                        }
+                    }
+                    result
+                })
                 .map_err(|e| mount_err(e.to_string()))?;
             workers.push(worker);
         }
@@ -70,6 +95,17 @@ impl HostMount {
             reason: e.to_string(),
         });
         self.session.wake().ok();
+        self.join_workers();
+        result
+    }
+
+    /// After `on_serving_ended`: collect the serving threads. The kernel has already let
+    /// go of the mount (reading /dev/fuse said so), so nothing is unmounted here.
+    pub fn finish(mut self) {
+        self.join_workers();
+    }
+
+    fn join_workers(&mut self) {
         for worker in self.workers.drain(..) {
             match worker.join() {
                 Ok(Ok(())) => {}
@@ -77,7 +113,6 @@ impl HostMount {
                 Err(_) => tracing::warn!("FUSE worker panicked"),
             }
         }
-        result
     }
 }
 
@@ -96,7 +131,7 @@ fn serve(
                     tracing::debug!(error = %e, "FUSE request failed");
                 }
             }
-            // The session was unmounted or woken for exit.
+            // The file system was unmounted (by us or from outside), or we were woken to exit.
             Ok(None) => return Ok(()),
             Err(_) if stopping.load(Ordering::SeqCst) => return Ok(()),
             Err(e) => {
