@@ -332,11 +332,12 @@ echo guest-reading
 while true; do cat "$P/large" > /dev/null; done
 "#;
 
-/// A guest that mounts tag `tvix` and lists the tree.
+/// A guest that mounts tag `tvix`, lists the store root and the tree.
 const GUEST_LIST: &str = r#"
 mkdir -p /nix/store
 mount -t virtiofs -o ro tvix /nix/store || echo guest-mount-failed
 P=$(sed 's/.*tree.path=\([^ ]*\).*/\1/' /proc/cmdline)
+ls /nix/store 2>&1 | sed 's/^/guest-root /'
 list_tree "$P" guest-entry stat
 reboot -f
 "#;
@@ -411,8 +412,9 @@ impl Guests {
         .collect()
     }
 
-    /// Boots a guest on `socket` that lists `store_path`; returns its `list_tree` lines.
-    fn list(&self, socket: &Path, store_path: &str) -> Vec<String> {
+    /// Boots a guest on `socket` that lists `store_path`; returns its `list_tree` lines
+    /// and what `ls /nix/store` said.
+    fn list(&self, socket: &Path, store_path: &str) -> (Vec<String>, Vec<String>) {
         let out = qemu::run_qemu(
             self.qemu_args(socket, &self.lister, store_path),
             Duration::from_secs(300),
@@ -420,10 +422,13 @@ impl Guests {
         .unwrap();
         assert!(!out.timed_out, "{}", out.serial);
         assert!(!out.serial.contains("guest-mount-failed"), "{}", out.serial);
-        lines_with(&out.serial, "guest-entry ")
-            .into_iter()
-            .map(String::from)
-            .collect()
+        let lines = |prefix| {
+            lines_with(&out.serial, prefix)
+                .into_iter()
+                .map(String::from)
+                .collect()
+        };
+        (lines("guest-entry "), lines("guest-root "))
     }
 }
 
@@ -469,7 +474,7 @@ fn frontend_killed_mid_read_then_the_next_frontend_is_served() {
     assert!(import.status.success());
     let store_path = String::from_utf8(import.stdout).unwrap().trim().to_owned();
     let socket = dir.path().join("vfs.sock");
-    let mut backend = Backend::start(dir.path(), &socket, &["--threads", "1"]);
+    let mut backend = Backend::start(dir.path(), &socket, &["--threads", "1", "--list-root"]);
 
     // The first frontend is killed (SIGKILL, no goodbye) while its guest reads.
     let mut first = Command::new(qemu::find_qemu().unwrap())
@@ -519,10 +524,15 @@ fn frontend_killed_mid_read_then_the_next_frontend_is_served() {
     assert!(backend.alive(), "{}", backend.log());
     assert!(socket.exists(), "the socket stays for the next frontend");
 
+    let (entries, root) = guests.list(&socket, &store_path);
     assert_eq!(
-        guests.list(&socket, &store_path),
-        expected,
+        entries, expected,
         "the second frontend's guest sees the whole tree as the source"
+    );
+    assert_eq!(
+        root,
+        [store_path.trim_start_matches("/nix/store/")],
+        "--list-root"
     );
     let log = backend.log();
     assert_eq!(
@@ -571,6 +581,12 @@ fn a_path_substituted_from_a_binary_cache_is_served_to_the_guest() {
         cmd.env("PATH_INFO_SERVICE_ADDR", &path_info_addr);
         Backend::spawn(cmd, &socket, &["--threads", "1"])
     };
-    assert_eq!(guests.list(&socket, &store_path), expected);
+    let (entries, root) = guests.list(&socket, &store_path);
+    assert_eq!(entries, expected);
+    assert_eq!(
+        root,
+        ["ls: can't open '/nix/store': Operation not permitted"],
+        "without --list-root the root cannot be listed"
+    );
     assert!(backend.terminate().success());
 }
