@@ -2,14 +2,16 @@
 //! as its source. Needs root and /dev/fuse; fails loudly without them.
 
 use std::fs;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::tvix_boot;
+use tvix_boot_tests::nix::{nix, run};
 
 fn sh(script: &str) -> Output {
     Command::new("sh")
@@ -43,12 +45,17 @@ struct Mount {
 
 impl Mount {
     fn start(data_home: &Path, dir: &Path, flags: &[&str]) -> Self {
+        Self::start_with(tvix_boot(data_home), dir, flags)
+    }
+
+    /// `command` is tvix-boot with its store set up; this adds the subcommand.
+    fn start_with(mut command: Command, dir: &Path, flags: &[&str]) -> Self {
         assert!(
             Path::new("/dev/fuse").exists(),
             "/dev/fuse is missing: the mount tests need FUSE"
         );
         fs::create_dir_all(dir).unwrap();
-        let child = tvix_boot(data_home)
+        let child = command
             .args(["store", "mount"])
             .arg(dir)
             .args(flags)
@@ -261,4 +268,183 @@ fn exits_when_unmounted_from_outside() {
     };
     assert!(status.success(), "store mount exited with {status}");
     assert!(!is_mounted(&mnt));
+}
+
+/// Holds up to 19,000 handles of `file` open in a bash process (its descriptor limit is
+/// 20,000 here): prints `held N`, or the error that stopped it first, then waits until
+/// its stdin closes.
+const HOLD_OPEN: &str = r#"
+ulimit -n 20000
+held=0
+while [ $held -lt 19000 ]; do
+  if ! exec {fd}<"$1"; then break; fi
+  held=$((held + 1))
+done
+echo "held $held"
+read -r _
+"#;
+
+/// The VMM's descriptors and memory must not follow what a guest (here: the host's FUSE
+/// client, the same file system) keeps open: one file opened 76,000 times by four
+/// processes, then 2,000 different files, then the tree walked three times.
+#[test]
+fn descriptors_and_memory_stay_bounded_however_much_is_opened() {
+    const MAX_OPEN_FILES: usize = 65_536; // StoreFs's limit
+    const OPEN_BLOBS: usize = 512; // StoreFs's cache of open blobs
+    const DISTINCT: usize = 2_000;
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("tree");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..DISTINCT {
+        fs::write(src.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    let out = tvix_boot(data.path())
+        .args(["store", "import"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let basename = String::from_utf8(out.stdout).unwrap().trim()["/nix/store/".len()..].to_owned();
+    let mnt = work.path().join("mnt");
+    let mount = Mount::start(data.path(), &mnt, &[]);
+    let tree = mnt.join(&basename);
+
+    let pid = mount.child.id();
+    let fds = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let rss_kib = || -> u64 {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    fs::read(tree.join("f0")).unwrap();
+    let (fds_before, rss_before) = (fds(), rss_kib());
+
+    let mut holders: Vec<Child> = (0..4)
+        .map(|_| {
+            Command::new("bash")
+                .args(["-c", HOLD_OPEN, "hold-open"])
+                .arg(tree.join("f1"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut held = 0;
+    for holder in &mut holders {
+        let mut line = String::new();
+        BufReader::new(holder.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        held += line
+            .trim()
+            .strip_prefix("held ")
+            .unwrap()
+            .parse::<usize>()
+            .unwrap();
+    }
+    let (fds_same_file, rss_same_file) = (fds(), rss_kib());
+    let mut refusals = String::new();
+    for mut holder in holders {
+        drop(holder.stdin.take());
+        let out = holder.wait_with_output().unwrap();
+        refusals.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(
+        held, MAX_OPEN_FILES,
+        "opens up to the limit succeed: {refusals}"
+    );
+    assert!(
+        refusals.contains("Too many open files in system"),
+        "past the limit the guest gets ENFILE: {refusals}"
+    );
+    assert!(
+        fds_same_file <= fds_before + 1,
+        "one blob open {MAX_OPEN_FILES} times holds one descriptor: {fds_before} -> {fds_same_file}"
+    );
+
+    let mut files: Vec<fs::File> = (0..DISTINCT)
+        .map(|i| fs::File::open(tree.join(format!("f{i}"))).unwrap())
+        .collect();
+    let fds_distinct = fds();
+    assert!(
+        fds_distinct <= fds_before + OPEN_BLOBS,
+        "{DISTINCT} open blobs hold at most {OPEN_BLOBS} descriptors: {fds_before} -> {fds_distinct}"
+    );
+    // Handles whose blob left the cache read the right bytes all the same.
+    for (i, file) in files.iter_mut().enumerate() {
+        let mut text = String::new();
+        file.read_to_string(&mut text).unwrap();
+        assert_eq!(text, format!("file {i}\n"));
+    }
+    drop(files);
+    for _ in 0..3 {
+        sh_ok(&format!(
+            "find {} -type f -exec cat {{}} + > /dev/null",
+            tree.display()
+        ));
+    }
+    let (fds_after, rss_after) = (fds(), rss_kib());
+    eprintln!(
+        "store mount: fds {fds_before} -> {fds_same_file} ({MAX_OPEN_FILES} handles of one file) \
+         -> {fds_distinct} ({DISTINCT} files open) -> {fds_after} (after 3 walks); \
+         RSS {rss_before} -> {rss_same_file} -> {rss_after} KiB"
+    );
+    assert!(fds_after <= fds_before + OPEN_BLOBS);
+    assert!(
+        rss_same_file < rss_before + 64 * 1024 && rss_after < rss_before + 64 * 1024,
+        "RSS grew more than 64 MiB: {rss_before} -> {rss_same_file} -> {rss_after} KiB"
+    );
+    mount.stop();
+}
+
+/// A name that looks like a store path but is in no store is remembered as missing for a
+/// while: lookups of it then ask neither the path-info service nor the binary cache.
+#[test]
+fn missing_paths_are_not_asked_for_again_until_their_time_is_up() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("late");
+    fs::write(&src, "arrived late\n").unwrap();
+    let added = run(Command::new("nix-store").arg("--add").arg(&src));
+    let store_path = String::from_utf8(added.stdout).unwrap().trim().to_owned();
+    let basename = store_path.trim_start_matches("/nix/store/").to_owned();
+    let (secret, public) = (work.path().join("sk"), work.path().join("pk"));
+    run(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "missing-test-1"])
+        .arg(&secret)
+        .arg(&public));
+    let cache = work.path().join("cache");
+    fs::create_dir_all(&cache).unwrap();
+    let mut command = tvix_boot(&work.path().join("data"));
+    command.env(
+        "PATH_INFO_SERVICE_ADDR",
+        format!(
+            "nix+file://{}?trusted-public-keys={}",
+            cache.display(),
+            fs::read_to_string(&public).unwrap().trim()
+        ),
+    );
+    let mnt = work.path().join("mnt");
+    let mount = Mount::start_with(command, &mnt, &[]);
+    let path = mnt.join(&basename);
+    assert!(!path.exists(), "not in the cache yet");
+    let looked_up = Instant::now();
+
+    // Now the cache has it; the mount does not look again before the time is up.
+    run(nix(&work.path().join("nix-cache"))
+        .args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}",
+            cache.display(),
+            secret.display()
+        ))
+        .arg(&store_path));
+    assert!(!path.exists(), "looked up again within the time");
+    let ttl = Duration::from_secs(30); // StoreFs's MISSING_PATH_TTL
+    assert!(looked_up.elapsed() < ttl, "the test itself took too long");
+    std::thread::sleep(ttl.saturating_sub(looked_up.elapsed()) + Duration::from_secs(1));
+    assert_eq!(fs::read_to_string(&path).unwrap(), "arrived late\n");
+    mount.stop();
 }

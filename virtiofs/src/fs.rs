@@ -8,9 +8,10 @@
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fuse_backend_rs::abi::fuse_abi::{CreateIn, stat64, statvfs64};
@@ -18,6 +19,7 @@ use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
     SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
+use lru::LruCache;
 use tvix_boot_store::blobservice::BlobReader;
 use tvix_boot_store::{B3Digest, Node, Store, StorePath};
 
@@ -32,6 +34,21 @@ const MTIME: i64 = 1;
 const BLOCK_SIZE: i64 = 4096;
 const XATTR_DIRECTORY_DIGEST: &[u8] = b"user.tvix.castore.directory.digest";
 const XATTR_BLOB_DIGEST: &[u8] = b"user.tvix.castore.blob.digest";
+
+/// File handles a guest may hold open at once; past that OPEN fails with ENFILE, as when
+/// a system's file table is full. Bounds the VMM's memory, not its descriptors (below).
+pub const MAX_OPEN_FILES: usize = 65_536;
+/// Directory handles a guest may hold open at once (each pins a listing); ENFILE past it.
+pub const MAX_OPEN_DIRS: usize = 16_384;
+/// Open blobs kept for reading, shared by every handle of the same blob: a local blob holds
+/// one host descriptor, so the VMM's descriptors follow this number, not the guest's opens.
+/// A handle whose blob was dropped from the cache reopens it on its next read.
+pub const OPEN_BLOBS: usize = 512;
+/// How long a name that is not in the store stays known as missing: lookups of it within
+/// that time neither ask the path-info service nor a binary cache behind it again.
+pub const MISSING_PATH_TTL: Duration = Duration::from_secs(30);
+/// Missing names remembered at once (least recently looked up forgotten first).
+const MISSING_PATHS: usize = 4096;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StoreFsOptions {
@@ -88,12 +105,21 @@ struct InodeTable {
     root_entries: HashMap<Bytes, u64>,
 }
 
+/// What a file handle stands for: the blob is fetched from `open_blobs` when read.
+#[derive(Clone, Copy)]
+struct OpenFile {
+    digest: B3Digest,
+    size: u64,
+}
+
 pub struct StoreFs {
     store: Arc<Store>,
     options: StoreFsOptions,
     inodes: RwLock<InodeTable>,
-    open_files: RwLock<HashMap<u64, Arc<dyn BlobReader>>>,
+    open_files: RwLock<HashMap<u64, OpenFile>>,
     open_dirs: RwLock<HashMap<u64, Arc<[Child]>>>,
+    open_blobs: Mutex<LruCache<B3Digest, Arc<dyn BlobReader>>>,
+    missing_paths: Mutex<LruCache<Bytes, Instant>>,
     next_handle: AtomicU64,
 }
 
@@ -117,6 +143,12 @@ impl StoreFs {
             inodes: RwLock::new(table),
             open_files: RwLock::new(HashMap::new()),
             open_dirs: RwLock::new(HashMap::new()),
+            open_blobs: Mutex::new(LruCache::new(
+                NonZeroUsize::new(OPEN_BLOBS).expect("OPEN_BLOBS is not zero"),
+            )),
+            missing_paths: Mutex::new(LruCache::new(
+                NonZeroUsize::new(MISSING_PATHS).expect("MISSING_PATHS is not zero"),
+            )),
             next_handle: AtomicU64::new(1),
         }
     }
@@ -201,15 +233,70 @@ impl StoreFs {
             return Ok(*inode);
         }
         let path = StorePath::from_basename_bytes(name).map_err(|_| errno(libc::ENOENT))?;
+        if self.recently_missing(name) {
+            return Err(errno(libc::ENOENT));
+        }
         let info = match self.store.path_info(&path) {
             Ok(Some(info)) => info,
-            Ok(None) => return Err(errno(libc::ENOENT)),
+            Ok(None) => {
+                self.missing_paths
+                    .lock()
+                    .expect("missing-path cache poisoned")
+                    .put(Bytes::copy_from_slice(name), Instant::now());
+                return Err(errno(libc::ENOENT));
+            }
             Err(e) => {
                 tracing::warn!(%path, error = %e, "cannot read path info");
                 return Err(errno(libc::EIO));
             }
         };
         Ok(self.remember_root_entry(name, &info.node))
+    }
+
+    fn recently_missing(&self, name: &[u8]) -> bool {
+        let mut missing = self
+            .missing_paths
+            .lock()
+            .expect("missing-path cache poisoned");
+        match missing.get(name) {
+            Some(since) if since.elapsed() < MISSING_PATH_TTL => true,
+            Some(_) => {
+                missing.pop(name);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The open blob `digest`, shared with every other handle of it; opened (outside the
+    /// cache's lock: a first open may verify a large blob) when the cache has none.
+    fn blob(&self, digest: &B3Digest, size: u64) -> io::Result<Arc<dyn BlobReader>> {
+        if let Some(blob) = self
+            .open_blobs
+            .lock()
+            .expect("blob cache poisoned")
+            .get(digest)
+        {
+            return Ok(blob.clone());
+        }
+        let blob: Arc<dyn BlobReader> = match self.store.blobs.open(digest) {
+            Ok(Some(blob)) if blob.size() == size => blob,
+            Ok(Some(blob)) => {
+                tracing::warn!(%digest, expected = size, actual = blob.size(), "blob has the wrong size");
+                return Err(errno(libc::EIO));
+            }
+            Ok(None) => {
+                tracing::warn!(%digest, "blob missing from the store");
+                return Err(errno(libc::EIO));
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot open blob");
+                return Err(errno(libc::EIO));
+            }
+        };
+        let mut cache = self.open_blobs.lock().expect("blob cache poisoned");
+        // Another thread may have opened it meanwhile: keep one, so descriptors stay shared.
+        Ok(cache.get_or_insert(*digest, || blob).clone())
     }
 
     fn remember_root_entry(&self, name: &[u8], node: &Node) -> u64 {
@@ -433,26 +520,16 @@ impl FileSystem for StoreFs {
                 ..
             } => return Err(errno(libc::ELOOP)),
         };
-        let blob = match self.store.blobs.open(&digest) {
-            Ok(Some(blob)) if blob.size() == size => blob,
-            Ok(Some(blob)) => {
-                tracing::warn!(%digest, expected = size, actual = blob.size(), "blob has the wrong size");
-                return Err(errno(libc::EIO));
-            }
-            Ok(None) => {
-                tracing::warn!(%digest, "blob missing from the store");
-                return Err(errno(libc::EIO));
-            }
-            Err(e) => {
-                tracing::warn!(%digest, error = %e, "cannot open blob");
-                return Err(errno(libc::EIO));
-            }
-        };
+        // Opened (and so checked) now, so a missing or damaged blob fails the open, not a
+        // later read.
+        self.blob(&digest, size)?;
         let handle = self.new_handle();
-        self.open_files
-            .write()
-            .expect("handle table poisoned")
-            .insert(handle, blob);
+        let mut open_files = self.open_files.write().expect("handle table poisoned");
+        if open_files.len() >= MAX_OPEN_FILES {
+            tracing::warn!(limit = MAX_OPEN_FILES, "open file limit reached");
+            return Err(errno(libc::ENFILE));
+        }
+        open_files.insert(handle, OpenFile { digest, size });
         Ok((Some(handle), OpenOptions::KEEP_CACHE, None))
     }
 
@@ -468,13 +545,14 @@ impl FileSystem for StoreFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
-        let blob = self
+        let file = self
             .open_files
             .read()
             .expect("handle table poisoned")
             .get(&handle)
-            .cloned();
-        let blob = blob.ok_or_else(|| errno(libc::EBADF))?;
+            .copied();
+        let file = file.ok_or_else(|| errno(libc::EBADF))?;
+        let blob = self.blob(&file.digest, file.size)?;
         if offset >= blob.size() {
             return Ok(0);
         }
@@ -524,10 +602,12 @@ impl FileSystem for StoreFs {
             _ => return Err(errno(libc::ENOTDIR)),
         };
         let handle = self.new_handle();
-        self.open_dirs
-            .write()
-            .expect("handle table poisoned")
-            .insert(handle, children);
+        let mut open_dirs = self.open_dirs.write().expect("handle table poisoned");
+        if open_dirs.len() >= MAX_OPEN_DIRS {
+            tracing::warn!(limit = MAX_OPEN_DIRS, "open directory limit reached");
+            return Err(errno(libc::ENFILE));
+        }
+        open_dirs.insert(handle, children);
         Ok((
             Some(handle),
             OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
