@@ -258,6 +258,8 @@ async fn put_nar(
                 .put_nar_file(&file_hash, &nar_sha256)
                 .map_err(StoreError::from)?;
         }
+        // Acknowledged below: what the upload stored must survive a crash from then on.
+        store.sync()?;
         tracing::info!(nar = %nixbase32::encode(&nar_sha256), size = nar.nar_size, "NAR uploaded");
         Ok(())
     })
