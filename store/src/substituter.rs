@@ -5,9 +5,17 @@
 //! the path info; later lookups are local.
 //!
 //! Trusted keys come as `?trusted-public-keys=name:base64,name:base64` on the address.
+//! Signatures are required, as Nix requires them by default: an address without trusted
+//! keys is refused unless it says `?require-sigs=false` (Nix's setting of that name).
+//!
+//! A cache is untrusted input: a narinfo may be at most `MAX_NARINFO_BYTES`, its `URL:`
+//! must be a relative path inside the cache, and a NAR may not be longer than the
+//! `NarSize:` its narinfo declares (checked as it streams in, so a decompression bomb
+//! stops there). HTTPS trusts the system's CA store plus the certificates in
+//! `NIX_SSL_CERT_FILE` and `SSL_CERT_FILE`, as Nix reads them.
 
-use std::io::Read;
-use std::path::PathBuf;
+use std::io::{self, Read};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use ed25519_dalek::{Signature as Ed25519Signature, Verifier, VerifyingKey};
@@ -50,7 +58,20 @@ pub enum SubstituteError {
     },
     #[error("{url}: decompressing: {source}")]
     Decompress { url: String, source: std::io::Error },
+    #[error("{url}: the narinfo is larger than {MAX_NARINFO_BYTES} bytes; refused")]
+    NarInfoTooLarge { url: String },
+    #[error("{narinfo}: URL {nar_url:?} is not a relative path inside the cache; refused")]
+    NarOutsideCache { narinfo: String, nar_url: String },
+    #[error("cannot read the CA certificates in {path} ({variable}): {reason}")]
+    CaFile {
+        variable: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 }
+
+/// Narinfos are a few hundred bytes; even thousands of references fit well below this.
+pub const MAX_NARINFO_BYTES: u64 = 1 << 20;
 
 impl From<SubstituteError> for PathInfoError {
     fn from(e: SubstituteError) -> Self {
@@ -59,13 +80,15 @@ impl From<SubstituteError> for PathInfoError {
 }
 
 enum Location {
-    Http(String),
+    Http { base: String, agent: ureq::Agent },
     Directory(PathBuf),
 }
 
 pub struct SubstitutingPathInfoService {
     location: Location,
     trusted_keys: Vec<(String, VerifyingKey)>,
+    /// False only when the address says `require-sigs=false`.
+    require_signatures: bool,
     /// What was substituted (and anything put here directly).
     local: Arc<dyn PathInfoService>,
     blobs: Arc<dyn BlobService>,
@@ -85,6 +108,7 @@ impl SubstitutingPathInfoService {
         };
         let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
         let mut trusted_keys = Vec::new();
+        let mut require_signatures = true;
         // Not `query_pairs`: form decoding turns the '+' of base64 keys into spaces.
         let options = parsed
             .query()
@@ -94,6 +118,18 @@ impl SubstitutingPathInfoService {
         for option in options {
             let (key, value) = option.split_once('=').unwrap_or((option, ""));
             let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+            if key == "require-sigs" {
+                require_signatures = match &*value {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(bad(&format!(
+                            "require-sigs is true or false, not {other:?}"
+                        )));
+                    }
+                };
+                continue;
+            }
             if key != "trusted-public-keys" {
                 return Err(bad(&format!("unknown option {key:?}")));
             }
@@ -119,7 +155,10 @@ impl SubstitutingPathInfoService {
                 if let Some(q) = base.find('?') {
                     base.truncate(q);
                 }
-                Location::Http(base.trim_end_matches('/').to_owned())
+                Location::Http {
+                    base: base.trim_end_matches('/').to_owned(),
+                    agent: https_agent()?,
+                }
             }
             "nix+file" => {
                 if parsed.host_str().is_some_and(|h| !h.is_empty()) || parsed.path().len() <= 1 {
@@ -129,9 +168,16 @@ impl SubstitutingPathInfoService {
             }
             other => return Err(bad(&format!("unknown scheme {other:?}"))),
         };
+        if require_signatures && trusted_keys.is_empty() {
+            return Err(bad(
+                "no trusted-public-keys given, and signatures are required: add \
+                 ?trusted-public-keys=name:base64 (or ?require-sigs=false to accept unsigned paths)",
+            ));
+        }
         Ok(Self {
             location,
             trusted_keys,
+            require_signatures,
             local,
             blobs,
             directories,
@@ -140,7 +186,7 @@ impl SubstitutingPathInfoService {
 
     fn describe(&self, name: &str) -> String {
         match &self.location {
-            Location::Http(base) => format!("{base}/{name}"),
+            Location::Http { base, .. } => format!("{base}/{name}"),
             Location::Directory(dir) => dir.join(name).display().to_string(),
         }
     }
@@ -153,7 +199,7 @@ impl SubstitutingPathInfoService {
             reason,
         };
         match &self.location {
-            Location::Http(_) => match ureq::get(&url).call() {
+            Location::Http { agent, .. } => match agent.get(&url).call() {
                 Ok(response) => Ok(Some(Box::new(response.into_body().into_reader()))),
                 Err(ureq::Error::StatusCode(404)) => Ok(None),
                 Err(e) => Err(fetch_err(e.to_string())),
@@ -167,7 +213,7 @@ impl SubstitutingPathInfoService {
     }
 
     fn check_signature(&self, narinfo: &NarInfo) -> Result<(), SubstituteError> {
-        if self.trusted_keys.is_empty() {
+        if !self.require_signatures {
             return Ok(());
         }
         let fingerprint = narinfo.fingerprint();
@@ -199,16 +245,20 @@ impl SubstitutingPathInfoService {
     fn substitute(&self, digest: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, SubstituteError> {
         let name = format!("{}.narinfo", nixbase32::encode(digest));
         let url = self.describe(&name);
-        let Some(mut reader) = self.fetch(&name)? else {
+        let Some(reader) = self.fetch(&name)? else {
             return Ok(None);
         };
         let mut text = String::new();
         reader
+            .take(MAX_NARINFO_BYTES + 1)
             .read_to_string(&mut text)
             .map_err(|e| SubstituteError::Fetch {
                 url: url.clone(),
                 reason: e.to_string(),
             })?;
+        if text.len() as u64 > MAX_NARINFO_BYTES {
+            return Err(SubstituteError::NarInfoTooLarge { url });
+        }
         let narinfo = NarInfo::parse(&text).map_err(|source| SubstituteError::NarInfo {
             url: url.clone(),
             source,
@@ -220,6 +270,12 @@ impl SubstitutingPathInfoService {
             });
         }
         self.check_signature(&narinfo)?;
+        if !is_inside_cache(&narinfo.url) {
+            return Err(SubstituteError::NarOutsideCache {
+                narinfo: url,
+                nar_url: narinfo.url,
+            });
+        }
 
         let nar_url = self.describe(&narinfo.url);
         let compressed = self
@@ -232,10 +288,16 @@ impl SubstitutingPathInfoService {
             url: nar_url.clone(),
             source,
         };
-        let input = narinfo
+        let decompressed = narinfo
             .compression
             .decoder(compressed)
             .map_err(decompress_err)?;
+        // One byte past the declared size is enough to know the NAR lies about it.
+        let input = AtMost {
+            inner: decompressed,
+            left: narinfo.nar_size.saturating_add(1),
+            declared: narinfo.nar_size,
+        };
         let ingested =
             crate::nar::ingest_nar(input, &*self.blobs, &*self.directories).map_err(|source| {
                 SubstituteError::Nar {
@@ -255,6 +317,84 @@ impl SubstitutingPathInfoService {
         tracing::info!(path = %narinfo.store_path, "substituted");
         Ok(Some(narinfo.into_path_info(ingested.node)))
     }
+}
+
+/// Whether a narinfo's `URL:` names a file inside the cache: a relative path of plain
+/// components, no scheme, no `..`, no absolute path.
+fn is_inside_cache(nar_url: &str) -> bool {
+    !nar_url.is_empty()
+        && !nar_url.contains("://")
+        && !nar_url.contains('\\')
+        && !nar_url.contains('?')
+        && !nar_url.contains('#')
+        && Path::new(nar_url)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Reads at most `left` bytes, then fails: a NAR streaming past its declared size is
+/// refused there, not after it filled the disk.
+struct AtMost<R> {
+    inner: R,
+    left: u64,
+    declared: u64,
+}
+
+impl<R: Read> Read for AtMost<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the NAR is longer than the {} bytes its narinfo declares",
+                    self.declared
+                ),
+            ));
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// An HTTP(S) client that trusts the system's CA store plus the certificates named by
+/// NIX_SSL_CERT_FILE and SSL_CERT_FILE.
+fn https_agent() -> Result<ureq::Agent, SubstituteError> {
+    let mut roots: Vec<ureq::tls::Certificate<'static>> = rustls_native_certs::load_native_certs()
+        .certs
+        .iter()
+        .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
+        .collect();
+    for variable in ["NIX_SSL_CERT_FILE", "SSL_CERT_FILE"] {
+        let Some(path) = std::env::var_os(variable).filter(|p| !p.is_empty()) else {
+            continue;
+        };
+        let path = PathBuf::from(path);
+        let ca_err = |reason: String| SubstituteError::CaFile {
+            variable,
+            path: path.clone(),
+            reason,
+        };
+        let pem = std::fs::read(&path).map_err(|e| ca_err(e.to_string()))?;
+        let before = roots.len();
+        for item in ureq::tls::parse_pem(&pem) {
+            if let ureq::tls::PemItem::Certificate(cert) =
+                item.map_err(|e| ca_err(e.to_string()))?
+            {
+                roots.push(cert.to_owned());
+            }
+        }
+        if roots.len() == before {
+            return Err(ca_err("no certificate in it".into()));
+        }
+    }
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+        .build();
+    Ok(ureq::Agent::config_builder().tls_config(tls).build().into())
 }
 
 impl PathInfoService for SubstitutingPathInfoService {
@@ -341,5 +481,130 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// A `nix+file://` cache in `dir` holding one path (a small file) whose narinfo
+    /// `tamper` may change and whose NAR is `nar_tail` longer than it should be.
+    /// Returns the path's digest.
+    fn malicious_cache(
+        dir: &Path,
+        tamper: impl FnOnce(&mut NarInfo),
+        nar_tail: &[u8],
+    ) -> [u8; DIGEST_LEN] {
+        let source = dir.join("payload");
+        std::fs::write(&source, b"harmless bytes\n").unwrap();
+        let scratch = Store::memory();
+        let info = crate::import::import_path(&scratch, &source, &mut |_| {}).unwrap();
+        let mut nar = Vec::new();
+        scratch.write_nar(&info.node, &mut nar).unwrap();
+        nar.extend_from_slice(nar_tail);
+        let mut narinfo = NarInfo::for_path_info(&info);
+        narinfo.url = "nar/payload.nar".into();
+        tamper(&mut narinfo);
+        let cache = dir.join("cache");
+        std::fs::create_dir_all(cache.join("nar")).unwrap();
+        std::fs::write(cache.join("nar/payload.nar"), &nar).unwrap();
+        let digest = *info.store_path.digest();
+        std::fs::write(
+            cache.join(format!("{}.narinfo", nixbase32::encode(&digest))),
+            narinfo.render(),
+        )
+        .unwrap();
+        digest
+    }
+
+    fn substitute(dir: &Path, options: &str, digest: &[u8; DIGEST_LEN]) -> String {
+        let store = Store::memory();
+        let url = format!("nix+file://{}?{options}", dir.join("cache").display());
+        let service = SubstitutingPathInfoService::new(
+            &url,
+            store.path_infos.clone(),
+            store.blobs.clone(),
+            store.directories.clone(),
+        )
+        .unwrap();
+        match service.get(digest) {
+            Ok(info) => format!("substituted: {info:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_honest_cache_substitutes() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = malicious_cache(dir.path(), |_| {}, b"");
+        let out = substitute(dir.path(), "require-sigs=false", &digest);
+        assert!(out.starts_with("substituted: Some"), "{out}");
+    }
+
+    #[test]
+    fn a_nar_url_outside_the_cache_is_refused() {
+        for url in [
+            "../payload",
+            "nar/../../payload",
+            "/etc/passwd",
+            "file:///etc/passwd",
+            "http://elsewhere/nar/x.nar",
+            "",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let digest = malicious_cache(dir.path(), |n| n.url = url.into(), b"");
+            let out = substitute(dir.path(), "require-sigs=false", &digest);
+            assert!(
+                out.contains("is not a relative path inside the cache"),
+                "{url:?}: {out}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_oversized_narinfo_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = malicious_cache(
+            dir.path(),
+            |n| n.url = format!("nar/{}", "x".repeat(MAX_NARINFO_BYTES as usize)),
+            b"",
+        );
+        let out = substitute(dir.path(), "require-sigs=false", &digest);
+        assert!(out.contains("narinfo is larger than"), "{out}");
+    }
+
+    #[test]
+    fn a_nar_longer_than_declared_stops_at_the_declared_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = malicious_cache(dir.path(), |n| n.nar_size -= 10, b"");
+        let out = substitute(dir.path(), "require-sigs=false", &digest);
+        assert!(out.contains("longer than the"), "{out}");
+        // Megabytes of garbage after an honest NAR: refused, not ingested.
+        let dir = tempfile::tempdir().unwrap();
+        let digest = malicious_cache(dir.path(), |_| {}, &vec![0u8; 4 << 20]);
+        let out = substitute(dir.path(), "require-sigs=false", &digest);
+        assert!(out.contains("nar/payload.nar"), "{out}");
+        assert!(!out.starts_with("substituted"), "{out}");
+    }
+
+    #[test]
+    fn unsigned_paths_need_an_explicit_opt_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = malicious_cache(dir.path(), |_| {}, b"");
+        let keys = "trusted-public-keys=test-1:WM8M69vA7+QE+3dyx/IatJOPoD79iWkgU8toUoqefMo=";
+        let out = substitute(dir.path(), keys, &digest);
+        assert!(
+            out.contains("no signature by a trusted key (test-1)"),
+            "{out}"
+        );
+        let store = Store::memory();
+        let refused = SubstitutingPathInfoService::new(
+            &format!("nix+file://{}", dir.path().join("cache").display()),
+            store.path_infos.clone(),
+            store.blobs.clone(),
+            store.directories.clone(),
+        )
+        .err()
+        .expect("an address without keys is refused");
+        assert!(
+            refused.to_string().contains("require-sigs=false"),
+            "{refused}"
+        );
     }
 }
