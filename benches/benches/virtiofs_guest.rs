@@ -77,6 +77,19 @@ cp -a {python_input} /tmp/share/python
 P=$(tvix-boot store import /tmp/share/tree)
 PY=$(tvix-boot store import /tmp/share/python)
 set +e
+# QEMU microvm with a vhost-user-fs device on socket $1; the rest is the guest cmdline.
+qemu_vhost_user_fs() {
+  socket=$1; shift
+  while [ ! -S "$socket" ]; do sleep 0.1; done
+  qemu-system-x86_64 -M microvm,memory-backend=mem -enable-kvm -cpu host -smp 1 -m 512 \
+    -object memory-backend-memfd,id=mem,size=512M,share=on \
+    -nodefaults -no-user-config -display none -monitor none -serial stdio -no-reboot \
+    -chardev socket,id=vfs,path="$socket" \
+    -device vhost-user-fs-device,chardev=vfs,tag=tvix,queue-size=1024 \
+    -kernel {bzimage} -initrd {initrd} \
+    -append "console=ttyS0 reboot=k panic=-1 quiet $*"
+  wait
+}
 run=0
 while [ $run -lt {runs} ]; do
   run=$((run + 1))
@@ -85,27 +98,11 @@ while [ $run -lt {runs} ]; do
   echo "bench-backend qemu+tvix-vhost-user"
   rm -f /tmp/tvix.sock
   tvix-boot store virtiofs --socket /tmp/tvix.sock --threads 1 --once 2>/dev/null &
-  while [ ! -S /tmp/tvix.sock ]; do sleep 0.1; done
-  qemu-system-x86_64 -M microvm,memory-backend=mem -enable-kvm -cpu host -smp 1 -m 512 \
-    -object memory-backend-memfd,id=mem,size=512M,share=on \
-    -nodefaults -no-user-config -display none -monitor none -serial stdio -no-reboot \
-    -chardev socket,id=vfs,path=/tmp/tvix.sock \
-    -device vhost-user-fs-device,chardev=vfs,tag=tvix,queue-size=1024 \
-    -kernel {bzimage} -initrd {initrd} \
-    -append "console=ttyS0 reboot=k panic=-1 quiet bench.path=$P bench.python=$PY"
-  wait
+  qemu_vhost_user_fs /tmp/tvix.sock "bench.path=$P bench.python=$PY"
   echo "bench-backend qemu+virtiofsd"
   rm -f /tmp/vfs.sock
   {virtiofsd} --socket-path=/tmp/vfs.sock --shared-dir=/tmp/share --sandbox=none --cache=auto &
-  while [ ! -S /tmp/vfs.sock ]; do sleep 0.1; done
-  qemu-system-x86_64 -M microvm,memory-backend=mem -enable-kvm -cpu host -smp 1 -m 512 \
-    -object memory-backend-memfd,id=mem,size=512M,share=on \
-    -nodefaults -no-user-config -display none -monitor none -serial stdio -no-reboot \
-    -chardev socket,id=vfs,path=/tmp/vfs.sock \
-    -device vhost-user-fs-device,chardev=vfs,tag=tvix,queue-size=1024 \
-    -kernel {bzimage} -initrd {initrd} \
-    -append "console=ttyS0 reboot=k panic=-1 quiet bench.path=/nix/store/tree bench.python=/nix/store/python"
-  wait
+  qemu_vhost_user_fs /tmp/vfs.sock "bench.path=/nix/store/tree bench.python=/nix/store/python"
 done
 "#;
 

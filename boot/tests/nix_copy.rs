@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use tvix_boot_tests::nix::{ServeNar, nix, run};
+use tvix_boot_tests::nix::{CacheKey, ServeNar, nix, run};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tvix-boot");
 
@@ -331,21 +331,9 @@ fn paths_substitute_lazily_from_a_binary_cache() {
     let (top, dep) = closure();
     let work = tempfile::tempdir().unwrap();
     let cache_dir = work.path().join("cache");
-    let (secret, public) = (work.path().join("sk"), work.path().join("pk"));
-    run(Command::new("nix-store")
-        .args(["--generate-binary-cache-key", "test-cache-1"])
-        .arg(&secret)
-        .arg(&public));
+    let key = CacheKey::generate(work.path(), "test-cache-1");
+    key.copy_to(&cache_dir, &[top]);
     let nix_cache = tempfile::tempdir().unwrap();
-    run(nix(nix_cache.path())
-        .args(["copy", "--to"])
-        .arg(format!(
-            "file://{}?secret-key={}",
-            cache_dir.display(),
-            secret.display()
-        ))
-        .arg(top));
-    let public_key = std::fs::read_to_string(&public).unwrap();
 
     // Each run starts from an empty embedded store: everything must come from the cache.
     let with_cache = |addr: &str, args: &[&str]| {
@@ -358,11 +346,7 @@ fn paths_substitute_lazily_from_a_binary_cache() {
             .output()
             .unwrap()
     };
-    let trusted = format!(
-        "nix+file://{}?trusted-public-keys={}",
-        cache_dir.display(),
-        public_key.trim()
-    );
+    let trusted = key.file_cache_address(&cache_dir);
     let out = with_cache(&trusted, &["export-nar", top]);
     assert!(
         out.status.success(),
@@ -524,19 +508,8 @@ fn substitutes_over_https_from_a_server_the_configured_ca_signed() {
     let (top, _) = closure();
     let work = tempfile::tempdir().unwrap();
     let cache_dir = work.path().join("cache");
-    let (secret, public) = (work.path().join("sk"), work.path().join("pk"));
-    run(Command::new("nix-store")
-        .args(["--generate-binary-cache-key", "tls-cache-1"])
-        .arg(&secret)
-        .arg(&public));
-    run(nix(&work.path().join("nix-cache"))
-        .args(["copy", "--to"])
-        .arg(format!(
-            "file://{}?secret-key={}",
-            cache_dir.display(),
-            secret.display()
-        ))
-        .arg(top));
+    let key = CacheKey::generate(work.path(), "tls-cache-1");
+    key.copy_to(&cache_dir, &[top]);
     certificates(work.path(), "good");
     certificates(work.path(), "other");
 
@@ -569,7 +542,7 @@ fn substitutes_over_https_from_a_server_the_configured_ca_signed() {
 
     let address = format!(
         "nix+https://127.0.0.1:{port}?trusted-public-keys={}",
-        std::fs::read_to_string(&public).unwrap().trim()
+        key.public
     );
     let export = |ca: Option<&Path>| {
         let data = tempfile::tempdir().unwrap();

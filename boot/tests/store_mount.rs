@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::tvix_boot;
-use tvix_boot_tests::nix::{nix, run};
+use tvix_boot_tests::nix::{CacheKey, run};
 
 fn sh(script: &str) -> Output {
     Command::new("sh")
@@ -410,22 +410,11 @@ fn missing_paths_are_not_asked_for_again_until_their_time_is_up() {
     let added = run(Command::new("nix-store").arg("--add").arg(&src));
     let store_path = String::from_utf8(added.stdout).unwrap().trim().to_owned();
     let basename = store_path.trim_start_matches("/nix/store/").to_owned();
-    let (secret, public) = (work.path().join("sk"), work.path().join("pk"));
-    run(Command::new("nix-store")
-        .args(["--generate-binary-cache-key", "missing-test-1"])
-        .arg(&secret)
-        .arg(&public));
+    let key = CacheKey::generate(work.path(), "missing-test-1");
     let cache = work.path().join("cache");
     fs::create_dir_all(&cache).unwrap();
     let mut command = tvix_boot(&work.path().join("data"));
-    command.env(
-        "PATH_INFO_SERVICE_ADDR",
-        format!(
-            "nix+file://{}?trusted-public-keys={}",
-            cache.display(),
-            fs::read_to_string(&public).unwrap().trim()
-        ),
-    );
+    command.env("PATH_INFO_SERVICE_ADDR", key.file_cache_address(&cache));
     let mnt = work.path().join("mnt");
     let mount = Mount::start_with(command, &mnt, &[]);
     let path = mnt.join(&basename);
@@ -433,14 +422,7 @@ fn missing_paths_are_not_asked_for_again_until_their_time_is_up() {
     let looked_up = Instant::now();
 
     // Now the cache has it; the mount does not look again before the time is up.
-    run(nix(&work.path().join("nix-cache"))
-        .args(["copy", "--to"])
-        .arg(format!(
-            "file://{}?secret-key={}",
-            cache.display(),
-            secret.display()
-        ))
-        .arg(&store_path));
+    key.copy_to(&cache, &[&store_path]);
     assert!(!path.exists(), "looked up again within the time");
     let ttl = Duration::from_secs(30); // StoreFs's MISSING_PATH_TTL
     assert!(looked_up.elapsed() < ttl, "the test itself took too long");

@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tvix_boot_tests::nix::{nix, run};
+use tvix_boot_tests::nix::{CacheKey, run};
 use tvix_boot_tests::tree::{LIST_TREE, MAKE_TREE, TREE_ENTRIES, lines_with};
 use tvix_boot_tests::{Initramfs, assets, qemu};
 
@@ -554,31 +554,15 @@ fn a_path_substituted_from_a_binary_cache_is_served_to_the_guest() {
     let (tree, expected) = make_tree(dir.path(), 1);
     let added = run(Command::new("nix-store").arg("--add").arg(&tree));
     let store_path = String::from_utf8(added.stdout).unwrap().trim().to_owned();
-    let (secret, public) = (dir.path().join("sk"), dir.path().join("pk"));
-    run(Command::new("nix-store")
-        .args(["--generate-binary-cache-key", "vhost-user-test-1"])
-        .arg(&secret)
-        .arg(&public));
+    let key = CacheKey::generate(dir.path(), "vhost-user-test-1");
     let cache = dir.path().join("cache");
-    run(nix(&dir.path().join("nix-cache"))
-        .args(["copy", "--to"])
-        .arg(format!(
-            "file://{}?secret-key={}",
-            cache.display(),
-            secret.display()
-        ))
-        .arg(&store_path));
+    key.copy_to(&cache, &[&store_path]);
 
     let empty = dir.path().join("empty-store");
     let socket = dir.path().join("vfs.sock");
-    let path_info_addr = format!(
-        "nix+file://{}?trusted-public-keys={}",
-        cache.display(),
-        std::fs::read_to_string(&public).unwrap().trim()
-    );
     let mut backend = {
         let mut cmd = tvix_boot(&empty);
-        cmd.env("PATH_INFO_SERVICE_ADDR", &path_info_addr);
+        cmd.env("PATH_INFO_SERVICE_ADDR", key.file_cache_address(&cache));
         Backend::spawn(cmd, &socket, &["--threads", "1"])
     };
     let (entries, root) = guests.list(&socket, &store_path);

@@ -108,3 +108,57 @@ impl Drop for ServeNar {
         let _ = self.child.wait();
     }
 }
+
+/// A binary-cache signing key made by `nix-store --generate-binary-cache-key`, for signed
+/// `file://` caches that `nix copy` fills.
+pub struct CacheKey {
+    secret: std::path::PathBuf,
+    /// `name:base64`, as `trusted-public-keys=` takes it.
+    pub public: String,
+    /// Nix's own cache directory for the copies (see [`nix`]).
+    nix_cache: std::path::PathBuf,
+}
+
+impl CacheKey {
+    /// A fresh key called `name`, its files kept in `dir`.
+    pub fn generate(dir: &Path, name: &str) -> Self {
+        let secret = dir.join(format!("{name}.secret"));
+        let public = dir.join(format!("{name}.public"));
+        run(Command::new("nix-store")
+            .arg("--generate-binary-cache-key")
+            .arg(name)
+            .arg(&secret)
+            .arg(&public));
+        let public = std::fs::read_to_string(&public)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", public.display()))
+            .trim()
+            .to_owned();
+        CacheKey {
+            secret,
+            public,
+            nix_cache: dir.join(format!("{name}.nix-cache")),
+        }
+    }
+
+    /// `nix copy` of `paths` and their closures into the `file://` cache at `cache`,
+    /// signed with this key.
+    pub fn copy_to(&self, cache: &Path, paths: &[&str]) {
+        run(nix(&self.nix_cache)
+            .args(["copy", "--to"])
+            .arg(format!(
+                "file://{}?secret-key={}",
+                cache.display(),
+                self.secret.display()
+            ))
+            .args(paths));
+    }
+
+    /// The substituter address of `cache` trusting this key.
+    pub fn file_cache_address(&self, cache: &Path) -> String {
+        format!(
+            "nix+file://{}?trusted-public-keys={}",
+            cache.display(),
+            self.public
+        )
+    }
+}

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tvix_boot_tests::nix::{ServeNar, nix, run};
+use tvix_boot_tests::nix::{CacheKey, ServeNar, nix, run};
 use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(420);
@@ -81,20 +81,9 @@ fn a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily() {
 
     // Route 2: a signed file:// binary cache.
     let cache = work.path().join("cache");
-    let (secret, public) = (work.path().join("sk"), work.path().join("pk"));
-    run(Command::new("nix-store")
-        .args(["--generate-binary-cache-key", "closure-test-1"])
-        .arg(&secret)
-        .arg(&public));
-    run(nix(&nix_cache)
-        .args(["copy", "--to"])
-        .arg(format!(
-            "file://{}?secret-key={}",
-            cache.display(),
-            secret.display()
-        ))
-        .arg(&greeter));
-    let public_key = std::fs::read_to_string(&public).unwrap();
+    let key = CacheKey::generate(work.path(), "closure-test-1");
+    key.copy_to(&cache, &[&greeter]);
+    let public_key = &key.public;
 
     let mut files = Vec::new();
     tree_files(&data_home, "/input/data", &mut files);

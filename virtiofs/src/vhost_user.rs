@@ -177,23 +177,33 @@ impl Drop for VhostUserFsSocket {
     }
 }
 
-/// `path` with its directory resolved (the socket itself need not exist yet).
-fn canonical_path(path: &Path) -> Result<PathBuf, VhostUserFsError> {
-    let bind_err = |source| VhostUserFsError::Bind {
+fn bind_error(path: &Path) -> impl Fn(io::Error) -> VhostUserFsError + Copy + '_ {
+    move |source| VhostUserFsError::Bind {
         path: path.to_owned(),
         source,
-    };
-    let parent = match path.parent() {
+    }
+}
+
+/// The directory the socket `path` goes in (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
+    }
+}
+
+/// `path` with its directory resolved (the socket itself need not exist yet).
+fn canonical_path(path: &Path) -> Result<PathBuf, VhostUserFsError> {
+    let bind_err = bind_error(path);
     let file_name = path.file_name().ok_or_else(|| {
         bind_err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "the socket path names no file",
         ))
     })?;
-    Ok(fs::canonicalize(parent).map_err(bind_err)?.join(file_name))
+    Ok(fs::canonicalize(parent_dir(path))
+        .map_err(bind_err)?
+        .join(file_name))
 }
 
 /// Claims the socket path `canonical` for this process: binds an abstract unix socket
@@ -201,10 +211,7 @@ fn canonical_path(path: &Path) -> Result<PathBuf, VhostUserFsError> {
 /// kernel frees it when the holder ends, however it ends, so a killed backend leaves
 /// nothing that blocks the next one.
 fn claim(canonical: &Path) -> Result<Option<UnixListener>, VhostUserFsError> {
-    let bind_err = |source| VhostUserFsError::Bind {
-        path: canonical.to_owned(),
-        source,
-    };
+    let bind_err = bind_error(canonical);
     let digest = blake3::hash(canonical.as_os_str().as_bytes());
     let name = format!("tvix-boot/vhost-user-fs/{}", digest.to_hex());
     let address = SocketAddr::from_abstract_name(name.as_bytes()).map_err(bind_err)?;
@@ -235,17 +242,10 @@ fn listened_on(path: &Path) -> bool {
 /// socket never exists at `path` with looser permissions, and no process-wide umask is
 /// touched.
 fn bind_with_mode(path: &Path, group: Option<u32>) -> Result<UnixListener, VhostUserFsError> {
-    let bind_err = |source| VhostUserFsError::Bind {
-        path: path.to_owned(),
-        source,
-    };
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let bind_err = bind_error(path);
     let staging = tempfile::Builder::new()
         .prefix(".tvix-vu-")
-        .tempdir_in(parent)
+        .tempdir_in(parent_dir(path))
         .map_err(bind_err)?;
     let staged = staging.path().join("s");
     let listener = UnixListener::bind(&staged).map_err(bind_err)?;
