@@ -75,6 +75,9 @@ echo run-args-begin
 tvix-boot --run "$BB/bin/busybox" -- printf 'arg=[%s]\n' 'a b' '' ' lead' 'x"y' '$HOME'
 echo "run-args-status=$?"
 echo run-args-end
+echo run-lines-begin
+tvix-boot --run "$BB/bin/busybox" -- seq 1 3000
+echo run-lines-end
 tvix-boot --run "$BB/bin/sh" -- -c 'exit 42'
 echo "run-exit-status=$?"
 tvix-boot --run "$BB/bin/sh" -- -c 'kill -SEGV $$'
@@ -105,6 +108,17 @@ echo missing-end
         "arguments arrive intact: {out}"
     );
     assert_eq!(value(&out, "run-args-status"), "0", "{out}");
+    // A program that ends right after writing kilobytes: its last lines must not be lost
+    // when it exits (the keeper lets the console drain before the session ends).
+    let numbers: Vec<u32> = between(&out, "run-lines-begin", "run-lines-end")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=3000).collect::<Vec<u32>>(),
+        "every line of seq 1 3000 arrives, in order: {out}"
+    );
     assert!(
         run_args.contains("Nothing left to be done, powering off."),
         "{out}"

@@ -35,6 +35,8 @@ pub enum InitError {
     Exec { path: String, source: io::Error },
     /// waitpid failed while waiting for the program.
     Wait { pid: u32, source: io::Error },
+    /// fork of the process that runs the program failed.
+    Fork { source: io::Error },
 }
 
 impl fmt::Display for InitError {
@@ -59,6 +61,7 @@ impl fmt::Display for InitError {
             }
             InitError::Exec { path, source } => write!(f, "cannot exec {path}: {source}"),
             InitError::Wait { pid, source } => write!(f, "waiting for pid {pid}: {source}"),
+            InitError::Fork { source } => write!(f, "cannot fork to run the program: {source}"),
         }
     }
 }

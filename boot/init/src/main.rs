@@ -8,7 +8,7 @@
 //! 3. Reads /proc/cmdline and does the first of (see [`protocol`] for the
 //!    exact keys and the `tvix.args` encoding):
 //!    `tvix.find` (list /nix/store), `tvix.shell[=PATH]` (shell on the
-//!    console, as session leader with the console as controlling terminal),
+//!    console, in a session whose controlling terminal is the console),
 //!    `tvix.run=PATH` (+ `tvix.args`), `init=PATH` (tmpfs at /fs, store
 //!    *moved* to /fs/nix/store, /dev /proc /sys moved along, switch_root into
 //!    /fs and exec PATH as PID 1 — the initramfs is not emptied first: it
@@ -68,6 +68,9 @@ const NEW_ROOT: &str = "/fs";
 /// How long power-off waits for the console to drain: a console that never
 /// drains must not keep the VM from stopping.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the keeper waits for a finished program's output to leave the console
+/// (more than power-off's wait: a whole terminal buffer may still be queued).
+const PROGRAM_DRAIN_SECS: u32 = 10;
 /// Environment variables given to programs when the kernel did not set them.
 const DEFAULT_ENV: &[(&str, &str)] = &[("PATH", "/bin:/sbin"), ("HOME", "/"), ("TERM", "linux")];
 
@@ -224,12 +227,53 @@ fn console_tty() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/dev/ttyS0"))
 }
 
-/// Runs `path` with `args` as a session leader on the console, waits for it
-/// (reaping orphans meanwhile) and returns its status.
+/// Runs `path` with `args` on the console, waits for it (reaping orphans meanwhile) and
+/// returns its status.
+///
+/// A keeper process stands between us and the program and holds the console's session:
+/// when a session leader exits, the kernel hangs its terminal up and throws away output
+/// not yet sent, so on a slow console the program's last lines were lost. The keeper
+/// waits for the program, lets the console drain, then exits with the program's status.
 fn run_program(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> Result<u32, InitError> {
-    // Converted before the fork: the pre_exec hook must not allocate.
     let tty = CString::new(console_tty().into_os_string().into_vec())
         .unwrap_or_else(|_| c"/dev/console".to_owned());
+    // SAFETY: PID 1 runs no other thread before it powers off, so the child may use
+    // anything the parent could; it only ever leaves through `_exit`.
+    let keeper = unsafe { libc::fork() };
+    if keeper < 0 {
+        return Err(InitError::Fork {
+            source: io::Error::last_os_error(),
+        });
+    }
+    if keeper == 0 {
+        sys::become_session_leader_on(&tty);
+        let status = run_in_session(path, args, store);
+        sys::tcdrain_at_most(1, PROGRAM_DRAIN_SECS);
+        // `_exit`: no atexit handlers, no second flush of buffers copied from PID 1.
+        sys::exit_now(status);
+    }
+    let keeper = keeper as u32;
+    loop {
+        match sys::wait_any(true) {
+            Ok(Some(reaped)) if reaped.pid as u32 == keeper => {
+                reap_orphans();
+                return Ok(reaped.status);
+            }
+            Ok(_) => {} // an orphan, reaped
+            Err(source) => {
+                return Err(InitError::Wait {
+                    pid: keeper,
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// The keeper's part: the program runs in the keeper's session and process group (the
+/// console's foreground group), so Ctrl-C reaches it; the keeper itself ignores the
+/// terminal's signals from then on. Returns the status the way shells report it.
+fn run_in_session(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> u32 {
     let mut cmd = Command::new(path);
     cmd.args(args.iter().map(|a| OsStr::from_bytes(a)))
         .current_dir("/");
@@ -238,15 +282,7 @@ fn run_program(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> Resu
             cmd.env(key, value);
         }
     }
-    // SAFETY: the hook runs between fork and exec and only makes
-    // async-signal-safe calls (see `become_session_leader_on`).
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::become_session_leader_on(&tty);
-            Ok(())
-        });
-    }
-    let child = match cmd.spawn() {
+    let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
             let hint = match store {
@@ -255,25 +291,24 @@ fn run_program(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> Resu
             };
             say!("tvix-init: cannot run {path}: {e}{hint}");
             // Shell conventions: 127 not found, 126 found but not runnable.
-            return Ok(if e.kind() == io::ErrorKind::NotFound {
+            return if e.kind() == io::ErrorKind::NotFound {
                 127
             } else {
                 126
-            });
+            };
         }
     };
-    let pid = child.id();
-    // `child` is never waited on through std: PID 1 reaps with waitpid(-1)
-    // below, which would race std's waitpid(pid). Dropping it does not kill.
-    drop(child);
-    loop {
-        match sys::wait_any(true) {
-            Ok(Some(reaped)) if reaped.pid as u32 == pid => {
-                reap_orphans();
-                return Ok(reaped.status);
-            }
-            Ok(_) => {} // an orphan, reaped
-            Err(source) => return Err(InitError::Wait { pid, source }),
+    // After the spawn, so the program starts with default dispositions.
+    sys::ignore_terminal_signals();
+    let raw = child
+        .wait()
+        .map(std::os::unix::process::ExitStatusExt::into_raw);
+    match raw.ok().and_then(sys::shell_status) {
+        Some(status) => status,
+        None => {
+            // The keeper's exit code is all PID 1 hears: 1, with the reason on the console.
+            say!("tvix-init: lost track of {path} while waiting for it");
+            1
         }
     }
 }

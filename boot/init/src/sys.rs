@@ -131,22 +131,70 @@ pub fn wait_any(block: bool) -> io::Result<Option<Reaped>> {
         if pid == 0 {
             return Ok(None);
         }
-        let status = if libc::WIFEXITED(raw) {
-            libc::WEXITSTATUS(raw) as u32
-        } else if libc::WIFSIGNALED(raw) {
-            128 + libc::WTERMSIG(raw) as u32
-        } else {
-            // Stopped/continued are not reported without WUNTRACED/WCONTINUED.
+        // Stopped/continued are not reported without WUNTRACED/WCONTINUED.
+        let Some(status) = shell_status(raw) else {
             continue;
         };
         return Ok(Some(Reaped { pid, status }));
     }
 }
 
+/// A wait status the way shells report it: the exit code, or 128 + the signal that
+/// killed the process; `None` for a stop or continue.
+pub fn shell_status(raw: libc::c_int) -> Option<u32> {
+    if libc::WIFEXITED(raw) {
+        Some(libc::WEXITSTATUS(raw) as u32)
+    } else if libc::WIFSIGNALED(raw) {
+        Some(128 + libc::WTERMSIG(raw) as u32)
+    } else {
+        None
+    }
+}
+
+/// The terminal's job-control and interrupt signals are ignored from now on (the
+/// keeper's: it must outlive the program it holds the console's session for).
+pub fn ignore_terminal_signals() {
+    for signal in [
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGHUP,
+    ] {
+        // SAFETY: SIG_IGN is a valid disposition for each of these signals.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
+}
+
+/// _exit(2) with `status` (its low 8 bits): no atexit handlers, no stdio flush.
+pub fn exit_now(status: u32) -> ! {
+    // SAFETY: _exit ends the process at once and takes no pointers.
+    unsafe { libc::_exit(status as libc::c_int) }
+}
+
 /// tcdrain(2): blocks until the terminal on `fd` has sent its output.
 pub fn tcdrain(fd: libc::c_int) {
     // SAFETY: no memory is passed; an invalid fd only yields an error.
     unsafe { libc::tcdrain(fd) };
+}
+
+extern "C" fn interrupt_only(_signal: libc::c_int) {}
+
+/// tcdrain(2), given up after `seconds`: a console whose output is stopped (flow control)
+/// never drains. For a single-threaded process: it borrows SIGALRM.
+pub fn tcdrain_at_most(fd: libc::c_int, seconds: u32) {
+    // SAFETY: a zeroed sigaction is valid; the handler does nothing (async-signal-safe)
+    // and is installed without SA_RESTART so that it interrupts tcdrain; alarm takes no
+    // pointers.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = interrupt_only as *const () as libc::sighandler_t;
+        libc::sigaction(libc::SIGALRM, &action, std::ptr::null_mut());
+        libc::alarm(seconds);
+        libc::tcdrain(fd);
+        libc::alarm(0);
+    }
 }
 
 /// sync(2).
