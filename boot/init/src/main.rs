@@ -51,7 +51,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use tvix_boot_init::protocol::{
     self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, KEY_ARGS, KEY_FIND, KEY_INIT, KEY_RUN,
@@ -67,7 +66,7 @@ const STORE_TAG: &str = "tvix";
 const NEW_ROOT: &str = "/fs";
 /// How long power-off waits for the console to drain: a console that never
 /// drains must not keep the VM from stopping.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+const POWER_OFF_DRAIN_SECS: u32 = 2;
 /// How long the keeper waits for a finished program's output to leave the console
 /// (more than power-off's wait: a whole terminal buffer may still be queued).
 const PROGRAM_DRAIN_SECS: u32 = 10;
@@ -447,14 +446,7 @@ fn halt() -> ! {
 /// Waits (bounded) until the console has sent everything: the VM stops the
 /// moment we power off or write the status port.
 fn drain_console() {
-    let (done, wait) = std::sync::mpsc::channel();
-    let drained = std::thread::Builder::new().spawn(move || {
-        sys::tcdrain(1);
-        let _ = done.send(());
-    });
-    if drained.is_ok() {
-        let _ = wait.recv_timeout(DRAIN_TIMEOUT);
-    }
+    sys::tcdrain_at_most(1, POWER_OFF_DRAIN_SECS);
 }
 
 /// Access to the exit-status port, or `None` (with a message) without it.

@@ -173,16 +173,11 @@ pub fn exit_now(status: u32) -> ! {
     unsafe { libc::_exit(status as libc::c_int) }
 }
 
-/// tcdrain(2): blocks until the terminal on `fd` has sent its output.
-pub fn tcdrain(fd: libc::c_int) {
-    // SAFETY: no memory is passed; an invalid fd only yields an error.
-    unsafe { libc::tcdrain(fd) };
-}
-
 extern "C" fn interrupt_only(_signal: libc::c_int) {}
 
-/// tcdrain(2), given up after `seconds`: a console whose output is stopped (flow control)
-/// never drains. For a single-threaded process: it borrows SIGALRM.
+/// tcdrain(2): blocks until the terminal on `fd` has sent its output, but gives up after
+/// `seconds`: a console whose output is stopped (flow control) never drains. For a
+/// single-threaded process (PID 1 and the keeper are): it borrows SIGALRM.
 pub fn tcdrain_at_most(fd: libc::c_int, seconds: u32) {
     // SAFETY: a zeroed sigaction is valid; the handler does nothing (async-signal-safe)
     // and is installed without SA_RESTART so that it interrupts tcdrain; alarm takes no
