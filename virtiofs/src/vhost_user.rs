@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{SocketAddr, UnixListener};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::api::server::Server;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -138,14 +138,11 @@ impl VhostUserFsSocket {
         request_queues: u16,
         connected: impl FnOnce(Option<&Frontend>),
     ) -> Result<SessionEnd, VhostUserFsError> {
-        let backend = Arc::new(VhostUserFsBackend::new(fs, request_queues)?);
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(VhostUserFsBackend::new(fs, request_queues, memory.clone())?);
         let setup_err = |e: vhost_user_backend::Error| VhostUserFsError::Setup(e.to_string());
-        let mut daemon = VhostUserDaemon::new(
-            "vhost-user-fs".to_owned(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(setup_err)?;
+        let mut daemon = VhostUserDaemon::new("vhost-user-fs".to_owned(), backend.clone(), memory)
+            .map_err(setup_err)?;
 
         let fds_before = open_fds();
         daemon
@@ -269,7 +266,9 @@ fn bind_with_mode(path: &Path, group: Option<u32>) -> Result<UnixListener, Vhost
 struct VhostUserFsBackend {
     server: Server<StoreFs>,
     request_queues: u16,
-    memory: RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// The guest memory the daemon maps: the crate swaps the mapping inside this shared
+    /// handle when the frontend sends a new memory table.
+    memory: GuestMemoryAtomic<GuestMemoryMmap>,
     /// The consumer ends of the queue threads' exit events. vhost-user-backend 0.22 takes
     /// them with `into_raw_fd` and never closes them; without this every session would
     /// leak one descriptor per queue.
@@ -277,14 +276,18 @@ struct VhostUserFsBackend {
 }
 
 impl VhostUserFsBackend {
-    fn new(fs: StoreFs, request_queues: u16) -> Result<Self, VhostUserFsError> {
+    fn new(
+        fs: StoreFs,
+        request_queues: u16,
+        memory: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Result<Self, VhostUserFsError> {
         if request_queues == 0 || request_queues > MAX_REQUEST_QUEUES {
             return Err(VhostUserFsError::RequestQueues(request_queues));
         }
         Ok(Self {
             server: Server::new(fs),
             request_queues,
-            memory: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            memory,
             exit_consumers: Mutex::new(Vec::new()),
         })
     }
@@ -329,8 +332,8 @@ impl VhostUserBackend for VhostUserFsBackend {
     // The queues track EVENT_IDX themselves (the crate sets it on each vring).
     fn set_event_idx(&self, _enabled: bool) {}
 
-    fn update_memory(&self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.memory.write().expect("memory lock poisoned") = memory;
+    // Called with a clone of the handle given to the daemon, which `memory` already is.
+    fn update_memory(&self, _memory: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         Ok(())
     }
 
@@ -376,7 +379,7 @@ impl VhostUserBackend for VhostUserFsBackend {
                 "vhost-user-fs: event {device_event} names no queue of thread {thread_id}"
             ))
         })?;
-        let memory = self.memory.read().expect("memory lock poisoned").memory();
+        let memory = self.memory.memory();
         let mut state = vring.get_mut();
         let notify = serve_available_requests(state.get_queue_mut(), &memory, &self.server)
             .map_err(|e| {
