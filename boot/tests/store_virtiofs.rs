@@ -131,6 +131,20 @@ impl Drop for Backend {
     }
 }
 
+/// `store virtiofs --socket SOCKET FLAGS...`, which must refuse to start: exit status 1.
+/// Returns its stderr.
+fn refused(data_home: &Path, socket: &Path, flags: &[&str]) -> String {
+    let out = tvix_boot(data_home)
+        .args(["store", "virtiofs", "--socket"])
+        .arg(socket)
+        .args(flags)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 #[test]
 fn socket_is_private_and_sigterm_removes_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -154,17 +168,14 @@ fn socket_is_private_and_sigterm_removes_it() {
     assert_eq!(meta.gid(), 65534);
     assert!(backend.terminate().success());
 
-    let out = tvix_boot(dir.path())
-        .args(["store", "virtiofs", "--socket"])
-        .arg(&socket)
-        .args(["--socket-group", "no-such-group-here"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let stderr = refused(
+        dir.path(),
+        &socket,
+        &["--socket-group", "no-such-group-here"],
+    );
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("\"no-such-group-here\": no such group"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("\"no-such-group-here\": no such group"),
+        "{stderr}"
     );
     assert!(!socket.exists());
 }
@@ -174,27 +185,16 @@ fn refuses_to_replace_a_file_or_a_served_socket() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("precious");
     std::fs::write(&file, "keep me").unwrap();
-    let out = tvix_boot(dir.path())
-        .args(["store", "virtiofs", "--socket"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
+    let stderr = refused(dir.path(), &file, &[]);
+    assert!(stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 
     let socket = dir.path().join("vfs.sock");
     let _first = Backend::start(dir.path(), &socket, &[]);
-    let out = tvix_boot(dir.path())
-        .args(["store", "virtiofs", "--socket"])
-        .arg(&socket)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let stderr = refused(dir.path(), &socket, &[]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("already served by another process"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("already served by another process"),
+        "{stderr}"
     );
     assert!(socket.exists(), "the first backend's socket is untouched");
 
@@ -202,13 +202,11 @@ fn refuses_to_replace_a_file_or_a_served_socket() {
     // probe would start a session of the backend behind it).
     let foreign_path = dir.path().join("foreign.sock");
     let foreign = std::os::unix::net::UnixListener::bind(&foreign_path).unwrap();
-    let out = tvix_boot(dir.path())
-        .args(["store", "virtiofs", "--socket"])
-        .arg(&foreign_path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already served by another process"));
+    let stderr = refused(dir.path(), &foreign_path, &[]);
+    assert!(
+        stderr.contains("already served by another process"),
+        "{stderr}"
+    );
     foreign.set_nonblocking(true).unwrap();
     assert_eq!(
         foreign.accept().unwrap_err().kind(),
