@@ -124,10 +124,6 @@ impl VhostUserFsSocket {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Waits for one frontend and serves it `fs` on `request_queues` request queues (each on
     /// its own thread, the high-priority queue on another) until it disconnects. All threads
     /// and descriptors of the session are gone when this returns. `connected` is called
