@@ -106,26 +106,6 @@ while [ $run -lt {runs} ]; do
 done
 "#;
 
-fn virtiofsd() -> PathBuf {
-    let candidates = std::env::var_os("VIRTIOFSD")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd")))
-        .chain([
-            PathBuf::from("/usr/libexec/virtiofsd"),
-            PathBuf::from("/usr/bin/virtiofsd"),
-        ]);
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "virtiofsd not found ($VIRTIOFSD, ~/.cargo/bin, /usr/libexec, /usr/bin): \
-                 apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd"
-            )
-        })
-}
-
 /// Debian's CPython as a self-contained tree: bin/python3.11, the dynamic loader and every
 /// library it and the C extensions need in lib/, the standard library in lib/python3.11
 /// (without its tests, its static library and site packages). Symlinks are followed.
@@ -201,7 +181,7 @@ fn main() {
         println!("virtiofs_guest: a benchmark; run it with cargo bench");
         return;
     }
-    let virtiofsd = virtiofsd();
+    let virtiofsd = qemu::virtiofsd().unwrap_or_else(|e| panic!("{e}"));
     let tvix_boot = assets::tvix_boot_static().unwrap_or_else(|e| panic!("tvix-boot: {e}"));
     let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
     let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));

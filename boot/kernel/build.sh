@@ -22,16 +22,19 @@
 #
 # Environment:
 #   TVIX_BOOT_CACHE         cache root (see above)
-#   TVIX_BOOT_LINUX_SOURCE  kernel tarball (default /usr/src/linux-source-6.1.tar.xz)
+#   TVIX_BOOT_LINUX_SOURCE  kernel tarball (default /usr/src/linux-source-6.12.tar.xz)
 #   TVIX_BOOT_KEEP_BUILD=1  keep the build tree next to the result (for debugging)
 set -euo pipefail
 
 # Bump when the steps below change in a way that changes the output.
 RECIPE_VERSION=1
+# Debian's linux-source-<series> package the kernel is built from.
+LINUX_SERIES=6.12
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 fragment="$here/tvix-boot.config"
-source_tarball=${TVIX_BOOT_LINUX_SOURCE:-/usr/src/linux-source-6.1.tar.xz}
+default_tarball=/usr/src/linux-source-$LINUX_SERIES.tar.xz
+source_tarball=${TVIX_BOOT_LINUX_SOURCE:-$default_tarball}
 cache_root=${TVIX_BOOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tvix-boot}
 kernel_cache="$cache_root/kernel"
 
@@ -48,7 +51,7 @@ die() {
 # --- Build dependencies -----------------------------------------------------
 # Debian package -> a file or command that shows it is installed.
 declare -A deps=(
-    [linux-source-6.1]=/usr/src/linux-source-6.1.tar.xz
+    [linux-source-$LINUX_SERIES]=$default_tarball
     [build-essential]=cmd:gcc
     [make]=cmd:make
     [bc]=cmd:bc
@@ -67,7 +70,7 @@ for pkg in "${!deps[@]}"; do
         command -v "${probe#cmd:}" >/dev/null 2>&1 || missing+=("$pkg")
     else
         # The source package only matters if we use the default tarball.
-        if [[ $pkg == linux-source-6.1 && $source_tarball != "$probe" ]]; then continue; fi
+        if [[ $pkg == linux-source-* && $source_tarball != "$probe" ]]; then continue; fi
         [[ -e $probe ]] || missing+=("$pkg")
     fi
 done
@@ -90,8 +93,8 @@ shopt -u nullglob
 # --- Cache key --------------------------------------------------------------
 # The package version identifies the tarball's contents without hashing ~130 MB
 # on every run; outside Debian fall back to its size and mtime.
-source_version=$(dpkg-query -W -f '${Version}' linux-source-6.1 2>/dev/null || true)
-if [[ -z $source_version || $source_tarball != /usr/src/linux-source-6.1.tar.xz ]]; then
+source_version=$(dpkg-query -W -f '${Version}' "linux-source-$LINUX_SERIES" 2>/dev/null || true)
+if [[ -z $source_version || $source_tarball != "$default_tarball" ]]; then
     source_version=$(stat -c '%s-%Y' "$source_tarball")
 fi
 hash=$(

@@ -431,6 +431,7 @@ fn serve_vhost_user(
             None => eprintln!("tvix-boot: {who} disconnected"),
             Some(e) => eprintln!("tvix-boot: {who}: session ended: {e}"),
         }
+        eprintln!("tvix-boot: requests per queue: {}", end.requests);
         if once {
             return Ok(());
         }

@@ -196,3 +196,28 @@ pub fn microvm_files() -> Result<Vec<GuestFile>> {
     }
     Ok(files)
 }
+
+/// virtiofsd, the reference vhost-user-fs backend: $VIRTIOFSD, else where `cargo install
+/// virtiofsd` or Debian put it.
+pub fn virtiofsd() -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = std::env::var_os("VIRTIOFSD")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd")))
+        .chain([
+            PathBuf::from("/usr/libexec/virtiofsd"),
+            PathBuf::from("/usr/bin/virtiofsd"),
+        ])
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| Error::Missing {
+            what: "virtiofsd",
+            path: candidates[0].clone(),
+            hint: "; apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd \
+                   (or set VIRTIOFSD)"
+                .into(),
+        })
+}

@@ -58,6 +58,30 @@ impl GuestFile {
             mode,
         }
     }
+
+    /// Every regular file under the host directory `dir`, at the same place under
+    /// `guest_dir`, mode 0644 (symlinks and empty directories do not occur in the stores
+    /// and caches the tests copy in, and are not carried).
+    pub fn host_tree(dir: &Path, guest_dir: &str) -> Result<Vec<GuestFile>> {
+        let mut files = Vec::new();
+        let mut pending = vec![(dir.to_owned(), guest_dir.to_owned())];
+        while let Some((dir, guest_dir)) = pending.pop() {
+            let read_err = |source| Error::Io {
+                path: dir.clone(),
+                source,
+            };
+            for entry in std::fs::read_dir(&dir).map_err(read_err)? {
+                let entry = entry.map_err(read_err)?;
+                let guest = format!("{guest_dir}/{}", entry.file_name().to_string_lossy());
+                if entry.file_type().map_err(read_err)?.is_dir() {
+                    pending.push((entry.path(), guest));
+                } else {
+                    files.push(GuestFile::host(&guest, entry.path(), 0o644));
+                }
+            }
+        }
+        Ok(files)
+    }
 }
 
 /// What one test-host run produced.

@@ -75,3 +75,134 @@ fn guest_kernel_boots_under_qemu_and_powers_off_via_acpi() {
     assert!(serial.contains("reboot: Power down"), "{serial}");
     assert!(out.status.success(), "{}\n{serial}", out.stderr);
 }
+
+/// Options the built kernel must have, each with who needs it. The fragment
+/// (boot/kernel/tvix-boot.config) is how they get there; this list is what they
+/// are for, so a fragment edit that drops one fails here with the reason.
+const REQUIRED_OPTIONS: &[(&str, &str)] = &[
+    // tvix-boot's devices and boot protocol.
+    ("CONFIG_64BIT", "tvix-boot: 64-bit boot"),
+    ("CONFIG_SERIAL_8250_CONSOLE", "tvix-boot: serial console"),
+    (
+        "CONFIG_VIRTIO_MMIO",
+        "tvix-boot: every device is virtio-mmio",
+    ),
+    (
+        "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",
+        "tvix-boot: devices are described on the command line",
+    ),
+    ("CONFIG_VIRTIO_FS", "tvix-boot: the store over virtio-fs"),
+    ("CONFIG_FUSE_DAX", "tvix-boot: virtio-fs DAX window"),
+    (
+        "CONFIG_VIRTIO_CONSOLE",
+        "tvix-boot: program streams on virtio-console ports",
+    ),
+    ("CONFIG_ACPI", "tvix-boot: power-off through ACPI S5"),
+    (
+        "CONFIG_PVPANIC",
+        "tvix-boot: guest panics reported to the VMM",
+    ),
+    ("CONFIG_X86_IOPL_IOPERM", "tvix-boot: the exit-status port"),
+    ("CONFIG_BLK_DEV_INITRD", "tvix-boot: in-memory initrd"),
+    ("CONFIG_DEVTMPFS", "tvix-boot: the guest init's /dev"),
+    ("CONFIG_TMPFS", "tvix-boot: init=: the new root is a tmpfs"),
+    ("CONFIG_UNIX98_PTYS", "tvix-boot: interactive shells"),
+    ("CONFIG_KVM_GUEST", "tvix-boot: kvmclock, PV features"),
+    // systemd's README: required.
+    ("CONFIG_CGROUPS", "systemd: cgroup2 (required)"),
+    ("CONFIG_FHANDLE", "systemd: name_to_handle_at (required)"),
+    ("CONFIG_INOTIFY_USER", "systemd: inotify (required)"),
+    ("CONFIG_SIGNALFD", "systemd: signalfd (required)"),
+    ("CONFIG_TIMERFD", "systemd: timerfd (required)"),
+    ("CONFIG_EPOLL", "systemd: epoll (required)"),
+    ("CONFIG_UNIX", "systemd: AF_UNIX sockets (required)"),
+    ("CONFIG_SYSFS", "systemd: sysfs (required)"),
+    ("CONFIG_PROC_FS", "systemd: procfs (required)"),
+    ("CONFIG_NET", "systemd: netlink (required)"),
+    // systemd's README: strongly recommended.
+    ("CONFIG_AUTOFS_FS", "systemd: automount units (recommended)"),
+    (
+        "CONFIG_TMPFS_POSIX_ACL",
+        "systemd: ACLs on tmpfs (recommended)",
+    ),
+    (
+        "CONFIG_TMPFS_XATTR",
+        "systemd: xattrs on tmpfs (recommended)",
+    ),
+    ("CONFIG_SECCOMP", "systemd: SystemCallFilter= (recommended)"),
+    (
+        "CONFIG_SECCOMP_FILTER",
+        "systemd: SystemCallFilter= (recommended)",
+    ),
+    (
+        "CONFIG_NAMESPACES",
+        "systemd: Private*= sandboxing (recommended)",
+    ),
+    ("CONFIG_NET_NS", "systemd: PrivateNetwork= (recommended)"),
+    ("CONFIG_USER_NS", "systemd: PrivateUsers= (recommended)"),
+    ("CONFIG_PID_NS", "systemd: namespaces (recommended)"),
+    // System closures built on the read-only store.
+    (
+        "CONFIG_OVERLAY_FS",
+        "systems: writable layers over the store",
+    ),
+];
+
+/// Options that must be off, and why.
+const FORBIDDEN_OPTIONS: &[(&str, &str)] = &[
+    (
+        "CONFIG_MODULES",
+        "tvix-boot: no modules, everything built in",
+    ),
+    (
+        "CONFIG_CMDLINE_BOOL",
+        "tvix-boot: the VMM passes the whole command line",
+    ),
+    (
+        "CONFIG_UEVENT_HELPER",
+        "systemd: legacy hotplug helper (must be off)",
+    ),
+    (
+        "CONFIG_FW_LOADER_USER_HELPER",
+        "systemd: user-space firmware loading (must be off)",
+    ),
+];
+
+#[test]
+fn guest_kernel_config_has_what_tvix_boot_and_systemd_need() {
+    let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
+    let config_path = vmlinux.with_file_name("config");
+    let config = std::fs::read_to_string(&config_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", config_path.display()));
+    let is_set = |option: &str| {
+        config
+            .lines()
+            .any(|line| line == format!("{option}=y") || line == format!("{option}=m"))
+    };
+    let missing: Vec<String> = REQUIRED_OPTIONS
+        .iter()
+        .filter(|(option, _)| !is_set(option))
+        .map(|(option, why)| format!("  {option} is not set; needed by {why}"))
+        .chain(
+            FORBIDDEN_OPTIONS
+                .iter()
+                .filter(|(option, _)| is_set(option))
+                .map(|(option, why)| format!("  {option} is set; {why}")),
+        )
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the guest kernel {} does not have what it needs:\n{}\n(add them to boot/kernel/tvix-boot.config)",
+        config_path.display(),
+        missing.join("\n")
+    );
+    let version = config
+        .lines()
+        .find_map(|line| line.strip_prefix("# Linux/x86 "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("unknown");
+    assert!(
+        version.starts_with("6.12."),
+        "the guest kernel should be Linux 6.12 (multi-queue virtio-fs), its config says {version}"
+    );
+}

@@ -10,22 +10,23 @@
 //! Needs nix-bin (as root, sandbox off: the closure copies the host's static busybox).
 //! Fails, never skips, when Nix or the test host is missing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use tvix_boot_tests::nix::{CacheKey, ServeNar, nix, run};
+use tvix_boot_tests::nix::{CacheKey, ServeNar, nix, nix_build, run};
 use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(420);
 
 /// busybox as a store path of its own, and a program whose shebang and body refer to it
-/// and to a data path: three store paths, with references Nix finds by scanning.
+/// and to a data path: three store paths, with references Nix finds by scanning. Every
+/// builder script ends with a builtin (see `nix_build`).
 const CLOSURE: &str = r#"
 let
   sh = "/bin/sh";
   bb = derivation { name = "busybox-static"; system = builtins.currentSystem; builder = sh;
-    args = [ "-c" "/bin/mkdir -p $out/bin && /bin/cp /bin/busybox $out/bin/busybox && /bin/ln -s busybox $out/bin/sh" ]; };
+    args = [ "-c" "/bin/mkdir -p $out/bin && /bin/cp /bin/busybox $out/bin/busybox && /bin/ln -s busybox $out/bin/sh && true" ]; };
   data = derivation { name = "greeting-data"; system = builtins.currentSystem; builder = sh;
     args = [ "-c" "/bin/mkdir -p $out/share && echo 'greetings from a dependency' > $out/share/greeting" ]; };
 in derivation { name = "greeter"; system = builtins.currentSystem; builder = sh;
@@ -33,22 +34,9 @@ in derivation { name = "greeter"; system = builtins.currentSystem; builder = sh;
     /bin/mkdir -p $out/bin
     /usr/bin/printf '#!${bb}/bin/sh\n${bb}/bin/busybox cat ${data}/share/greeting\necho "greeter args: $*"\nexit 7\n' > $out/bin/greeter
     /bin/chmod +x $out/bin/greeter
+    true
   '' ]; }
 "#;
-
-/// Every file under `dir`, as test-host files under `guest_dir` (symlinks and empty
-/// directories do not occur in the stores and caches copied here).
-fn tree_files(dir: &Path, guest_dir: &str, files: &mut Vec<GuestFile>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let entry = entry.unwrap();
-        let guest = format!("{guest_dir}/{}", entry.file_name().to_str().unwrap());
-        if entry.file_type().unwrap().is_dir() {
-            tree_files(&entry.path(), &guest, files);
-        } else {
-            files.push(GuestFile::host(&guest, entry.path(), 0o644));
-        }
-    }
-}
 
 #[test]
 fn a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily() {
@@ -57,10 +45,7 @@ fn a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily() {
     let work = tempfile::tempdir().unwrap();
     let expr = work.path().join("closure.nix");
     std::fs::write(&expr, CLOSURE).unwrap();
-    let built = run(Command::new("nix-build")
-        .args(["--option", "sandbox", "false", "--no-out-link"])
-        .arg(&expr));
-    let greeter = String::from_utf8(built.stdout).unwrap().trim().to_owned();
+    let greeter = nix_build(&expr);
     let closure = run(Command::new("nix-store").args(["--query", "--requisites", &greeter]));
     let closure: Vec<String> = String::from_utf8_lossy(&closure.stdout)
         .lines()
@@ -85,9 +70,8 @@ fn a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily() {
     key.copy_to(&cache, &[&greeter]);
     let public_key = &key.public;
 
-    let mut files = Vec::new();
-    tree_files(&data_home, "/input/data", &mut files);
-    tree_files(&cache, "/input/cache", &mut files);
+    let mut files = GuestFile::host_tree(&data_home, "/input/data").unwrap();
+    files.extend(GuestFile::host_tree(&cache, "/input/cache").unwrap());
     let script = format!(
         r#"
 export TVIX_BOOT_KERNEL={GUEST_KERNEL}

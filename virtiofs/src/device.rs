@@ -1,8 +1,10 @@
 //! The virtio-fs device (virtio ID 26): one high-priority queue plus request queues, each
 //! served on its own thread straight out of guest memory by the shared FUSE server.
 
+use std::fmt;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::server::Server;
@@ -35,6 +37,42 @@ pub struct VirtioFs {
     request_queues: u16,
     server: Arc<Server<StoreFs>>,
     workers: Vec<(EventFd, JoinHandle<()>)>,
+    requests: RequestCounters,
+}
+
+/// How many requests each queue has answered (queue 0 is the high-priority queue): how
+/// one sees that the guest spreads its I/O over the request queues.
+#[derive(Clone, Debug)]
+pub struct RequestCounters(Arc<[AtomicU64]>);
+
+impl RequestCounters {
+    pub fn new(queues: usize) -> Self {
+        Self((0..queues).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    pub(crate) fn add(&self, queue: usize, requests: u64) {
+        if let Some(counter) = self.0.get(queue) {
+            counter.fetch_add(requests, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts so far, indexed by queue.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// `hiprio 0, q1 812, q2 433`
+impl fmt::Display for RequestCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (queue, count) in self.snapshot().into_iter().enumerate() {
+            match queue {
+                0 => write!(f, "hiprio {count}")?,
+                n => write!(f, ", q{n} {count}")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 impl VirtioFs {
@@ -55,16 +93,26 @@ impl VirtioFs {
             request_queues,
             server: Arc::new(Server::new(fs)),
             workers: Vec::new(),
+            requests: RequestCounters::new(1 + usize::from(request_queues)),
         })
     }
 
+    /// Requests answered per queue since the device was created.
+    pub fn requests_per_queue(&self) -> Vec<u64> {
+        self.requests.snapshot()
+    }
+
     fn stop_workers(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
         for (stop, worker) in self.workers.drain(..) {
             let _ = stop.write(1);
             if worker.join().is_err() {
                 tracing::warn!("virtio-fs queue worker panicked");
             }
         }
+        tracing::info!("virtio-fs requests per queue: {}", self.requests);
     }
 }
 
@@ -119,6 +167,8 @@ impl VirtioDevice for VirtioFs {
                 stop: stop.try_clone().map_err(spawn_err)?,
                 interrupt: activation.interrupt.clone(),
                 server: self.server.clone(),
+                requests: self.requests.clone(),
+                index,
             };
             let name = if index == 0 {
                 "virtio-fs-hiprio".to_owned()
@@ -147,6 +197,9 @@ pub(crate) struct QueueWorker {
     pub(crate) stop: EventFd,
     pub(crate) interrupt: Arc<Interrupt>,
     pub(crate) server: Arc<Server<StoreFs>>,
+    pub(crate) requests: RequestCounters,
+    /// This queue's index (0: high priority).
+    pub(crate) index: usize,
 }
 
 impl QueueWorker {
@@ -173,23 +226,33 @@ impl QueueWorker {
 
     /// Answer every available request, then tell the driver if it wants to know.
     pub(crate) fn process_queue(&mut self) -> Result<(), virtio_queue::Error> {
-        if serve_available_requests(&mut self.queue, &self.memory, &self.server)? {
+        let served = serve_available_requests(&mut self.queue, &self.memory, &self.server)?;
+        self.requests.add(self.index, served.requests);
+        if served.notify {
             self.interrupt.signal_used_queue();
         }
         Ok(())
     }
 }
 
+/// What one pass over a queue did.
+pub(crate) struct Served {
+    /// Descriptor chains answered.
+    pub(crate) requests: u64,
+    /// The driver asked to be told (an interrupt or a call eventfd, the transport's
+    /// business).
+    pub(crate) notify: bool,
+}
+
 /// Answers every request the driver has made available on `queue`, reading and writing
 /// `memory` in place; the part of a request queue that the in-process device and the
-/// vhost-user-fs backend share. Returns whether the driver asked to be told (an interrupt
-/// or a call eventfd, the transport's business).
+/// vhost-user-fs backend share.
 pub(crate) fn serve_available_requests(
     queue: &mut Queue,
     memory: &GuestMemoryMmap,
     server: &Server<StoreFs>,
-) -> Result<bool, virtio_queue::Error> {
-    let mut used_any = false;
+) -> Result<Served, virtio_queue::Error> {
+    let mut requests = 0;
     loop {
         queue.disable_notification(memory)?;
         while let Some(chain) = queue.pop_descriptor_chain(memory) {
@@ -198,7 +261,7 @@ pub(crate) fn serve_available_requests(
             // A head index the driver put out of range cannot be returned; the chain is
             // dropped and the queue goes on.
             match queue.add_used(memory, head, written) {
-                Ok(()) => used_any = true,
+                Ok(()) => requests += 1,
                 Err(virtio_queue::Error::InvalidDescriptorIndex) => {
                     tracing::warn!(head, "virtio-fs: chain with an invalid head index dropped");
                 }
@@ -210,7 +273,8 @@ pub(crate) fn serve_available_requests(
             break;
         }
     }
-    Ok(used_any && queue.needs_notification(memory)?)
+    let notify = requests > 0 && queue.needs_notification(memory)?;
+    Ok(Served { requests, notify })
 }
 
 /// Returns how many bytes were written into the chain. A chain that does not describe

@@ -45,6 +45,8 @@ impl<'a> Harness<'a> {
             stop: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             server: Arc::new(Server::new(fs)),
+            requests: RequestCounters::new(2),
+            index: 1,
         };
         Self {
             memory,
@@ -318,6 +320,15 @@ fn lookup_open_and_read_through_the_queue() {
     );
     assert_eq!(out.error, -libc::EBADF);
     assert_eq!(h.used().len(), h.next_avail as usize);
+    // Every answered chain was counted on this worker's queue, none elsewhere.
+    assert_eq!(
+        h.worker.requests.snapshot(),
+        vec![0, u64::from(h.next_avail)]
+    );
+    assert_eq!(
+        h.worker.requests.to_string(),
+        format!("hiprio 0, q1 {}", h.next_avail)
+    );
 }
 
 #[test]

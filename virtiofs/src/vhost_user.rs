@@ -29,7 +29,7 @@ use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
-use crate::device::{QUEUE_SIZE, serve_available_requests};
+use crate::device::{QUEUE_SIZE, RequestCounters, serve_available_requests};
 use crate::fs::StoreFs;
 
 /// The queues a backend can offer: vhost-user-backend maps queues to threads with a
@@ -85,6 +85,8 @@ pub struct SessionEnd {
     /// `None` for a clean disconnect; otherwise what broke the session (a malformed
     /// message, a request that failed).
     pub error: Option<String>,
+    /// Requests answered per queue during the session.
+    pub requests: RequestCounters,
 }
 
 /// The vhost-user-fs socket: bound once, then one frontend session after another.
@@ -160,7 +162,11 @@ impl VhostUserFsSocket {
         // Dropping the daemon stops and joins the queue threads.
         drop(daemon);
         backend.close_exit_events();
-        Ok(SessionEnd { frontend, error })
+        Ok(SessionEnd {
+            frontend,
+            error,
+            requests: backend.requests.clone(),
+        })
     }
 }
 
@@ -269,6 +275,7 @@ struct VhostUserFsBackend {
     /// them with `into_raw_fd` and never closes them; without this every session would
     /// leak one descriptor per queue.
     exit_consumers: Mutex<Vec<RawFd>>,
+    requests: RequestCounters,
 }
 
 impl VhostUserFsBackend {
@@ -285,6 +292,7 @@ impl VhostUserFsBackend {
             request_queues,
             memory,
             exit_consumers: Mutex::new(Vec::new()),
+            requests: RequestCounters::new(1 + usize::from(request_queues)),
         })
     }
 
@@ -377,12 +385,14 @@ impl VhostUserBackend for VhostUserFsBackend {
         })?;
         let memory = self.memory.memory();
         let mut state = vring.get_mut();
-        let notify = serve_available_requests(state.get_queue_mut(), &memory, &self.server)
+        let served = serve_available_requests(state.get_queue_mut(), &memory, &self.server)
             .map_err(|e| {
                 tracing::warn!(queue = thread_id, error = %e, "vhost-user-fs: queue broken, no longer served");
                 io::Error::other(e.to_string())
             })?;
-        if notify {
+        self.requests
+            .add(usize::from(device_event), served.requests);
+        if served.notify {
             state.signal_used_queue()?;
         }
         Ok(())
