@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod console_log;
 mod initrd;
 mod mode;
 mod store_cmd;

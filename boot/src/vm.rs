@@ -1,15 +1,22 @@
 //! Booting a VM from the command line: a thin layer over the vmm crate.
 
+use std::fs::File;
+use std::io::IsTerminal;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use tvix_boot_devices::virtio::VirtioDevice;
-use tvix_boot_init::protocol::{Mode, STATUS_INIT_FAILED};
+use tvix_boot_devices::virtio::console::{PortEnd, PortSpec, VirtioConsole};
+use tvix_boot_init::protocol::{
+    KEY_STDIO_PORTS, Mode, STATUS_INIT_FAILED, STDERR_PORT, STDIN_PORT, STDOUT_PORT,
+};
 use tvix_boot_store::{Store, StoreError};
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions, VirtioFs};
 use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError, VmExit};
 
+use crate::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
 use crate::initrd::{self, HOST_BUSYBOX};
 use crate::mode::{self, ModeArgs};
 use crate::store_cmd::StoreAddrArgs;
@@ -57,6 +64,26 @@ pub struct VmArgs {
           value_parser = parse_size)]
     memory: u64,
 
+    /// --run: the program gets the console as its terminal (a tty in the guest) even
+    /// when stdin or stdout is not a terminal.
+    #[arg(short = 't', long, conflicts_with = "no_tty")]
+    tty: bool,
+
+    /// --run: separate, byte-exact stdin, stdout and stderr even when stdin and stdout
+    /// are both terminals (the default when either is not).
+    #[arg(short = 'T', long)]
+    no_tty: bool,
+
+    /// Write the guest's console (kernel and init messages) to FILE. With separate
+    /// program streams the console is not shown otherwise; its last lines are printed
+    /// when the guest fails.
+    #[arg(long, value_name = "FILE")]
+    console_log: Option<PathBuf>,
+
+    /// Show the guest's console on stderr (also when TVIX_BOOT_LOG is set).
+    #[arg(short, long)]
+    verbose: bool,
+
     #[command(flatten)]
     mode: ModeArgs,
 }
@@ -83,14 +110,45 @@ pub enum VmCmdError {
     Initrd(#[from] initrd::InitrdError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error("cannot create the console log {path}: {source}")]
+    ConsoleLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot pass the program's stdio to the guest: {0}")]
+    Stdio(std::io::Error),
+}
+
+/// How a booted guest ended, and what the CLI needs to report it.
+struct Outcome {
+    guest: Guest,
+    exit: VmExit,
+    /// What the guest init reported on the exit-status port.
+    status: Option<u32>,
+    /// The console's last lines, when the console was a log rather than the terminal.
+    console: Option<ConsoleTail>,
 }
 
 pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     match boot(args, store_addrs) {
-        Ok((guest, VmExit::PowerOff | VmExit::Reset, reported)) => exit_code(&guest, reported),
-        Ok((_, VmExit::Panic, _)) => {
-            eprintln!("tvix-boot: the guest kernel panicked");
-            ExitCode::from(GUEST_PANIC_STATUS)
+        Ok(outcome) => {
+            let code = match outcome.exit {
+                VmExit::PowerOff | VmExit::Reset => exit_code(&outcome.guest, outcome.status),
+                VmExit::Panic => {
+                    eprintln!("tvix-boot: the guest kernel panicked");
+                    ExitCode::from(GUEST_PANIC_STATUS)
+                }
+            };
+            let failed = outcome.exit == VmExit::Panic
+                || outcome.status == Some(STATUS_INIT_FAILED)
+                || (outcome.status.is_none() && expects_status(&outcome.guest));
+            if failed && let Some(console) = &outcome.console {
+                eprintln!("tvix-boot: the guest console's last lines:");
+                for line in console.last_lines(TAIL_LINES) {
+                    eprintln!("  | {line}");
+                }
+            }
+            code
         }
         Err(e) => {
             eprintln!("tvix-boot: {e}");
@@ -99,12 +157,8 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     }
 }
 
-/// Checks everything, boots, waits for the guest to stop. Returns how it stopped and
-/// the status it reported on the exit-status port.
-fn boot(
-    args: VmArgs,
-    store_addrs: &StoreAddrArgs,
-) -> Result<(Guest, VmExit, Option<u32>), VmCmdError> {
+/// Checks everything, boots, waits for the guest to stop.
+fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError> {
     let kernel = match args.kernel {
         Some(kernel) => kernel,
         None => match default_kernel() {
@@ -134,6 +188,28 @@ fn boot(
         mode::check_in_store(&store, mode)?;
         mode::append_keys(&mut cmdline, mode)?;
     }
+    // A program's own streams, unless it is to have the terminal.
+    let stdio_ports = matches!(guest, Guest::TvixInit(Mode::Run { .. }))
+        && !args.tty
+        && (args.no_tty || !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()));
+    let mut console_tail = None;
+    let console = if stdio_ports {
+        cmdline.push(' ');
+        cmdline.push_str(KEY_STDIO_PORTS);
+        let file = match &args.console_log {
+            Some(path) => Some(File::create(path).map_err(|source| VmCmdError::ConsoleLog {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        let verbose = args.verbose || std::env::var_os("TVIX_BOOT_LOG").is_some();
+        let (log, tail) = ConsoleLog::new(file, verbose);
+        console_tail = Some(tail);
+        Console::Writer(Box::new(log))
+    } else {
+        Console::Stdio
+    };
     let initrd = match &guest {
         Guest::CustomInitrd(path) => Initrd::File(path.clone()),
         Guest::TvixInit(mode) => {
@@ -148,28 +224,75 @@ fn boot(
         cmdline,
         vcpus: args.cpus,
         mem_size: args.memory,
-        console: Console::Stdio,
+        console,
     };
 
     let mut vm = Vm::new(config)?;
     vm.add_virtio_device(store_device(store, u16::from(args.cpus)))?;
+    if stdio_ports {
+        vm.add_virtio_device(stdio_device().map_err(VmCmdError::Stdio)?)?;
+    }
     let status = vm.guest_status();
     let exit = vm.run()?;
-    Ok((guest, exit, status.get()))
+    Ok(Outcome {
+        guest,
+        exit,
+        status: status.get(),
+        console: console_tail,
+    })
+}
+
+/// The program's stdin, stdout and stderr as virtio-console ports, on copies of this
+/// process's descriptors 0, 1 and 2 (a closed one reads as empty, writes go nowhere).
+fn stdio_device() -> std::io::Result<Box<dyn VirtioDevice>> {
+    fn dup(fd: std::os::fd::BorrowedFd<'_>, writable: bool) -> std::io::Result<OwnedFd> {
+        match fd.try_clone_to_owned() {
+            Ok(fd) => Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(OwnedFd::from(
+                std::fs::OpenOptions::new()
+                    .read(!writable)
+                    .write(writable)
+                    .open("/dev/null")?,
+            )),
+            Err(e) => Err(e),
+        }
+    }
+    let port = |name: &str, end| PortSpec::new(name, end).expect("the port names are valid");
+    let ports = vec![
+        port(
+            STDIN_PORT,
+            PortEnd::Input(dup(std::io::stdin().as_fd(), false)?),
+        ),
+        port(
+            STDOUT_PORT,
+            PortEnd::Output(dup(std::io::stdout().as_fd(), true)?),
+        ),
+        port(
+            STDERR_PORT,
+            PortEnd::Output(dup(std::io::stderr().as_fd(), true)?),
+        ),
+    ];
+    Ok(Box::new(
+        VirtioConsole::new(ports).expect("three ports were given"),
+    ))
+}
+
+/// Whether the guest init reports a status in this mode.
+fn expects_status(guest: &Guest) -> bool {
+    matches!(
+        guest,
+        Guest::TvixInit(Mode::Run { .. } | Mode::Shell { .. } | Mode::Find)
+    )
 }
 
 /// tvix-boot's exit code after a clean stop: the status the guest init reported for
 /// the program it ran (0..=255, as a shell would give it), else success.
 fn exit_code(guest: &Guest, reported: Option<u32>) -> ExitCode {
-    let expects_status = matches!(
-        guest,
-        Guest::TvixInit(Mode::Run { .. } | Mode::Shell { .. } | Mode::Find)
-    );
     match reported {
         Some(status) => match u8::try_from(status) {
             Ok(status) => ExitCode::from(status),
             Err(_) if status == STATUS_INIT_FAILED => {
-                eprintln!("tvix-boot: the guest init failed; its error is on the console above");
+                eprintln!("tvix-boot: the guest init failed; its error is on the console");
                 ExitCode::FAILURE
             }
             Err(_) => {
@@ -177,7 +300,7 @@ fn exit_code(guest: &Guest, reported: Option<u32>) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        None if expects_status => {
+        None if expects_status(guest) => {
             eprintln!(
                 "tvix-boot: the guest powered off without reporting an exit status (a guest \
                  kernel without CONFIG_X86_IOPL_IOPERM cannot write the status port)"

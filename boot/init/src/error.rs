@@ -37,6 +37,8 @@ pub enum InitError {
     Wait { pid: u32, source: io::Error },
     /// fork of the process that runs the program failed.
     Fork { source: io::Error },
+    /// The program's stdio ports are missing or cannot be opened.
+    Ports { detail: String },
 }
 
 impl fmt::Display for InitError {
@@ -62,6 +64,7 @@ impl fmt::Display for InitError {
             InitError::Exec { path, source } => write!(f, "cannot exec {path}: {source}"),
             InitError::Wait { pid, source } => write!(f, "waiting for pid {pid}: {source}"),
             InitError::Fork { source } => write!(f, "cannot fork to run the program: {source}"),
+            InitError::Ports { detail } => write!(f, "program stdio: {detail}"),
         }
     }
 }

@@ -40,6 +40,7 @@
 //! reports 256 and powers off, because PID 1 exiting would panic the kernel.
 
 mod error;
+mod stdio_ports;
 mod sys;
 
 use std::ffi::{CString, OsStr};
@@ -54,7 +55,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tvix_boot_init::protocol::{
     self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, KEY_ARGS, KEY_FIND, KEY_INIT, KEY_RUN,
-    KEY_SHELL, Mode, POWER_OFF_LINE, STATUS_INIT_FAILED,
+    KEY_SHELL, KEY_STDIO_PORTS, Mode, POWER_OFF_LINE, STATUS_INIT_FAILED,
 };
 
 use crate::error::InitError;
@@ -125,7 +126,8 @@ fn run() -> Result<Option<u32>, InitError> {
 
     let cmdline =
         fs::read_to_string("/proc/cmdline").map_err(|source| InitError::ReadCmdline { source })?;
-    let mode = Mode::from_cmdline(&Cmdline::parse(&cmdline)).map_err(InitError::Cmdline)?;
+    let cmdline = Cmdline::parse(&cmdline);
+    let mode = Mode::from_cmdline(&cmdline).map_err(InitError::Cmdline)?;
 
     match mode {
         Mode::Find => {
@@ -135,6 +137,9 @@ fn run() -> Result<Option<u32>, InitError> {
             Ok(Some(find(Path::new(STORE_DIR))))
         }
         Mode::Shell { path } => run_program(&path, &[], &store).map(Some),
+        Mode::Run { path, args } if cmdline.has(KEY_STDIO_PORTS) => {
+            run_program_on_ports(&path, &args, &store).map(Some)
+        }
         Mode::Run { path, args } => run_program(&path, &args, &store).map(Some),
         Mode::Init { path } => {
             if store.is_err() {
@@ -269,10 +274,77 @@ fn run_program(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> Resu
     }
 }
 
-/// The keeper's part: the program runs in the keeper's session and process group (the
-/// console's foreground group), so Ctrl-C reaches it; the keeper itself ignores the
-/// terminal's signals from then on. Returns the status the way shells report it.
-fn run_in_session(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> u32 {
+/// Runs `path` with `args` with its standard streams on the host's virtio-console ports
+/// (see [`stdio_ports`]), waits for it (reaping orphans meanwhile), lets the relays move
+/// the rest of its output and returns its status. No controlling terminal: the program is
+/// in its own session, as in a pipeline started by a daemon.
+fn run_program_on_ports(
+    path: &str,
+    args: &[Vec<u8>],
+    store: &Result<(), String>,
+) -> Result<u32, InitError> {
+    use std::os::fd::OwnedFd;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let ports = stdio_ports::open_ports()?;
+    let pipe = || stdio_ports::pipe().map_err(|source| InitError::Fork { source });
+    let (stdout_read, stdout_write) = pipe()?;
+    let (stderr_read, stderr_write) = pipe()?;
+    let (finished_read, finished_write) = pipe()?;
+    let finished = Arc::new(AtomicBool::new(false));
+    let finished_read = Arc::new(finished_read);
+    let relay = |from: OwnedFd, to: fs::File| {
+        let finished = finished.clone();
+        let wake = finished_read.clone();
+        std::thread::spawn(move || stdio_ports::relay(from, to, finished, wake))
+    };
+    let relays = [
+        relay(stdout_read, ports.stdout),
+        relay(stderr_read, ports.stderr),
+    ];
+
+    let mut cmd = program_command(path, args);
+    cmd.stdin(ports.stdin)
+        .stdout(stdout_write)
+        .stderr(stderr_write);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let status = match cmd.spawn() {
+        Ok(child) => {
+            // The parent's copies of the pipes' write ends go with `cmd`, so end of file
+            // comes when the program (and what it started) closes them.
+            drop(cmd);
+            let pid = child.id();
+            loop {
+                match sys::wait_any(true) {
+                    Ok(Some(reaped)) if reaped.pid as u32 == pid => break reaped.status,
+                    Ok(_) => {}
+                    Err(source) => return Err(InitError::Wait { pid, source }),
+                }
+            }
+        }
+        Err(e) => {
+            drop(cmd);
+            spawn_failure(path, &e, store)
+        }
+    };
+    finished.store(true, Ordering::Release);
+    drop(finished_write);
+    for relay in relays {
+        let _ = relay.join();
+    }
+    reap_orphans();
+    Ok(status)
+}
+
+/// The command for `path` with `args`, in /, with the default environment.
+fn program_command(path: &str, args: &[Vec<u8>]) -> Command {
     let mut cmd = Command::new(path);
     cmd.args(args.iter().map(|a| OsStr::from_bytes(a)))
         .current_dir("/");
@@ -281,21 +353,31 @@ fn run_in_session(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> u
             cmd.env(key, value);
         }
     }
-    let mut child = match cmd.spawn() {
+    cmd
+}
+
+/// Says why `path` could not start; the status a shell would give (127 not found, 126
+/// found but not runnable).
+fn spawn_failure(path: &str, e: &io::Error, store: &Result<(), String>) -> u32 {
+    let hint = match store {
+        Err(_) if path.starts_with(STORE_DIR) => " (the store is not mounted, see above)",
+        _ => "",
+    };
+    say!("tvix-init: cannot run {path}: {e}{hint}");
+    if e.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }
+}
+
+/// The keeper's part: the program runs in the keeper's session and process group (the
+/// console's foreground group), so Ctrl-C reaches it; the keeper itself ignores the
+/// terminal's signals from then on. Returns the status the way shells report it.
+fn run_in_session(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> u32 {
+    let mut child = match program_command(path, args).spawn() {
         Ok(child) => child,
-        Err(e) => {
-            let hint = match store {
-                Err(_) if path.starts_with(STORE_DIR) => " (the store is not mounted, see above)",
-                _ => "",
-            };
-            say!("tvix-init: cannot run {path}: {e}{hint}");
-            // Shell conventions: 127 not found, 126 found but not runnable.
-            return if e.kind() == io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-        }
+        Err(e) => return spawn_failure(path, &e, store),
     };
     // After the spawn, so the program starts with default dispositions.
     sys::ignore_terminal_signals();

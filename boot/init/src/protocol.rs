@@ -61,6 +61,18 @@ pub const KEY_ARGS: &str = "tvix.args";
 /// has an `/init`, so the key reaches us.
 pub const KEY_INIT: &str = "init";
 
+/// Key (no value): `tvix.run`'s program gets its stdin, stdout and stderr on the
+/// virtio-console ports [`STDIN_PORT`], [`STDOUT_PORT`] and [`STDERR_PORT`] instead of
+/// the console; the console keeps the kernel's and the init's messages.
+pub const KEY_STDIO_PORTS: &str = "tvix.stdio-ports";
+/// Name of the port the host sends the program's stdin on (end of file: the host closes
+/// its side).
+pub const STDIN_PORT: &str = "tvix.stdin";
+/// Name of the port that carries the program's stdout to the host.
+pub const STDOUT_PORT: &str = "tvix.stdout";
+/// Name of the port that carries the program's stderr to the host.
+pub const STDERR_PORT: &str = "tvix.stderr";
+
 /// The shell `tvix.shell` runs when it has no `=PATH`: busybox from the initrd.
 pub const DEFAULT_SHELL: &str = "/bin/sh";
 

@@ -5,6 +5,7 @@
 //! once the driver says DRIVER_OK. The device then serves each queue on its own terms
 //! (typically a thread per queue woken by the queue's notify eventfd).
 
+pub mod console;
 pub mod mmio;
 
 use std::sync::Arc;

@@ -1,0 +1,856 @@
+//! virtio-console (virtio ID 3) with the MULTIPORT feature: named ports that carry a
+//! program's standard streams between host file descriptors and the guest, separate from
+//! the serial console (which stays the kernel's log).
+//!
+//! Each port goes one way. An **input** port copies bytes read from a host descriptor to
+//! the guest; at end of file the device tells the driver the host side closed, and the
+//! guest's reads return end-of-file once it has read everything. An **output** port copies
+//! what the guest writes to a host descriptor; when that descriptor breaks (EPIPE: the
+//! reader went away) the device closes the host side, which the guest sees as POLLHUP.
+//! The guest finds ports by name (`/sys/class/virtio-ports/vport*/name`).
+//!
+//! Threads: one serves the control queues (the driver's port handshake, and the messages
+//! the device sends), one per port serves its data queue. Every thread sleeps in poll(2)
+//! on its queue's notify eventfd, its host descriptor and a stop eventfd.
+//!
+//! The Linux driver drops data that arrives on a port the guest has not opened, so an
+//! input port sends nothing before the driver reports the guest side open.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::bus::lock;
+
+pub const VIRTIO_ID_CONSOLE: u32 = 3;
+/// The device has more than one port and a control queue pair (virtio 1.2, 5.3.3).
+const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
+const QUEUE_SIZE: u16 = 256;
+/// Queues 2 and 3 are the control receive (device to driver) and transmit queues.
+const CONTROL_RX: usize = 2;
+const CONTROL_TX: usize = 3;
+/// A control message: le32 port id, le16 event, le16 value (virtio 1.2, 5.3.6.2).
+const CONTROL_LEN: usize = 8;
+/// Most bytes taken from one guest buffer: Linux writes at most 32 KiB per buffer; a
+/// driver that chains more gets the rest dropped, not an unbounded allocation.
+const MAX_CHAIN_BYTES: usize = 1 << 20;
+/// Host reads for an input port: a few guest buffers' worth at a time.
+const INPUT_CHUNK: usize = 64 << 10;
+/// Longest port name (the driver allocates what we send; keep it small).
+const MAX_NAME_LEN: usize = 64;
+
+/// Control events (virtio 1.2, 5.3.6.2).
+mod event {
+    pub const DEVICE_READY: u16 = 0;
+    pub const DEVICE_ADD: u16 = 1;
+    pub const PORT_READY: u16 = 3;
+    pub const PORT_OPEN: u16 = 6;
+    pub const PORT_NAME: u16 = 7;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("virtio-console port name {0:?} must be 1 to {MAX_NAME_LEN} bytes, no NUL")]
+    BadName(String),
+    #[error("virtio-console needs at least one port")]
+    NoPorts,
+}
+
+/// Which way a port carries bytes, and the host end.
+pub enum PortEnd {
+    /// Host to guest: bytes read from this descriptor until end of file.
+    Input(OwnedFd),
+    /// Guest to host: bytes written to this descriptor.
+    Output(OwnedFd),
+}
+
+/// A port as configured: its name and host end.
+pub struct PortSpec {
+    pub name: String,
+    pub end: PortEnd,
+}
+
+impl PortSpec {
+    pub fn new(name: &str, end: PortEnd) -> Result<Self, ConsoleError> {
+        if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains('\0') {
+            return Err(ConsoleError::BadName(name.to_owned()));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            end,
+        })
+    }
+}
+
+/// What the control thread knows about one port.
+#[derive(Default)]
+struct PortState {
+    /// The driver said the guest side is open (a process opened the port).
+    guest_open: bool,
+    /// The driver has set the port up (PORT_READY); messages about it may go out.
+    ready: bool,
+    /// The host side is finished: end of input, or the output's reader went away.
+    host_closed: bool,
+}
+
+/// Messages for the driver, and the per-port state they depend on, shared between the
+/// control thread (which owns the control queues) and the port threads.
+struct Control {
+    ports: Vec<PortState>,
+    names: Vec<String>,
+    /// Encoded messages waiting for a buffer on the control receive queue.
+    outbox: VecDeque<Vec<u8>>,
+}
+
+fn control_message(id: u32, event: u16, value: u16, payload: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(CONTROL_LEN + payload.len());
+    message.extend_from_slice(&id.to_le_bytes());
+    message.extend_from_slice(&event.to_le_bytes());
+    message.extend_from_slice(&value.to_le_bytes());
+    message.extend_from_slice(payload);
+    message
+}
+
+impl Control {
+    /// Handles one message from the driver; returns the ports whose guest side opened.
+    fn handle(&mut self, message: &[u8]) -> Option<usize> {
+        let Some(header) = message.get(..CONTROL_LEN) else {
+            tracing::warn!(len = message.len(), "virtio-console: short control message");
+            return None;
+        };
+        let id = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+        let event = u16::from_le_bytes(header[4..6].try_into().expect("2 bytes"));
+        let value = u16::from_le_bytes(header[6..8].try_into().expect("2 bytes"));
+        if event == event::DEVICE_READY {
+            if value == 1 {
+                for id in 0..self.ports.len() as u32 {
+                    self.outbox
+                        .push_back(control_message(id, event::DEVICE_ADD, 0, &[]));
+                }
+            } else {
+                tracing::warn!("virtio-console: the driver failed to set the device up");
+            }
+            return None;
+        }
+        let Some(port) = usize::try_from(id).ok().filter(|&p| p < self.ports.len()) else {
+            tracing::warn!(
+                id,
+                event,
+                "virtio-console: control message for an unknown port"
+            );
+            return None;
+        };
+        match event {
+            event::PORT_READY if value == 1 => {
+                self.ports[port].ready = true;
+                // Open before the name: the guest looks for ports by name, and the driver
+                // handles control messages in order, so a port it finds is already open
+                // on the host side (a read does not see a premature end-of-file, a
+                // write no hang-up). Closed already (empty input): never opened, so the
+                // guest's first read is end-of-file rather than a wait.
+                if !self.ports[port].host_closed {
+                    self.outbox
+                        .push_back(control_message(id, event::PORT_OPEN, 1, &[]));
+                }
+                self.outbox.push_back(control_message(
+                    id,
+                    event::PORT_NAME,
+                    1,
+                    self.names[port].as_bytes(),
+                ));
+                None
+            }
+            event::PORT_READY => {
+                tracing::warn!(port, "virtio-console: the driver could not add a port");
+                None
+            }
+            event::PORT_OPEN => {
+                let opened = value == 1 && !self.ports[port].guest_open;
+                self.ports[port].guest_open = value == 1;
+                opened.then_some(port)
+            }
+            _ => None,
+        }
+    }
+
+    /// The host side of `port` is done; the driver hears it once the port is set up.
+    fn close_host_side(&mut self, port: usize) {
+        let state = &mut self.ports[port];
+        if state.host_closed {
+            return;
+        }
+        state.host_closed = true;
+        if state.ready {
+            self.outbox
+                .push_back(control_message(port as u32, event::PORT_OPEN, 0, &[]));
+        }
+    }
+}
+
+/// Shared by every thread of one activation.
+struct Shared {
+    memory: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    control: Mutex<Control>,
+    /// Wakes the control thread to send what is in the outbox.
+    control_wake: EventFd,
+    /// Per port: wakes an input port's thread when the guest opens the port.
+    opened: Vec<EventFd>,
+}
+
+impl Shared {
+    fn close_host_side(&self, port: usize) {
+        lock(&self.control).close_host_side(port);
+        let _ = self.control_wake.write(1);
+    }
+
+    fn guest_open(&self, port: usize) -> bool {
+        lock(&self.control).ports[port].guest_open
+    }
+}
+
+pub struct VirtioConsole {
+    names: Vec<String>,
+    /// Host ends, handed to the port threads at activation (a reset-and-reactivate by
+    /// the driver finds them gone: streams are not replayed).
+    ends: Vec<Option<PortEnd>>,
+    workers: Vec<(EventFd, JoinHandle<()>)>,
+}
+
+impl VirtioConsole {
+    pub fn new(ports: Vec<PortSpec>) -> Result<Self, ConsoleError> {
+        if ports.is_empty() {
+            return Err(ConsoleError::NoPorts);
+        }
+        let (names, ends) = ports.into_iter().map(|p| (p.name, Some(p.end))).unzip();
+        Ok(Self {
+            names,
+            ends,
+            workers: Vec::new(),
+        })
+    }
+
+    /// Stops every thread; output ports first write out what the guest has queued.
+    fn stop_workers(&mut self) {
+        for (stop, _) in &self.workers {
+            let _ = stop.write(1);
+        }
+        for (_, worker) in self.workers.drain(..) {
+            if worker.join().is_err() {
+                tracing::warn!("virtio-console: a port thread panicked");
+            }
+        }
+    }
+
+    fn queue_count(&self) -> usize {
+        2 + 2 * self.names.len()
+    }
+}
+
+impl Drop for VirtioConsole {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// The receive (device to driver) queue of port `port`; its transmit queue follows it.
+fn port_rx_queue(port: usize) -> usize {
+    if port == 0 { 0 } else { 2 + 2 * port }
+}
+
+impl VirtioDevice for VirtioConsole {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_CONSOLE_F_MULTIPORT
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; self.queue_count()]
+    }
+
+    /// cols, rows (unused: no console port), max_nr_ports, emerg_wr.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 12];
+        config[4..8].copy_from_slice(&(self.names.len() as u32).to_le_bytes());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(config.len());
+        let n = (config.len() - start).min(data.len());
+        data[..n].copy_from_slice(&config[start..start + n]);
+        data[n..].fill(0);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let expected = self.queue_count();
+        if activation.queues.len() != expected {
+            return Err(ActivateError::QueueCount {
+                device: "virtio-console",
+                expected,
+                actual: activation.queues.len(),
+            });
+        }
+        self.stop_workers();
+        let spawn_err = |source| ActivateError::Spawn {
+            device: "virtio-console",
+            source,
+        };
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_err);
+        let mut queues: Vec<Option<(Queue, EventFd)>> =
+            activation.queues.into_iter().map(Some).collect();
+        let shared = Arc::new(Shared {
+            memory: activation.memory,
+            interrupt: activation.interrupt,
+            control: Mutex::new(Control {
+                ports: self.names.iter().map(|_| PortState::default()).collect(),
+                names: self.names.clone(),
+                outbox: VecDeque::new(),
+            }),
+            control_wake: eventfd()?,
+            opened: (0..self.names.len())
+                .map(|_| eventfd())
+                .collect::<Result<_, _>>()?,
+        });
+
+        let mut spawn = |name: String, work: Box<dyn FnOnce(EventFd) + Send>| {
+            let stop = eventfd()?;
+            let thread_stop = stop.try_clone().map_err(spawn_err)?;
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || work(thread_stop))
+                .map_err(spawn_err)?;
+            self.workers.push((stop, handle));
+            Ok::<(), ActivateError>(())
+        };
+
+        let (control_rx, _) = queues[CONTROL_RX].take().expect("counted above");
+        let (control_tx, control_tx_event) = queues[CONTROL_TX].take().expect("counted above");
+        let control_shared = shared.clone();
+        spawn(
+            "virtio-console-control".to_owned(),
+            Box::new(move |stop| {
+                ControlWorker {
+                    shared: control_shared,
+                    rx: control_rx,
+                    tx: control_tx,
+                    tx_event: control_tx_event,
+                }
+                .run(&stop)
+            }),
+        )?;
+
+        for port in 0..self.names.len() {
+            let rx = port_rx_queue(port);
+            let queue = match self.ends[port].take() {
+                None => {
+                    tracing::warn!(
+                        port = self.names[port],
+                        "virtio-console: reactivated; the port's stream is gone"
+                    );
+                    continue;
+                }
+                Some(PortEnd::Input(fd)) => {
+                    let (queue, event) = queues[rx].take().expect("counted above");
+                    let shared = shared.clone();
+                    spawn(
+                        format!("virtio-console-in{port}"),
+                        Box::new(move |stop| {
+                            InputPort {
+                                port,
+                                shared,
+                                queue,
+                                event,
+                                host: File::from(fd),
+                            }
+                            .run(&stop)
+                        }),
+                    )
+                }
+                Some(PortEnd::Output(fd)) => {
+                    let (queue, event) = queues[rx + 1].take().expect("counted above");
+                    let shared = shared.clone();
+                    spawn(
+                        format!("virtio-console-out{port}"),
+                        Box::new(move |stop| {
+                            OutputPort {
+                                port,
+                                shared,
+                                queue,
+                                event,
+                                host: Some(File::from(fd)),
+                            }
+                            .run(&stop)
+                        }),
+                    )
+                }
+            };
+            queue?;
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// Why a thread woke up.
+#[derive(PartialEq)]
+enum Wake {
+    Stop,
+    /// The descriptor at this index in the list passed to `wait`.
+    Ready(usize),
+}
+
+/// Sleeps until `stop` or one of `fds` is readable (or hung up).
+fn wait(stop: &EventFd, fds: &[RawFd]) -> io::Result<Wake> {
+    let mut pollfds: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
+        .chain(fds.iter().copied())
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pollfds` is a valid array of pollfd structs that outlives the call.
+        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if pollfds[0].revents != 0 {
+            return Ok(Wake::Stop);
+        }
+        if let Some(i) = pollfds[1..].iter().position(|p| p.revents != 0) {
+            return Ok(Wake::Ready(i));
+        }
+    }
+}
+
+/// Every byte of the driver-readable part of `chain`, at most [`MAX_CHAIN_BYTES`]; `None`
+/// when a descriptor points outside guest memory.
+fn read_chain(
+    memory: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    for desc in chain.readable() {
+        let room = MAX_CHAIN_BYTES - bytes.len();
+        let len = (desc.len() as usize).min(room);
+        let start = bytes.len();
+        bytes.resize(start + len, 0);
+        memory.read_slice(&mut bytes[start..], desc.addr()).ok()?;
+        if bytes.len() == MAX_CHAIN_BYTES {
+            break;
+        }
+    }
+    Some(bytes)
+}
+
+/// Writes as much of `data` as fits into the device-writable part of `chain`; returns how
+/// many bytes went in (0 when a descriptor points outside guest memory).
+fn write_chain(
+    memory: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    data: &[u8],
+) -> usize {
+    let mut written = 0;
+    for desc in chain.writable() {
+        let len = (desc.len() as usize).min(data.len() - written);
+        if memory
+            .write_slice(&data[written..written + len], desc.addr())
+            .is_err()
+        {
+            return 0;
+        }
+        written += len;
+        if written == data.len() {
+            break;
+        }
+    }
+    written
+}
+
+/// Returns `head` used with `len` bytes; a head the driver put out of range is dropped.
+fn add_used(queue: &mut Queue, memory: &GuestMemoryMmap, head: u16, len: usize) -> bool {
+    match queue.add_used(memory, head, len as u32) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(head, error = %e, "virtio-console: cannot return a buffer");
+            false
+        }
+    }
+}
+
+struct ControlWorker {
+    shared: Arc<Shared>,
+    /// Device to driver: the driver posts empty buffers, we fill them with messages.
+    rx: Queue,
+    /// Driver to device.
+    tx: Queue,
+    tx_event: EventFd,
+}
+
+impl ControlWorker {
+    fn run(mut self, stop: &EventFd) {
+        loop {
+            let _ = self.tx_event.read();
+            let _ = self.shared.control_wake.read();
+            if let Err(e) = self.serve() {
+                tracing::warn!(error = %e, "virtio-console: control queue broken");
+                return;
+            }
+            // The control receive queue's own notifications are not watched: the driver
+            // refills it after every message it takes, and every message we queue comes
+            // with a wake of its own.
+            match wait(
+                stop,
+                &[
+                    self.tx_event.as_raw_fd(),
+                    self.shared.control_wake.as_raw_fd(),
+                ],
+            ) {
+                Ok(Wake::Ready(_)) => {}
+                Ok(Wake::Stop) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-console: cannot wait for the driver");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads the driver's messages, then sends what is in the outbox while there are
+    /// buffers for it.
+    fn serve(&mut self) -> Result<(), virtio_queue::Error> {
+        let memory = &self.shared.memory;
+        let mut used_tx = false;
+        while let Some(chain) = self.tx.pop_descriptor_chain(memory) {
+            let head = chain.head_index();
+            if let Some(message) = read_chain(memory, chain)
+                && let Some(port) = lock(&self.shared.control).handle(&message)
+            {
+                let _ = self.shared.opened[port].write(1);
+            }
+            used_tx |= add_used(&mut self.tx, memory, head, 0);
+        }
+        let mut used_rx = false;
+        let mut control = lock(&self.shared.control);
+        while !control.outbox.is_empty() {
+            let Some(chain) = self.rx.pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            let message = control.outbox.pop_front().expect("not empty");
+            let written = write_chain(memory, chain, &message);
+            if written < message.len() {
+                tracing::warn!("virtio-console: control buffer too small, message dropped");
+            }
+            used_rx |= add_used(&mut self.rx, memory, head, written);
+        }
+        drop(control);
+        if (used_tx && self.tx.needs_notification(memory)?)
+            || (used_rx && self.rx.needs_notification(memory)?)
+        {
+            self.shared.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+}
+
+/// Host to guest.
+struct InputPort {
+    port: usize,
+    shared: Arc<Shared>,
+    queue: Queue,
+    event: EventFd,
+    host: File,
+}
+
+impl InputPort {
+    fn run(mut self, stop: &EventFd) {
+        // Nothing before the guest opens the port: the driver would throw it away.
+        while !self.shared.guest_open(self.port) {
+            match wait(stop, &[self.shared.opened[self.port].as_raw_fd()]) {
+                Ok(Wake::Ready(_)) => {
+                    let _ = self.shared.opened[self.port].read();
+                }
+                _ => return,
+            }
+        }
+        let mut chunk = vec![0u8; INPUT_CHUNK];
+        loop {
+            match wait(stop, &[self.host.as_raw_fd()]) {
+                Ok(Wake::Ready(_)) => {}
+                Ok(Wake::Stop) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-console: cannot wait for input");
+                    return;
+                }
+            }
+            let n = match self.host.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-console: reading input failed");
+                    break;
+                }
+            };
+            if !self.deliver(&chunk[..n], stop) {
+                return;
+            }
+        }
+        self.shared.close_host_side(self.port);
+    }
+
+    /// Puts `data` into the guest's buffers, waiting for buffers as needed. Returns false
+    /// when told to stop (or the queue broke) first.
+    fn deliver(&mut self, mut data: &[u8], stop: &EventFd) -> bool {
+        let memory = &self.shared.memory;
+        while !data.is_empty() {
+            let _ = self.event.read();
+            let chain = match self.queue.pop_descriptor_chain(memory) {
+                Some(chain) => chain,
+                None => {
+                    // Ask to be notified, and check again: the driver may have posted a
+                    // buffer in between.
+                    match self.queue.enable_notification(memory) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "virtio-console: input queue broken");
+                            return false;
+                        }
+                    }
+                    match wait(stop, &[self.event.as_raw_fd()]) {
+                        Ok(Wake::Ready(_)) => continue,
+                        _ => return false,
+                    }
+                }
+            };
+            let head = chain.head_index();
+            let written = write_chain(memory, chain, data);
+            data = &data[written..];
+            add_used(&mut self.queue, memory, head, written);
+            match self.queue.needs_notification(memory) {
+                Ok(true) => self.shared.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-console: input queue broken");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Guest to host.
+struct OutputPort {
+    port: usize,
+    shared: Arc<Shared>,
+    queue: Queue,
+    event: EventFd,
+    /// `None` once the host side broke: later output is taken and dropped.
+    host: Option<File>,
+}
+
+impl OutputPort {
+    fn run(mut self, stop: &EventFd) {
+        loop {
+            let _ = self.event.read();
+            if let Err(e) = self.drain() {
+                tracing::warn!(error = %e, "virtio-console: output queue broken");
+                return;
+            }
+            match wait(stop, &[self.event.as_raw_fd()]) {
+                Ok(Wake::Ready(_)) => {}
+                Ok(Wake::Stop) => {
+                    // What the guest wrote before it stopped still goes out.
+                    let _ = self.drain();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-console: cannot wait for output");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) -> Result<(), virtio_queue::Error> {
+        let memory = &self.shared.memory;
+        loop {
+            self.queue.disable_notification(memory)?;
+            let mut used = false;
+            while let Some(chain) = self.queue.pop_descriptor_chain(memory) {
+                let head = chain.head_index();
+                if let Some(bytes) = read_chain(memory, chain)
+                    && let Some(host) = &mut self.host
+                    && let Err(e) = host.write_all(&bytes)
+                {
+                    if e.kind() != io::ErrorKind::BrokenPipe {
+                        tracing::warn!(error = %e, "virtio-console: writing output failed");
+                    }
+                    self.host = None;
+                    self.shared.close_host_side(self.port);
+                }
+                used |= add_used(&mut self.queue, memory, head, 0);
+                if used && self.queue.needs_notification(memory)? {
+                    self.shared.interrupt.signal_used_queue();
+                }
+            }
+            if !self.queue.enable_notification(memory)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(ports: usize) -> Control {
+        Control {
+            ports: (0..ports).map(|_| PortState::default()).collect(),
+            names: (0..ports).map(|i| format!("port{i}")).collect(),
+            outbox: VecDeque::new(),
+        }
+    }
+
+    fn decode(message: &[u8]) -> (u32, u16, u16, Vec<u8>) {
+        (
+            u32::from_le_bytes(message[0..4].try_into().unwrap()),
+            u16::from_le_bytes(message[4..6].try_into().unwrap()),
+            u16::from_le_bytes(message[6..8].try_into().unwrap()),
+            message[8..].to_vec(),
+        )
+    }
+
+    #[test]
+    fn handshake_adds_names_and_opens_every_port() {
+        let mut c = control(2);
+        assert_eq!(
+            c.handle(&control_message(0, event::DEVICE_READY, 1, &[])),
+            None
+        );
+        let added: Vec<_> = c.outbox.drain(..).map(|m| decode(&m)).collect();
+        assert_eq!(
+            added,
+            vec![
+                (0, event::DEVICE_ADD, 0, vec![]),
+                (1, event::DEVICE_ADD, 0, vec![])
+            ]
+        );
+        c.handle(&control_message(1, event::PORT_READY, 1, &[]));
+        let sent: Vec<_> = c.outbox.drain(..).map(|m| decode(&m)).collect();
+        assert_eq!(
+            sent,
+            vec![
+                (1, event::PORT_OPEN, 1, vec![]),
+                (1, event::PORT_NAME, 1, b"port1".to_vec())
+            ]
+        );
+        assert_eq!(
+            c.handle(&control_message(1, event::PORT_OPEN, 1, &[])),
+            Some(1)
+        );
+        // A second open report is not a new opening.
+        assert_eq!(
+            c.handle(&control_message(1, event::PORT_OPEN, 1, &[])),
+            None
+        );
+    }
+
+    #[test]
+    fn a_host_side_closed_before_the_port_is_ready_is_never_opened() {
+        let mut c = control(1);
+        c.close_host_side(0);
+        assert!(
+            c.outbox.is_empty(),
+            "nothing about a port the driver has not set up"
+        );
+        c.handle(&control_message(0, event::PORT_READY, 1, &[]));
+        let sent: Vec<_> = c.outbox.drain(..).map(|m| decode(&m)).collect();
+        assert_eq!(sent, vec![(0, event::PORT_NAME, 1, b"port0".to_vec())]);
+    }
+
+    #[test]
+    fn a_host_side_closed_after_ready_is_reported_once() {
+        let mut c = control(1);
+        c.handle(&control_message(0, event::PORT_READY, 1, &[]));
+        c.outbox.clear();
+        c.close_host_side(0);
+        c.close_host_side(0);
+        let sent: Vec<_> = c.outbox.drain(..).map(|m| decode(&m)).collect();
+        assert_eq!(sent, vec![(0, event::PORT_OPEN, 0, vec![])]);
+    }
+
+    #[test]
+    fn malformed_control_messages_are_ignored() {
+        let mut c = control(1);
+        assert_eq!(c.handle(&[1, 2, 3]), None);
+        assert_eq!(
+            c.handle(&control_message(7, event::PORT_READY, 1, &[])),
+            None
+        );
+        assert_eq!(
+            c.handle(&control_message(u32::MAX, event::PORT_OPEN, 1, &[])),
+            None
+        );
+        assert_eq!(c.handle(&control_message(0, 0xffff, 1, &[])), None);
+        assert!(c.outbox.is_empty());
+        assert!(!c.ports[0].ready && !c.ports[0].guest_open);
+    }
+
+    #[test]
+    fn port_names_are_checked() {
+        let fd = || OwnedFd::from(File::open("/dev/null").unwrap());
+        assert!(PortSpec::new("tvix.stdout", PortEnd::Output(fd())).is_ok());
+        assert!(PortSpec::new("", PortEnd::Output(fd())).is_err());
+        assert!(PortSpec::new("a\0b", PortEnd::Output(fd())).is_err());
+        assert!(PortSpec::new(&"x".repeat(65), PortEnd::Output(fd())).is_err());
+        assert!(VirtioConsole::new(Vec::new()).is_err());
+    }
+
+    #[test]
+    fn queues_follow_the_multiport_layout() {
+        assert_eq!(port_rx_queue(0), 0);
+        assert_eq!(port_rx_queue(1), 4);
+        assert_eq!(port_rx_queue(2), 6);
+        let console = VirtioConsole::new(vec![
+            PortSpec::new(
+                "a",
+                PortEnd::Output(OwnedFd::from(File::open("/dev/null").unwrap())),
+            )
+            .unwrap(),
+            PortSpec::new(
+                "b",
+                PortEnd::Output(OwnedFd::from(File::open("/dev/null").unwrap())),
+            )
+            .unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(console.queue_max_sizes().len(), 6);
+        let mut config = [0u8; 12];
+        console.read_config(0, &mut config);
+        assert_eq!(u32::from_le_bytes(config[4..8].try_into().unwrap()), 2);
+    }
+}
