@@ -8,7 +8,7 @@
 //!
 //! ```ignore
 //! // What a run mode needs (busybox only for the default `tvix.shell`):
-//! let initrd: Vec<u8> = build_initrd_for(&mode, Path::new(HOST_BUSYBOX))?;
+//! let initrd: Vec<u8> = build_initrd_for(&mode, Path::new(HOST_BUSYBOX), None)?;
 //! // Or by hand:
 //! let mut extra = InitrdFile::busybox(Path::new(HOST_BUSYBOX))?;
 //! extra.push(InitrdFile::file("/etc/motd", 0o444, b"hi\n".to_vec()));
@@ -20,7 +20,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use cpio::newc::{Builder, ModeFileType};
-use tvix_boot_init::protocol::{DEFAULT_SHELL, Mode};
+use tvix_boot_init::protocol::{
+    DEFAULT_SHELL, Mode, PROGRAM_ENV_FILE, PROGRAM_WORKDIR_FILE, encode_env,
+};
 
 /// The guest init (boot/init), built statically by build.rs.
 pub const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tvix-boot-init"));
@@ -163,12 +165,41 @@ pub fn build_initrd(extra: &[InitrdFile]) -> Result<Vec<u8>, InitrdError> {
 /// `host_busybox`, normally [`HOST_BUSYBOX`]) when the mode is a shell that
 /// is the initrd's own `/bin/sh`. Every other mode runs programs from the
 /// store and needs nothing more.
-pub fn build_initrd_for(mode: &Mode, host_busybox: &Path) -> Result<Vec<u8>, InitrdError> {
-    let extra = match mode {
+///
+/// `program` (for `--run` and `--shell`) becomes the files the init reads the program's
+/// environment and working directory from.
+pub fn build_initrd_for(
+    mode: &Mode,
+    host_busybox: &Path,
+    program: Option<&ProgramSetup>,
+) -> Result<Vec<u8>, InitrdError> {
+    let mut extra = match mode {
         Mode::Shell { path } if path == DEFAULT_SHELL => InitrdFile::busybox(host_busybox)?,
         _ => Vec::new(),
     };
+    if let Some(program) = program {
+        extra.push(InitrdFile::file(
+            PROGRAM_ENV_FILE,
+            0o444,
+            encode_env(&program.env),
+        ));
+        if let Some(dir) = &program.workdir {
+            extra.push(InitrdFile::file(
+                PROGRAM_WORKDIR_FILE,
+                0o444,
+                dir.as_bytes().to_vec(),
+            ));
+        }
+    }
     build_initrd(&extra)
+}
+
+/// The environment and working directory of the guest's program.
+pub struct ProgramSetup {
+    /// Exactly the program's environment.
+    pub env: Vec<(String, String)>,
+    /// `None`: `/`.
+    pub workdir: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -523,7 +554,7 @@ mod tests {
             path: DEFAULT_SHELL.into(),
         };
         let names = |mode: &Mode| -> Vec<String> {
-            let archive = build_initrd_for(mode, &host).unwrap();
+            let archive = build_initrd_for(mode, &host, None).unwrap();
             parse(&archive).into_iter().map(|e| e.name).collect()
         };
         assert!(names(&shell).contains(&"bin/busybox".to_owned()));
@@ -542,7 +573,9 @@ mod tests {
         }
         // The default shell without a busybox on the host: an error naming it.
         let missing = dir.path().join("no-busybox");
-        let msg = build_initrd_for(&shell, &missing).unwrap_err().to_string();
+        let msg = build_initrd_for(&shell, &missing, None)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("no-busybox"), "{msg}");
     }
 

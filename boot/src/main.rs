@@ -9,6 +9,7 @@ mod initrd;
 mod mode;
 mod store_cmd;
 mod vm;
+mod window_size;
 
 #[derive(Parser)]
 #[command(

@@ -10,16 +10,18 @@ use std::sync::Arc;
 use tvix_boot_devices::virtio::VirtioDevice;
 use tvix_boot_devices::virtio::console::{PortEnd, PortSpec, VirtioConsole};
 use tvix_boot_init::protocol::{
-    KEY_STDIO_PORTS, Mode, STATUS_INIT_FAILED, STDERR_PORT, STDIN_PORT, STDOUT_PORT,
+    KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode, STATUS_INIT_FAILED, STDERR_PORT, STDIN_PORT,
+    STDOUT_PORT,
 };
 use tvix_boot_store::{Store, StoreError};
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions, VirtioFs};
 use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError, VmExit};
 
 use crate::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
-use crate::initrd::{self, HOST_BUSYBOX};
+use crate::initrd::{self, HOST_BUSYBOX, ProgramSetup};
 use crate::mode::{self, ModeArgs};
 use crate::store_cmd::StoreAddrArgs;
+use crate::window_size::WindowSizeForwarder;
 
 /// The virtio-fs tag the guest mounts at /nix/store.
 const STORE_TAG: &str = "tvix";
@@ -84,6 +86,16 @@ pub struct VmArgs {
     #[arg(short, long)]
     verbose: bool,
 
+    /// --run, --shell: KEY=VALUE in the program's environment (repeatable). The program
+    /// starts with PATH=/bin:/sbin and HOME=/, and TERM from the host when it has the
+    /// terminal; --env adds to or replaces these.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+
+    /// --run, --shell: the program's working directory in the guest (default /).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<String>,
+
     #[command(flatten)]
     mode: ModeArgs,
 }
@@ -117,6 +129,10 @@ pub enum VmCmdError {
     },
     #[error("cannot pass the program's stdio to the guest: {0}")]
     Stdio(std::io::Error),
+    #[error("cannot forward the terminal's size to the guest: {0}")]
+    WindowSize(std::io::Error),
+    #[error("--env and --workdir are for the program of --run or --shell")]
+    ProgramSetupWithoutProgram,
 }
 
 /// How a booted guest ended, and what the CLI needs to report it.
@@ -192,6 +208,25 @@ fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError
     let stdio_ports = matches!(guest, Guest::TvixInit(Mode::Run { .. }))
         && !args.tty
         && (args.no_tty || !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()));
+    let program = match &guest {
+        Guest::TvixInit(Mode::Run { .. } | Mode::Shell { .. }) => Some(ProgramSetup {
+            env: program_env(&args.env, !stdio_ports),
+            workdir: args.workdir.clone(),
+        }),
+        _ if !args.env.is_empty() || args.workdir.is_some() => {
+            return Err(VmCmdError::ProgramSetupWithoutProgram);
+        }
+        _ => None,
+    };
+    // With the terminal, the guest's console follows its size.
+    let window_size = match &program {
+        Some(_) if !stdio_ports => WindowSizeForwarder::start().map_err(VmCmdError::WindowSize)?,
+        _ => None,
+    };
+    if window_size.is_some() {
+        cmdline.push(' ');
+        cmdline.push_str(KEY_WINSIZE_PORT);
+    }
     let mut console_tail = None;
     let console = if stdio_ports {
         cmdline.push(' ');
@@ -213,7 +248,7 @@ fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError
     let initrd = match &guest {
         Guest::CustomInitrd(path) => Initrd::File(path.clone()),
         Guest::TvixInit(mode) => {
-            let bytes = initrd::build_initrd_for(mode, Path::new(HOST_BUSYBOX))?;
+            let bytes = initrd::build_initrd_for(mode, Path::new(HOST_BUSYBOX), program.as_ref())?;
             tracing::info!("initrd built in memory: {} bytes", bytes.len());
             Initrd::Bytes(bytes)
         }
@@ -232,8 +267,17 @@ fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError
     if stdio_ports {
         vm.add_virtio_device(stdio_device().map_err(VmCmdError::Stdio)?)?;
     }
+    let forwarder = match window_size {
+        Some((port, forwarder)) => {
+            let device = VirtioConsole::new(vec![port]).expect("one port was given");
+            vm.add_virtio_device(Box::new(device))?;
+            Some(forwarder)
+        }
+        None => None,
+    };
     let status = vm.guest_status();
     let exit = vm.run()?;
+    drop(forwarder);
     Ok(Outcome {
         guest,
         exit,
@@ -275,6 +319,33 @@ fn stdio_device() -> std::io::Result<Box<dyn VirtioDevice>> {
     Ok(Box::new(
         VirtioConsole::new(ports).expect("three ports were given"),
     ))
+}
+
+/// The program's environment: the defaults, then `--env` (later entries win).
+fn program_env(extra: &[(String, String)], with_terminal: bool) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/bin:/sbin".into()),
+        ("HOME".into(), "/".into()),
+    ];
+    if with_terminal {
+        let term = std::env::var("TERM").unwrap_or_else(|_| "linux".into());
+        env.push(("TERM".into(), term));
+    }
+    for (key, value) in extra {
+        env.retain(|(k, _)| k != key);
+        env.push((key.clone(), value.clone()));
+    }
+    env
+}
+
+/// `KEY=VALUE` for `--env`.
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some(("", _)) => Err(format!("{text:?}: the name is empty")),
+        _ if text.contains('\0') => Err(format!("{text:?} contains a NUL byte")),
+        Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
+        None => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 /// Whether the guest init reports a status in this mode.
@@ -379,6 +450,26 @@ mod tests {
         assert_eq!(
             u64::from(EXIT_STATUS_PORT_LEN),
             tvix_boot_devices::status_port::STATUS_PORT_LEN
+        );
+    }
+
+    #[test]
+    fn environment_entries() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(parse_env("EMPTY="), Ok(("EMPTY".into(), String::new())));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("novalue").is_err());
+        let env = program_env(
+            &[("HOME".into(), "/root".into()), ("X".into(), "1".into())],
+            false,
+        );
+        assert_eq!(
+            env,
+            vec![
+                ("PATH".to_owned(), "/bin:/sbin".to_owned()),
+                ("HOME".to_owned(), "/root".to_owned()),
+                ("X".to_owned(), "1".to_owned()),
+            ]
         );
     }
 

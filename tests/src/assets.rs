@@ -268,19 +268,28 @@ pub fn guest_kernel() -> Result<PathBuf> {
 /// Where `cargo build --release --target x86_64-unknown-linux-gnu` puts
 /// tvix-boot.
 pub fn tvix_boot_static_path() -> PathBuf {
+    static_path("tvix-boot")
+}
+
+fn static_path(bin: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    target.join("x86_64-unknown-linux-gnu/release/tvix-boot")
+    target.join("x86_64-unknown-linux-gnu/release").join(bin)
 }
 
 /// Builds tvix-boot as a static binary (the test host has no libc) and
 /// returns its path.
+pub fn build_tvix_boot_static() -> Result<PathBuf> {
+    build_static("tvix-boot", "tvix-boot")
+}
+
+/// Builds `bin` of `package` as a static binary and returns its path.
 ///
 /// An explicit `--target` keeps the static RUSTFLAGS away from build scripts
 /// and proc macros, and keeps these artifacts apart from the normal ones, so
 /// neither build invalidates the other.
-pub fn build_tvix_boot_static() -> Result<PathBuf> {
+fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
@@ -288,7 +297,9 @@ pub fn build_tvix_boot_static() -> Result<PathBuf> {
             "build",
             "--release",
             "-p",
-            "tvix-boot",
+            package,
+            "--bin",
+            bin,
             "--target",
             "x86_64-unknown-linux-gnu",
         ])
@@ -297,9 +308,18 @@ pub fn build_tvix_boot_static() -> Result<PathBuf> {
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
     run(&mut cmd)?;
-    let path = tvix_boot_static_path();
+    let path = static_path(bin);
     check_static(&path)?;
     Ok(path)
+}
+
+/// `pty-session` (tests/src/bin), static for the test host: it drives interactive
+/// programs on a pseudo-terminal there. Built once per test process.
+pub fn pty_session_static_once() -> std::result::Result<PathBuf, String> {
+    static BIN: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BIN.get_or_init(|| build_static("tvix-boot-tests", "pty-session").map_err(|e| e.to_string()))
+        .clone()
 }
 
 /// The static tvix-boot binary for the test host: `$TVIX_BOOT_BIN` when set

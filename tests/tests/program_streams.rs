@@ -24,6 +24,8 @@ mkdir -p /tmp/bb/bin /tmp/data
 cp /bin/busybox /tmp/bb/bin/busybox
 BB=$(tvix-boot store import /tmp/bb)/bin/busybox
 {make_bytes}
+printf '#!/no/such/interpreter\n' > /tmp/data/bad-interpreter
+chmod +x /tmp/data/bad-interpreter
 D=$(tvix-boot store import /tmp/data)
 head -c 67108864 /dev/urandom > /tmp/big
 set +e
@@ -62,8 +64,25 @@ cat /tmp/yes.status
 echo "yes-out=$(cat /tmp/yes.out)"
 echo "yes-seconds=$t0 $t1"
 
-tvix-boot --run $BB -- sh -c 'kill -TERM $$'
+tvix-boot --run $BB -- sh -c 'kill -TERM $$' < /dev/null > /dev/null
 echo "signal-status=$?"
+
+tvix-boot --env FOO='a b' --env HOME=/tmp --workdir $D --run $BB -- sh -c 'echo "[$FOO] $HOME $PWD $PATH ${TERM-unset}"' > /tmp/env.out
+echo "env-status=$?"
+echo "env-out=$(cat /tmp/env.out)"
+echo "env-data=$D"
+
+tvix-boot --workdir /no/such/dir --run $BB -- true > /tmp/wd.out 2> /tmp/wd.err
+echo "workdir-status=$?"
+echo "workdir-err=$(cat /tmp/wd.err)"
+
+tvix-boot --run $D/bad-interpreter > /tmp/noexec.out 2> /tmp/noexec.err
+echo "noexec-status=$?"
+echo "noexec-err=$(cat /tmp/noexec.err)"
+
+CH_CMDLINE="tvix.run=$BB tvix.args=$(printf 'echo\0from-cmdline\0' | base64 | tr '+/' '-_' | tr -d '=')" tvix-boot > /tmp/cmdline.out < /dev/null
+echo "cmdline-status=$?"
+echo "cmdline-out=$(cat /tmp/cmdline.out)"
 "#;
 
 fn in_test_host() -> TestHostOutput {
@@ -154,4 +173,28 @@ fn run_passes_the_programs_streams_byte_exact_and_its_status() {
 
     // Killed by a signal: 128 + SIGTERM.
     assert_eq!(value(&out, "signal-status"), "143", "{out}");
+
+    // --env adds to and replaces the small default environment; --workdir.
+    assert_eq!(value(&out, "env-status"), "0", "{out}");
+    assert_eq!(
+        value(&out, "env-out"),
+        format!("[a b] /tmp {} /bin:/sbin unset", value(&out, "env-data")),
+        "{out}"
+    );
+
+    // The init's complaints about the program go to the program's stderr.
+    assert_eq!(value(&out, "workdir-status"), "126", "{out}");
+    assert!(
+        value(&out, "workdir-err").contains("working directory /no/such/dir"),
+        "{out}"
+    );
+    assert_eq!(value(&out, "noexec-status"), "127", "{out}");
+    assert!(
+        value(&out, "noexec-err").contains("cannot run"),
+        "{out}"
+    );
+
+    // The original CH_CMDLINE keys work the same way.
+    assert_eq!(value(&out, "cmdline-status"), "0", "{out}");
+    assert_eq!(value(&out, "cmdline-out"), "from-cmdline", "{out}");
 }

@@ -55,7 +55,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tvix_boot_init::protocol::{
     self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, KEY_ARGS, KEY_FIND, KEY_INIT, KEY_RUN,
-    KEY_SHELL, KEY_STDIO_PORTS, Mode, POWER_OFF_LINE, STATUS_INIT_FAILED,
+    KEY_SHELL, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode, POWER_OFF_LINE, PROGRAM_ENV_FILE,
+    PROGRAM_WORKDIR_FILE, STATUS_INIT_FAILED,
 };
 
 use crate::error::InitError;
@@ -136,11 +137,15 @@ fn run() -> Result<Option<u32>, InitError> {
             }
             Ok(Some(find(Path::new(STORE_DIR))))
         }
-        Mode::Shell { path } => run_program(&path, &[], &store).map(Some),
+        Mode::Shell { path } => {
+            run_program(&path, &[], &store, cmdline.has(KEY_WINSIZE_PORT)).map(Some)
+        }
         Mode::Run { path, args } if cmdline.has(KEY_STDIO_PORTS) => {
             run_program_on_ports(&path, &args, &store).map(Some)
         }
-        Mode::Run { path, args } => run_program(&path, &args, &store).map(Some),
+        Mode::Run { path, args } => {
+            run_program(&path, &args, &store, cmdline.has(KEY_WINSIZE_PORT)).map(Some)
+        }
         Mode::Init { path } => {
             if store.is_err() {
                 return Err(InitError::NoStore { mode: KEY_INIT });
@@ -238,7 +243,15 @@ fn console_tty() -> PathBuf {
 /// when a session leader exits, the kernel hangs its terminal up and throws away output
 /// not yet sent, so on a slow console the program's last lines were lost. The keeper
 /// waits for the program, lets the console drain, then exits with the program's status.
-fn run_program(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> Result<u32, InitError> {
+///
+/// With `winsize_port`, the console gets the host terminal's size before the program
+/// starts, and every later size (see [`stdio_ports::follow_window_size`]).
+fn run_program(
+    path: &str,
+    args: &[Vec<u8>],
+    store: &Result<(), String>,
+    winsize_port: bool,
+) -> Result<u32, InitError> {
     let tty = CString::new(console_tty().into_os_string().into_vec())
         .unwrap_or_else(|_| c"/dev/console".to_owned());
     // SAFETY: PID 1 runs no other thread before it powers off, so the child may use
@@ -251,6 +264,9 @@ fn run_program(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> Resu
     }
     if keeper == 0 {
         sys::become_session_leader_on(&tty);
+        if winsize_port && let Err(e) = stdio_ports::follow_window_size(0) {
+            say!("tvix-init: error: {e} (the terminal keeps its default size)");
+        }
         let status = run_in_session(path, args, store);
         sys::tcdrain_at_most(1, PROGRAM_DRAIN_SECS);
         // `_exit`: no atexit handlers, no second flush of buffers copied from PID 1.
@@ -304,36 +320,53 @@ fn run_program_on_ports(
         relay(stderr_read, ports.stderr),
     ];
 
-    let mut cmd = program_command(path, args);
-    cmd.stdin(ports.stdin)
-        .stdout(stdout_write)
-        .stderr(stderr_write);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let status = match cmd.spawn() {
-        Ok(child) => {
+    // The init's own complaints about the program (it cannot start, a bad working
+    // directory) go where a shell's would: to the program's stderr.
+    let mut init_stderr = fs::File::from(
+        stderr_write
+            .try_clone()
+            .map_err(|source| InitError::Fork { source })?,
+    );
+    let status = match program_command(path, args) {
+        Err((status, message)) => {
+            let _ = writeln!(init_stderr, "{message}");
+            status
+        }
+        Ok(mut cmd) => {
+            cmd.stdin(ports.stdin)
+                .stdout(stdout_write)
+                .stderr(stderr_write);
+            // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+            let spawned = cmd.spawn();
             // The parent's copies of the pipes' write ends go with `cmd`, so end of file
             // comes when the program (and what it started) closes them.
             drop(cmd);
-            let pid = child.id();
-            loop {
-                match sys::wait_any(true) {
-                    Ok(Some(reaped)) if reaped.pid as u32 == pid => break reaped.status,
-                    Ok(_) => {}
-                    Err(source) => return Err(InitError::Wait { pid, source }),
+            match spawned {
+                Ok(child) => {
+                    let pid = child.id();
+                    loop {
+                        match sys::wait_any(true) {
+                            Ok(Some(reaped)) if reaped.pid as u32 == pid => break reaped.status,
+                            Ok(_) => {}
+                            Err(source) => return Err(InitError::Wait { pid, source }),
+                        }
+                    }
+                }
+                Err(e) => {
+                    let (status, message) = spawn_failure(path, &e, store);
+                    let _ = writeln!(init_stderr, "{message}");
+                    status
                 }
             }
         }
-        Err(e) => {
-            drop(cmd);
-            spawn_failure(path, &e, store)
-        }
     };
+    drop(init_stderr);
     finished.store(true, Ordering::Release);
     drop(finished_write);
     for relay in relays {
@@ -343,41 +376,81 @@ fn run_program_on_ports(
     Ok(status)
 }
 
-/// The command for `path` with `args`, in /, with the default environment.
-fn program_command(path: &str, args: &[Vec<u8>]) -> Command {
+/// The command for `path` with `args`, with the environment and working directory
+/// tvix-boot put in the initrd (else the default environment, in /). `Err` with the
+/// status to report and why when the working directory is unusable.
+fn program_command(path: &str, args: &[Vec<u8>]) -> Result<Command, (u32, String)> {
     let mut cmd = Command::new(path);
-    cmd.args(args.iter().map(|a| OsStr::from_bytes(a)))
-        .current_dir("/");
-    for (key, value) in DEFAULT_ENV {
-        if std::env::var_os(key).is_none() {
-            cmd.env(key, value);
+    cmd.args(args.iter().map(|a| OsStr::from_bytes(a)));
+    match fs::read(PROGRAM_ENV_FILE) {
+        Ok(env) => {
+            cmd.env_clear();
+            for (key, value) in protocol::decode_env(&env) {
+                cmd.env(OsStr::from_bytes(&key), OsStr::from_bytes(&value));
+            }
+        }
+        Err(_) => {
+            for (key, value) in DEFAULT_ENV {
+                if std::env::var_os(key).is_none() {
+                    cmd.env(key, value);
+                }
+            }
         }
     }
-    cmd
+    let workdir = fs::read(PROGRAM_WORKDIR_FILE)
+        .map(|dir| PathBuf::from(std::ffi::OsString::from_vec(dir)))
+        .unwrap_or_else(|_| PathBuf::from("/"));
+    match fs::metadata(&workdir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            let message = format!(
+                "tvix-init: working directory {}: not a directory",
+                workdir.display()
+            );
+            return Err((126, message));
+        }
+        Err(e) => {
+            let message = format!("tvix-init: working directory {}: {e}", workdir.display());
+            return Err((126, message));
+        }
+    }
+    cmd.current_dir(workdir);
+    Ok(cmd)
 }
 
-/// Says why `path` could not start; the status a shell would give (127 not found, 126
+/// Why `path` could not start, and the status a shell would give (127 not found, 126
 /// found but not runnable).
-fn spawn_failure(path: &str, e: &io::Error, store: &Result<(), String>) -> u32 {
+fn spawn_failure(path: &str, e: &io::Error, store: &Result<(), String>) -> (u32, String) {
     let hint = match store {
-        Err(_) if path.starts_with(STORE_DIR) => " (the store is not mounted, see above)",
+        Err(_) if path.starts_with(STORE_DIR) => " (the store is not mounted)",
         _ => "",
     };
-    say!("tvix-init: cannot run {path}: {e}{hint}");
-    if e.kind() == io::ErrorKind::NotFound {
+    let status = if e.kind() == io::ErrorKind::NotFound {
         127
     } else {
         126
-    }
+    };
+    (status, format!("tvix-init: cannot run {path}: {e}{hint}"))
 }
 
 /// The keeper's part: the program runs in the keeper's session and process group (the
 /// console's foreground group), so Ctrl-C reaches it; the keeper itself ignores the
 /// terminal's signals from then on. Returns the status the way shells report it.
 fn run_in_session(path: &str, args: &[Vec<u8>], store: &Result<(), String>) -> u32 {
-    let mut child = match program_command(path, args).spawn() {
+    let mut cmd = match program_command(path, args) {
+        Ok(cmd) => cmd,
+        Err((status, message)) => {
+            say!("{message}");
+            return status;
+        }
+    };
+    let mut child = match cmd.spawn() {
         Ok(child) => child,
-        Err(e) => return spawn_failure(path, &e, store),
+        Err(e) => {
+            let (status, message) = spawn_failure(path, &e, store);
+            say!("{message}");
+            return status;
+        }
     };
     // After the spawn, so the program starts with default dispositions.
     sys::ignore_terminal_signals();

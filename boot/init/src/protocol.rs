@@ -73,6 +73,45 @@ pub const STDOUT_PORT: &str = "tvix.stdout";
 /// Name of the port that carries the program's stderr to the host.
 pub const STDERR_PORT: &str = "tvix.stderr";
 
+/// Key (no value): the program has the console as its terminal, and the host sends the
+/// terminal's size on the port [`WINSIZE_PORT`] as text lines `ROWS COLS`, first at once,
+/// then whenever it changes; the init applies each to the console (which signals
+/// SIGWINCH to the program).
+pub const KEY_WINSIZE_PORT: &str = "tvix.winsize-port";
+/// Name of the port carrying terminal sizes.
+pub const WINSIZE_PORT: &str = "tvix.winsize";
+
+/// In tvix-boot's initrd: the environment of `tvix.run`'s and `tvix.shell`'s program,
+/// exactly (see [`encode_env`]). Without it the init uses a small default.
+pub const PROGRAM_ENV_FILE: &str = "/tvix/env";
+/// In tvix-boot's initrd: the program's working directory (the path's bytes). Without
+/// it, `/`.
+pub const PROGRAM_WORKDIR_FILE: &str = "/tvix/workdir";
+
+/// `KEY=VALUE` entries, each followed by a NUL byte (the form of /proc/PID/environ).
+pub fn encode_env<K: AsRef<[u8]>, V: AsRef<[u8]>>(entries: &[(K, V)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        out.extend_from_slice(key.as_ref());
+        out.push(b'=');
+        out.extend_from_slice(value.as_ref());
+        out.push(0);
+    }
+    out
+}
+
+/// The entries of [`encode_env`]'s output; malformed ones (no `=`, empty key) are
+/// skipped.
+pub fn decode_env(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    bytes
+        .split(|&b| b == 0)
+        .filter_map(|entry| {
+            let eq = entry.iter().position(|&b| b == b'=')?;
+            (eq > 0).then(|| (entry[..eq].to_vec(), entry[eq + 1..].to_vec()))
+        })
+        .collect()
+}
+
 /// The shell `tvix.shell` runs when it has no `=PATH`: busybox from the initrd.
 pub const DEFAULT_SHELL: &str = "/bin/sh";
 
@@ -546,5 +585,25 @@ mod tests {
         );
         assert_eq!(parse_exit_status_line("tvix-boot: exit-status "), None);
         assert_eq!(parse_exit_status_line("tvix-boot: exit-status 1 x"), None);
+    }
+
+    #[test]
+    fn environment_round_trips() {
+        let entries = [
+            ("PATH", "/bin"),
+            ("EMPTY", ""),
+            ("EQ", "a=b"),
+            ("SP", "x y\n"),
+        ];
+        let decoded = decode_env(&encode_env(&entries));
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = entries
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(decoded, expected);
+        assert_eq!(
+            decode_env(b"noequals\0=nokey\0K=v\0"),
+            vec![(b"K".to_vec(), b"v".to_vec())]
+        );
     }
 }

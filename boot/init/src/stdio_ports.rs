@@ -14,7 +14,7 @@
 //! stops; descendants that keep the pipe open do not keep the VM alive.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tvix_boot_init::protocol::{STDERR_PORT, STDIN_PORT, STDOUT_PORT};
+use tvix_boot_init::protocol::{STDERR_PORT, STDIN_PORT, STDOUT_PORT, WINSIZE_PORT};
 
 use crate::error::InitError;
 
@@ -39,34 +39,9 @@ pub struct Ports {
     pub stderr: File,
 }
 
-/// Waits (bounded) for the host's ports to appear, then opens them.
+/// Waits (bounded) for the host's stdio ports to appear, then opens them.
 pub fn open_ports() -> Result<Ports, InitError> {
-    let deadline = Instant::now() + PORT_WAIT;
-    let names = [STDIN_PORT, STDOUT_PORT, STDERR_PORT];
-    let paths = loop {
-        let found = find_ports(&names);
-        if found.iter().all(Option::is_some) {
-            break found.into_iter().map(Option::unwrap).collect::<Vec<_>>();
-        }
-        if Instant::now() >= deadline {
-            let missing = names
-                .iter()
-                .zip(&found)
-                .filter(|(_, p)| p.is_none())
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(InitError::Ports {
-                detail: format!(
-                    "virtio-console port(s) {missing} did not appear within {} s (does the \
-                     guest kernel have CONFIG_VIRTIO_CONSOLE, and did the VMM add the device?)",
-                    PORT_WAIT.as_secs()
-                ),
-            });
-        }
-        // The driver names ports from a work queue; there is nothing to wait on.
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let paths = wait_for_ports(&[STDIN_PORT, STDOUT_PORT, STDERR_PORT])?;
     let open = |path: &PathBuf, options: &mut OpenOptions| {
         options.open(path).map_err(|source| InitError::Ports {
             detail: format!("cannot open {}: {source}", path.display()),
@@ -87,6 +62,79 @@ pub fn open_ports() -> Result<Ports, InitError> {
                 .custom_flags(libc::O_NONBLOCK),
         )?,
     })
+}
+
+/// Sets the terminal on `tty` to the size the host sends first on [`WINSIZE_PORT`], then
+/// keeps applying the sizes that follow from a thread of its own (each TIOCSWINSZ makes
+/// the kernel send SIGWINCH to the terminal's foreground process group).
+pub fn follow_window_size(tty: RawFd) -> Result<(), InitError> {
+    let path = wait_for_ports(&[WINSIZE_PORT])?.remove(0);
+    let port = File::open(&path).map_err(|source| InitError::Ports {
+        detail: format!("cannot open {}: {source}", path.display()),
+    })?;
+    // The host writes the first size before the guest starts; do not wait forever
+    // should it not.
+    if poll_one(port.as_raw_fd(), libc::POLLIN, Some(PORT_WAIT)).is_none_or(|r| r == 0) {
+        return Err(InitError::Ports {
+            detail: format!("no terminal size on {WINSIZE_PORT}"),
+        });
+    }
+    let mut lines = io::BufReader::new(port).lines();
+    if let Some(Ok(line)) = lines.next() {
+        set_window_size(tty, &line);
+    }
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            set_window_size(tty, &line);
+        }
+    });
+    Ok(())
+}
+
+/// Applies a `ROWS COLS` line to the terminal `tty`; anything else is ignored.
+fn set_window_size(tty: RawFd, line: &str) {
+    let mut numbers = line.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(rows)), Some(Ok(cols)), None) = (numbers.next(), numbers.next(), numbers.next())
+    else {
+        return;
+    };
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize struct from the valid pointer given.
+    unsafe { libc::ioctl(tty, libc::TIOCSWINSZ, &size) };
+}
+
+/// Waits (bounded) until a port of each name exists; their /dev nodes, in order.
+fn wait_for_ports(names: &[&str]) -> Result<Vec<PathBuf>, InitError> {
+    let deadline = Instant::now() + PORT_WAIT;
+    loop {
+        let found = find_ports(names);
+        if found.iter().all(Option::is_some) {
+            return Ok(found.into_iter().map(Option::unwrap).collect());
+        }
+        if Instant::now() >= deadline {
+            let missing = names
+                .iter()
+                .zip(&found)
+                .filter(|(_, p)| p.is_none())
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(InitError::Ports {
+                detail: format!(
+                    "virtio-console port(s) {missing} did not appear within {} s (does the \
+                     guest kernel have CONFIG_VIRTIO_CONSOLE, and did the VMM add the device?)",
+                    PORT_WAIT.as_secs()
+                ),
+            });
+        }
+        // The driver names ports from a work queue; there is nothing to wait on.
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// The /dev node of each named port that exists yet.
