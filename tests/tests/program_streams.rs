@@ -189,10 +189,7 @@ fn run_passes_the_programs_streams_byte_exact_and_its_status() {
         "{out}"
     );
     assert_eq!(value(&out, "noexec-status"), "127", "{out}");
-    assert!(
-        value(&out, "noexec-err").contains("cannot run"),
-        "{out}"
-    );
+    assert!(value(&out, "noexec-err").contains("cannot run"), "{out}");
 
     // The original CH_CMDLINE keys work the same way.
     assert_eq!(value(&out, "cmdline-status"), "0", "{out}");
