@@ -83,6 +83,16 @@ echo "noexec-err=$(cat /tmp/noexec.err)"
 CH_CMDLINE="tvix.run=$BB tvix.args=$(printf 'echo\0from-cmdline\0' | base64 | tr '+/' '-_' | tr -d '=')" tvix-boot > /tmp/cmdline.out < /dev/null
 echo "cmdline-status=$?"
 echo "cmdline-out=$(cat /tmp/cmdline.out)"
+
+tvix-boot --console-log /tmp/console.log --run $BB -- poweroff -f < /dev/null > /tmp/po.out 2> /tmp/po.err
+echo "poweroff-status=$?"
+echo "poweroff-out=$(wc -c < /tmp/po.out)"
+grep -q 'without reporting an exit status' /tmp/po.err && echo poweroff-said-why
+grep -q "console's last lines" /tmp/po.err && grep -q '| tvix-boot init' /tmp/po.err && echo poweroff-showed-console
+grep -q '^tvix-boot init' /tmp/console.log && echo console-log-written
+tvix-boot --verbose --run $BB -- true < /dev/null > /tmp/v.out 2> /tmp/v.err
+grep -q 'tvix-boot: exit-status 0' /tmp/v.err && echo verbose-console-on-stderr
+echo "verbose-out=$(wc -c < /tmp/v.out)"
 "#;
 
 fn in_test_host() -> TestHostOutput {
@@ -190,6 +200,20 @@ fn run_passes_the_programs_streams_byte_exact_and_its_status() {
     );
     assert_eq!(value(&out, "noexec-status"), "127", "{out}");
     assert!(value(&out, "noexec-err").contains("cannot run"), "{out}");
+
+    // The console is a log: on stderr with --verbose, in --console-log, and its last
+    // lines after a guest that stopped without a status; never on stdout.
+    assert_eq!(value(&out, "poweroff-status"), "1", "{out}");
+    assert_eq!(value(&out, "poweroff-out"), "0", "{out}");
+    for line in [
+        "poweroff-said-why",
+        "poweroff-showed-console",
+        "console-log-written",
+        "verbose-console-on-stderr",
+    ] {
+        assert!(out.serial.contains(line), "no {line}: {out}");
+    }
+    assert_eq!(value(&out, "verbose-out"), "0", "{out}");
 
     // The original CH_CMDLINE keys work the same way.
     assert_eq!(value(&out, "cmdline-status"), "0", "{out}");

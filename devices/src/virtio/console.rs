@@ -619,42 +619,49 @@ impl InputPort {
         self.shared.close_host_side(self.port);
     }
 
-    /// Puts `data` into the guest's buffers, waiting for buffers as needed. Returns false
-    /// when told to stop (or the queue broke) first.
+    /// Puts `data` into the guest's buffers, waiting for buffers as needed; one
+    /// interrupt per batch of buffers filled, not per buffer. Returns false when told to
+    /// stop (or the queue broke) first.
     fn deliver(&mut self, mut data: &[u8], stop: &EventFd) -> bool {
         let memory = &self.shared.memory;
         while !data.is_empty() {
             let _ = self.event.read();
-            let chain = match self.queue.pop_descriptor_chain(memory) {
-                Some(chain) => chain,
-                None => {
-                    // Ask to be notified, and check again: the driver may have posted a
-                    // buffer in between.
-                    match self.queue.enable_notification(memory) {
-                        Ok(true) => continue,
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "virtio-console: input queue broken");
-                            return false;
-                        }
-                    }
-                    match wait(stop, &[self.event.as_raw_fd()]) {
-                        Ok(Wake::Ready(_)) => continue,
-                        _ => return false,
+            let mut used = false;
+            while !data.is_empty() {
+                let Some(chain) = self.queue.pop_descriptor_chain(memory) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let written = write_chain(memory, chain, data);
+                data = &data[written..];
+                used |= add_used(&mut self.queue, memory, head, written);
+            }
+            if used {
+                match self.queue.needs_notification(memory) {
+                    Ok(true) => self.shared.interrupt.signal_used_queue(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "virtio-console: input queue broken");
+                        return false;
                     }
                 }
-            };
-            let head = chain.head_index();
-            let written = write_chain(memory, chain, data);
-            data = &data[written..];
-            add_used(&mut self.queue, memory, head, written);
-            match self.queue.needs_notification(memory) {
-                Ok(true) => self.shared.interrupt.signal_used_queue(),
+            }
+            if data.is_empty() {
+                break;
+            }
+            // Out of buffers: ask to be notified, and look again (the driver may have
+            // posted some in between) before sleeping.
+            match self.queue.enable_notification(memory) {
+                Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "virtio-console: input queue broken");
                     return false;
                 }
+            }
+            match wait(stop, &[self.event.as_raw_fd()]) {
+                Ok(Wake::Ready(_)) => continue,
+                _ => return false,
             }
         }
         true
@@ -701,6 +708,8 @@ impl OutputPort {
             let mut used = false;
             while let Some(chain) = self.queue.pop_descriptor_chain(memory) {
                 let head = chain.head_index();
+                // The host write happens before the buffer goes back, so a full host pipe
+                // holds the guest's writer back (flow control), as a local pipe would.
                 if let Some(bytes) = read_chain(memory, chain)
                     && let Some(host) = &mut self.host
                     && let Err(e) = host.write_all(&bytes)
@@ -712,9 +721,9 @@ impl OutputPort {
                     self.shared.close_host_side(self.port);
                 }
                 used |= add_used(&mut self.queue, memory, head, 0);
-                if used && self.queue.needs_notification(memory)? {
-                    self.shared.interrupt.signal_used_queue();
-                }
+            }
+            if used && self.queue.needs_notification(memory)? {
+                self.shared.interrupt.signal_used_queue();
             }
             if !self.queue.enable_notification(memory)? {
                 return Ok(());
