@@ -58,3 +58,11 @@ pub fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
         .map(str::trim_end)
         .collect()
 }
+
+/// The value of the last `key=value` line in `text` (the line trimmed of surrounding
+/// whitespace, a serial console's `\r` included).
+pub fn last_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .rev()
+        .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix('='))
+}

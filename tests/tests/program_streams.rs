@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use tvix_boot_tests::tree::last_value;
 use tvix_boot_tests::{GUEST_KERNEL, TestHost, TestHostOutput, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -118,15 +119,7 @@ fn in_test_host() -> TestHostOutput {
 
 /// The value of `key=` at the start of a line (the last such line).
 fn value<'a>(out: &'a TestHostOutput, key: &str) -> &'a str {
-    out.serial
-        .lines()
-        .rev()
-        .find_map(|line| {
-            line.trim_end_matches('\r')
-                .strip_prefix(key)?
-                .strip_prefix('=')
-        })
-        .unwrap_or_else(|| panic!("no {key}= in the output: {out}"))
+    last_value(&out.serial, key).unwrap_or_else(|| panic!("no {key}= in the output: {out}"))
 }
 
 fn seconds(out: &TestHostOutput, key: &str) -> f64 {

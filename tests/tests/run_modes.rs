@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tvix_boot_tests::tree::last_value;
 use tvix_boot_tests::{GUEST_KERNEL, TVIX_BOOT, TestHost, TestHostOutput, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(420);
@@ -54,11 +55,7 @@ fn in_test_host(script: &str) -> TestHostOutput {
 
 /// The value of `key=` at the start of a line of the serial output (the last one).
 fn value<'a>(out: &'a TestHostOutput, key: &str) -> &'a str {
-    out.serial
-        .lines()
-        .rev()
-        .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= in the output: {out}"))
+    last_value(&out.serial, key).unwrap_or_else(|| panic!("no {key}= in the output: {out}"))
 }
 
 /// The serial output between `begin` and `end` marker lines.

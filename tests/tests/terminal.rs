@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use tvix_boot_tests::tree::last_value;
 use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Initramfs, TestHost, TestHostOutput, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -81,14 +82,7 @@ fn section<'a>(out: &'a TestHostOutput, name: &str) -> &'a str {
 }
 
 fn value<'a>(text: &'a str, key: &str) -> &'a str {
-    text.lines()
-        .rev()
-        .find_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix(key)?
-                .strip_prefix('=')
-        })
-        .unwrap_or_else(|| panic!("no {key}= in:\n{text}"))
+    last_value(text, key).unwrap_or_else(|| panic!("no {key}= in:\n{text}"))
 }
 
 #[test]
