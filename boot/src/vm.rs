@@ -76,9 +76,9 @@ pub struct VmArgs {
     #[arg(short = 'T', long)]
     no_tty: bool,
 
-    /// Write the guest's console (kernel and init messages) to FILE. With separate
-    /// program streams the console is not shown otherwise; its last lines are printed
-    /// when the guest fails.
+    /// --run with separate program streams: write the guest's console (kernel and init
+    /// messages) to FILE. It is not shown otherwise; its last lines are printed when the
+    /// guest fails.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
 
@@ -133,6 +133,11 @@ pub enum VmCmdError {
     WindowSize(std::io::Error),
     #[error("--env and --workdir are for the program of --run or --shell")]
     ProgramSetupWithoutProgram,
+    #[error(
+        "--console-log is for --run with separate program streams (stdin or stdout not a \
+         terminal, or -T); here the console is the terminal"
+    )]
+    ConsoleLogWithTerminal,
 }
 
 /// How a booted guest ended, and what the CLI needs to report it.
@@ -226,6 +231,9 @@ fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError
     if window_size.is_some() {
         cmdline.push(' ');
         cmdline.push_str(KEY_WINSIZE_PORT);
+    }
+    if args.console_log.is_some() && !stdio_ports {
+        return Err(VmCmdError::ConsoleLogWithTerminal);
     }
     let mut console_tail = None;
     let console = if stdio_ports {
