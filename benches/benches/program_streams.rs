@@ -10,8 +10,8 @@
 //! under TCG). stdin: the host pipes text in, the guest reads exactly that many bytes
 //! (`head -c`; 32 MiB through the ports, 64 KiB through the serial console, whose
 //! terminal is put in raw mode without echo first).
-//! Reported in MB/s of payload, boot included in neither (the time of an empty run is
-//! subtracted). TCG stretches absolute numbers: read the ratio.
+//! Reported in MB/s (KB/s when slower) of payload, boot included in neither (the time
+//! of an empty run is subtracted). TCG stretches absolute numbers: read the ratio.
 //!
 //!     cargo bench -p tvix-boot-benches --bench program_streams
 
@@ -127,10 +127,16 @@ fn main() {
                     "{direction}-{channel} lost bytes: {out}"
                 );
             }
-            let seconds = median(runs.iter().map(|s| s.0).collect()) - empty;
+            let seconds = (median(runs.iter().map(|s| s.0).collect()) - empty).max(1e-3);
+            // The serial console moves a few KB/s: MB/s with two decimals would read 0.00.
+            let rate = bytes as f64 / seconds;
+            let rate = if rate >= 1e6 {
+                format!("{:7.2} MB/s", rate / 1e6)
+            } else {
+                format!("{:7.2} KB/s", rate / 1e3)
+            };
             println!(
-                "{direction:>6} via {channel:<6}: {:7.2} MB/s  ({} KiB in {seconds:.2} s beyond an empty run of {empty:.2} s)",
-                bytes as f64 / 1e6 / seconds.max(1e-3),
+                "{direction:>6} via {channel:<6}: {rate}  ({} KiB in {seconds:.2} s beyond an empty run of {empty:.2} s)",
                 bytes >> 10
             );
         }
