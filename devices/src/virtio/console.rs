@@ -333,7 +333,7 @@ impl VirtioDevice for VirtioConsole {
             Ok::<(), ActivateError>(())
         };
 
-        let (control_rx, _) = queues[CONTROL_RX].take().expect("counted above");
+        let (control_rx, control_rx_event) = queues[CONTROL_RX].take().expect("counted above");
         let (control_tx, control_tx_event) = queues[CONTROL_TX].take().expect("counted above");
         let control_shared = shared.clone();
         spawn(
@@ -342,6 +342,7 @@ impl VirtioDevice for VirtioConsole {
                 ControlWorker {
                     shared: control_shared,
                     rx: control_rx,
+                    rx_event: control_rx_event,
                     tx: control_tx,
                     tx_event: control_tx_event,
                 }
@@ -500,6 +501,8 @@ struct ControlWorker {
     shared: Arc<Shared>,
     /// Device to driver: the driver posts empty buffers, we fill them with messages.
     rx: Queue,
+    /// The driver posted more buffers: messages waiting in the outbox can go.
+    rx_event: EventFd,
     /// Driver to device.
     tx: Queue,
     tx_event: EventFd,
@@ -509,18 +512,17 @@ impl ControlWorker {
     fn run(mut self, stop: &EventFd) {
         loop {
             let _ = self.tx_event.read();
+            let _ = self.rx_event.read();
             let _ = self.shared.control_wake.read();
             if let Err(e) = self.serve() {
                 tracing::warn!(error = %e, "virtio-console: control queue broken");
                 return;
             }
-            // The control receive queue's own notifications are not watched: the driver
-            // refills it after every message it takes, and every message we queue comes
-            // with a wake of its own.
             match wait(
                 stop,
                 &[
                     self.tx_event.as_raw_fd(),
+                    self.rx_event.as_raw_fd(),
                     self.shared.control_wake.as_raw_fd(),
                 ],
             ) {
