@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+use tvix_boot_benches::median;
 use tvix_boot_tests::{GUEST_KERNEL, TestHost, assets};
 
 const RUNS: usize = 3;
@@ -54,11 +55,6 @@ while [ $run -lt {runs} ]; do
   echo "bench stdin-serial $a $b {serial_in}"
 done
 "#;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() {
     if std::env::args().all(|a| a != "--bench") {

@@ -25,6 +25,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use tvix_boot_benches::median;
 use tvix_boot_tests::nix::{ServeNar, nix, nix_build, run};
 use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Initramfs, TVIX_BOOT, TestHost, assets, qemu};
 
@@ -84,11 +85,6 @@ while [ $run -lt {runs} ]; do
   echo "bench-wall $t0 $t1 $status"
 done
 "#;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() {
     if std::env::args().all(|a| a != "--bench") {

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use tvix_boot_benches::median;
 use tvix_boot_tests::{GuestFile, Initramfs, TVIX_BOOT, TestHost, assets, qemu};
 
 const RUNS: usize = 3;
@@ -267,16 +268,12 @@ fn main() {
             .filter(|(b, _)| b == name)
             .map(|(_, s)| s)
             .collect();
-        let median = |f: fn(&Sample) -> f64| {
-            let mut v: Vec<f64> = mine.iter().map(|s| f(s)).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let median_of = |f: fn(&Sample) -> f64| median(mine.iter().map(|s| f(s)).collect());
         println!(
             "{name:>20} median of {RUNS}: sequential read {:6.0} MB/s   lookup+stat {:6.0}/s   python start {:5.2} s",
-            median(|s| s.read_mb_s),
-            median(|s| s.stats_per_s),
-            median(|s| s.python_s)
+            median_of(|s| s.read_mb_s),
+            median_of(|s| s.stats_per_s),
+            median_of(|s| s.python_s)
         );
     }
 }
