@@ -4,6 +4,12 @@
 //! directory's entries are fetched on first use. Inodes are shared by equal content (same
 //! directory digest, same blob and mode, same symlink target), which is safe because nothing
 //! ever changes: the store is immutable, so caches and timeouts are long.
+//!
+//! The kernel counts the inodes it was handed (each LOOKUP reply and READDIRPLUS entry) and
+//! gives them back with FORGET; an inode it no longer holds is dropped, with its directory
+//! listing, so the table follows what the guest has cached, not everything it ever saw.
+//! Inode numbers as the guest sees them (`st_ino`) come from the content, not from the
+//! table, so they stay the same when an inode is forgotten and looked up again.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -37,7 +43,7 @@ const XATTR_BLOB_DIGEST: &[u8] = b"user.tvix.castore.blob.digest";
 
 /// File handles a guest may hold open at once; past that OPEN fails with ENFILE, as when
 /// a system's file table is full. Bounds the VMM's memory, not its descriptors (below).
-pub const MAX_OPEN_FILES: usize = 65_536;
+pub const MAX_OPEN_FILES: usize = 1 << 18;
 /// Directory handles a guest may hold open at once (each pins a listing); ENFILE past it.
 pub const MAX_OPEN_DIRS: usize = 16_384;
 /// Open blobs kept for reading, shared by every handle of the same blob: a local blob holds
@@ -62,7 +68,7 @@ pub struct StoreFsOptions {
 #[derive(Clone, Debug)]
 struct Child {
     name: Bytes,
-    inode: u64,
+    node: Node,
 }
 
 /// What an inode stands for: the store root, or a castore node. A directory's entries are
@@ -96,13 +102,90 @@ impl ContentKey {
     }
 }
 
-#[derive(Default)]
+impl ContentKey {
+    /// The guest-visible inode number of this content: the same for the same content across
+    /// forget and lookup again, and 64 bits of BLAKE3, so two contents sharing one among
+    /// a store's millions of entries is as unlikely as a hash collision. Never 0 or the root's.
+    fn st_ino(&self) -> u64 {
+        let (tag, bytes): (u8, &[u8]) = match self {
+            ContentKey::Directory(digest) => (0, digest.as_bytes()),
+            ContentKey::File(digest, false) => (1, digest.as_bytes()),
+            ContentKey::File(digest, true) => (2, digest.as_bytes()),
+            ContentKey::Symlink(target) => (3, target),
+        };
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&[tag]);
+        hasher.update(bytes);
+        let hash = hasher.finalize();
+        let ino = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        ino.max(ROOT_INODE + 1)
+    }
+}
+
+/// An inode the kernel holds, and how many times it was handed out and not yet forgotten.
+struct InodeEntry {
+    kind: Arc<InodeKind>,
+    lookups: u64,
+    /// Store-path basenames that resolved to this inode at the root.
+    root_names: Vec<Bytes>,
+}
+
 struct InodeTable {
-    /// Inode `n` is `inodes[n - 1]`.
-    inodes: Vec<Arc<InodeKind>>,
+    /// Every inode but the root, by the number the kernel knows it by (its node id).
+    inodes: HashMap<u64, InodeEntry>,
     by_content: HashMap<ContentKey, u64>,
-    /// Store paths found at the root so far, by basename.
+    /// Store paths looked up at the root and not yet forgotten, by basename.
     root_entries: HashMap<Bytes, u64>,
+    /// Node ids are never reused within a mount: a late request for a forgotten one fails
+    /// rather than reaching some other file.
+    next_inode: u64,
+}
+
+impl InodeTable {
+    /// The inode for `node` (shared by equal content), counted as handed to the kernel.
+    fn hand_out(&mut self, node: &Node) -> u64 {
+        let key = ContentKey::of(node);
+        if let Some(&inode) = self.by_content.get(&key) {
+            self.inodes
+                .get_mut(&inode)
+                .expect("indexed inode exists")
+                .lookups += 1;
+            return inode;
+        }
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        self.inodes.insert(
+            inode,
+            InodeEntry {
+                kind: Arc::new(InodeKind::Node {
+                    node: node.clone(),
+                    children: OnceLock::new(),
+                }),
+                lookups: 1,
+                root_names: Vec::new(),
+            },
+        );
+        self.by_content.insert(key, inode);
+        inode
+    }
+
+    /// The kernel dropped `count` references to `inode`; at none left the inode goes.
+    fn forget(&mut self, inode: u64, count: u64) {
+        let Some(entry) = self.inodes.get_mut(&inode) else {
+            return;
+        };
+        entry.lookups = entry.lookups.saturating_sub(count);
+        if entry.lookups > 0 {
+            return;
+        }
+        let entry = self.inodes.remove(&inode).expect("looked up above");
+        if let InodeKind::Node { node, .. } = &*entry.kind {
+            self.by_content.remove(&ContentKey::of(node));
+        }
+        for name in entry.root_names {
+            self.root_entries.remove(&name);
+        }
+    }
 }
 
 /// What a file handle stands for: the blob is fetched from `open_blobs` when read.
@@ -115,6 +198,7 @@ struct OpenFile {
 pub struct StoreFs {
     store: Arc<Store>,
     options: StoreFsOptions,
+    root: Arc<InodeKind>,
     inodes: RwLock<InodeTable>,
     open_files: RwLock<HashMap<u64, OpenFile>>,
     open_dirs: RwLock<HashMap<u64, Arc<[Child]>>>,
@@ -134,12 +218,15 @@ fn read_only<T>() -> io::Result<T> {
 impl StoreFs {
     pub fn new(store: Arc<Store>, options: StoreFsOptions) -> Self {
         let table = InodeTable {
-            inodes: vec![Arc::new(InodeKind::Root)],
-            ..Default::default()
+            inodes: HashMap::new(),
+            by_content: HashMap::new(),
+            root_entries: HashMap::new(),
+            next_inode: ROOT_INODE + 1,
         };
         Self {
             store,
             options,
+            root: Arc::new(InodeKind::Root),
             inodes: RwLock::new(table),
             open_files: RwLock::new(HashMap::new()),
             open_dirs: RwLock::new(HashMap::new()),
@@ -153,39 +240,37 @@ impl StoreFs {
         }
     }
 
+    /// What `inode` stands for; ENOENT for one never handed out or already forgotten.
     fn inode(&self, inode: u64) -> io::Result<Arc<InodeKind>> {
+        if inode == ROOT_INODE {
+            return Ok(self.root.clone());
+        }
         let table = self.inodes.read().expect("inode table poisoned");
-        let index = inode.checked_sub(1).ok_or_else(|| errno(libc::ENOENT))?;
         table
             .inodes
-            .get(index as usize)
-            .cloned()
+            .get(&inode)
+            .map(|entry| entry.kind.clone())
             .ok_or_else(|| errno(libc::ENOENT))
     }
 
-    /// The inode for `node`, shared with every other node of the same content.
-    fn inode_for(&self, node: &Node) -> u64 {
-        let key = ContentKey::of(node);
-        if let Some(inode) = self
+    /// The entry for `node`, counted as handed to the kernel: only for replies that carry
+    /// it to the kernel (LOOKUP, READDIRPLUS), which will FORGET it in turn.
+    fn hand_out(&self, node: &Node) -> Entry {
+        let inode = self
             .inodes
+            .write()
+            .expect("inode table poisoned")
+            .hand_out(node);
+        Self::entry(inode, node)
+    }
+
+    /// Inodes the kernel holds (the root not counted).
+    pub fn inode_count(&self) -> usize {
+        self.inodes
             .read()
             .expect("inode table poisoned")
-            .by_content
-            .get(&key)
-        {
-            return *inode;
-        }
-        let mut table = self.inodes.write().expect("inode table poisoned");
-        if let Some(inode) = table.by_content.get(&key) {
-            return *inode;
-        }
-        table.inodes.push(Arc::new(InodeKind::Node {
-            node: node.clone(),
-            children: OnceLock::new(),
-        }));
-        let inode = table.inodes.len() as u64;
-        table.by_content.insert(key, inode);
-        inode
+            .inodes
+            .len()
     }
 
     /// A directory's entries, fetched from the directory service on first use.
@@ -215,22 +300,23 @@ impl StoreFs {
             .entries()
             .map(|(name, node)| Child {
                 name: Bytes::copy_from_slice(name.as_bytes()),
-                inode: self.inode_for(node),
+                node: node.clone(),
             })
             .collect();
         Ok(children.get_or_init(|| list).clone())
     }
 
     /// Look up a store path by its basename; anything that is not one is simply absent.
-    fn lookup_root(&self, name: &[u8]) -> io::Result<u64> {
-        if let Some(inode) = self
-            .inodes
-            .read()
-            .expect("inode table poisoned")
-            .root_entries
-            .get(name)
+    fn lookup_root(&self, name: &[u8]) -> io::Result<Entry> {
         {
-            return Ok(*inode);
+            let mut table = self.inodes.write().expect("inode table poisoned");
+            if let Some(&inode) = table.root_entries.get(name) {
+                let entry = table.inodes.get_mut(&inode).expect("root entries are live");
+                entry.lookups += 1;
+                if let InodeKind::Node { node, .. } = &*entry.kind {
+                    return Ok(Self::entry(inode, node));
+                }
+            }
         }
         let path = StorePath::from_basename_bytes(name).map_err(|_| errno(libc::ENOENT))?;
         if self.recently_missing(name) {
@@ -250,7 +336,16 @@ impl StoreFs {
                 return Err(errno(libc::EIO));
             }
         };
-        Ok(self.remember_root_entry(name, &info.node))
+        let mut table = self.inodes.write().expect("inode table poisoned");
+        let inode = table.hand_out(&info.node);
+        let name = Bytes::copy_from_slice(name);
+        let entry = table.inodes.get_mut(&inode).expect("just handed out");
+        if !entry.root_names.contains(&name) {
+            entry.root_names.push(name.clone());
+        }
+        table.root_entries.insert(name, inode);
+        drop(table);
+        Ok(Self::entry(inode, &info.node))
     }
 
     fn recently_missing(&self, name: &[u8]) -> bool {
@@ -299,15 +394,6 @@ impl StoreFs {
         Ok(cache.get_or_insert(*digest, || blob).clone())
     }
 
-    fn remember_root_entry(&self, name: &[u8], node: &Node) -> u64 {
-        let inode = self.inode_for(node);
-        let mut table = self.inodes.write().expect("inode table poisoned");
-        table
-            .root_entries
-            .insert(Bytes::copy_from_slice(name), inode);
-        inode
-    }
-
     fn root_listing(&self) -> io::Result<Arc<[Child]>> {
         if !self.options.list_root {
             return Err(errno(libc::EPERM));
@@ -318,20 +404,20 @@ impl StoreFs {
         })?;
         let mut children: Vec<Child> = infos
             .iter()
-            .map(|info| {
-                let name = Bytes::from(info.store_path.to_basename());
-                let inode = self.remember_root_entry(&name, &info.node);
-                Child { name, inode }
+            .map(|info| Child {
+                name: Bytes::from(info.store_path.to_basename()),
+                node: info.node.clone(),
             })
             .collect();
         children.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(children.into())
     }
 
-    fn stat(&self, inode: u64, kind: &InodeKind) -> stat64 {
+    /// The attributes of `node`, or of the root for `None`.
+    fn stat(node: Option<&Node>) -> stat64 {
         // SAFETY: stat64 is a plain C struct for which all-zero bytes is a valid value.
         let mut st: stat64 = unsafe { std::mem::zeroed() };
-        st.st_ino = inode;
+        st.st_ino = node.map_or(ROOT_INODE, |node| ContentKey::of(node).st_ino());
         st.st_nlink = 1;
         st.st_uid = 0;
         st.st_gid = 0;
@@ -339,18 +425,16 @@ impl StoreFs {
         st.st_ctime = MTIME;
         st.st_atime = MTIME;
         st.st_blksize = BLOCK_SIZE;
-        let (mode, size) = match kind {
-            InodeKind::Root => (libc::S_IFDIR | 0o555, 0),
-            InodeKind::Node { node, .. } => match node {
-                Node::Directory { size, .. } => (libc::S_IFDIR | 0o555, *size),
-                Node::File {
-                    size, executable, ..
-                } => (
-                    libc::S_IFREG | if *executable { 0o555 } else { 0o444 },
-                    *size,
-                ),
-                Node::Symlink { target } => (libc::S_IFLNK | 0o777, target.len() as u64),
-            },
+        let (mode, size) = match node {
+            None => (libc::S_IFDIR | 0o555, 0),
+            Some(Node::Directory { size, .. }) => (libc::S_IFDIR | 0o555, *size),
+            Some(Node::File {
+                size, executable, ..
+            }) => (
+                libc::S_IFREG | if *executable { 0o555 } else { 0o444 },
+                *size,
+            ),
+            Some(Node::Symlink { target }) => (libc::S_IFLNK | 0o777, target.len() as u64),
         };
         st.st_mode = mode;
         st.st_size = size as i64;
@@ -358,33 +442,26 @@ impl StoreFs {
         st
     }
 
-    fn entry(&self, inode: u64) -> io::Result<Entry> {
-        let kind = self.inode(inode)?;
-        Ok(Entry {
+    fn entry(inode: u64, node: &Node) -> Entry {
+        Entry {
             inode,
             generation: 0,
-            attr: self.stat(inode, &kind),
+            attr: Self::stat(Some(node)),
             attr_flags: 0,
             attr_timeout: CACHE_TIMEOUT,
             entry_timeout: CACHE_TIMEOUT,
-        })
+        }
     }
 
     fn new_handle(&self) -> u64 {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn dir_entry_type(&self, inode: u64) -> u32 {
-        match self.inode(inode).as_deref() {
-            Ok(InodeKind::Node {
-                node: Node::File { .. },
-                ..
-            }) => libc::DT_REG as u32,
-            Ok(InodeKind::Node {
-                node: Node::Symlink { .. },
-                ..
-            }) => libc::DT_LNK as u32,
-            _ => libc::DT_DIR as u32,
+    fn dir_entry_type(node: &Node) -> u32 {
+        match node {
+            Node::File { .. } => libc::DT_REG as u32,
+            Node::Symlink { .. } => libc::DT_LNK as u32,
+            Node::Directory { .. } => libc::DT_DIR as u32,
         }
     }
 
@@ -452,8 +529,8 @@ impl FileSystem for StoreFs {
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         let name = name.to_bytes();
         let parent_kind = self.inode(parent)?;
-        let inode = match &*parent_kind {
-            InodeKind::Root => self.lookup_root(name)?,
+        match &*parent_kind {
+            InodeKind::Root => self.lookup_root(name),
             kind @ InodeKind::Node {
                 node: Node::Directory { .. },
                 ..
@@ -462,15 +539,24 @@ impl FileSystem for StoreFs {
                 let index = children
                     .binary_search_by(|child| child.name.as_ref().cmp(name))
                     .map_err(|_| errno(libc::ENOENT))?;
-                children[index].inode
+                Ok(self.hand_out(&children[index].node))
             }
-            _ => return Err(errno(libc::ENOTDIR)),
-        };
-        self.entry(inode)
+            _ => Err(errno(libc::ENOTDIR)),
+        }
     }
 
-    fn forget(&self, _ctx: &Context, _inode: u64, _count: u64) {
-        // Inodes stand for immutable content and stay valid for the life of the mount.
+    fn forget(&self, _ctx: &Context, inode: u64, count: u64) {
+        self.inodes
+            .write()
+            .expect("inode table poisoned")
+            .forget(inode, count);
+    }
+
+    fn batch_forget(&self, _ctx: &Context, requests: Vec<(u64, u64)>) {
+        let mut table = self.inodes.write().expect("inode table poisoned");
+        for (inode, count) in requests {
+            table.forget(inode, count);
+        }
     }
 
     fn getattr(
@@ -479,8 +565,11 @@ impl FileSystem for StoreFs {
         inode: u64,
         _handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        let kind = self.inode(inode)?;
-        Ok((self.stat(inode, &kind), CACHE_TIMEOUT))
+        let attr = match &*self.inode(inode)? {
+            InodeKind::Root => Self::stat(None),
+            InodeKind::Node { node, .. } => Self::stat(Some(node)),
+        };
+        Ok((attr, CACHE_TIMEOUT))
     }
 
     fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -625,9 +714,9 @@ impl FileSystem for StoreFs {
     ) -> io::Result<()> {
         self.list_from(handle, offset, |child, next_offset| {
             add_entry(DirEntry {
-                ino: child.inode,
+                ino: ContentKey::of(&child.node).st_ino(),
                 offset: next_offset,
-                type_: self.dir_entry_type(child.inode),
+                type_: Self::dir_entry_type(&child.node),
                 name: &child.name,
             })
         })
@@ -643,14 +732,22 @@ impl FileSystem for StoreFs {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         self.list_from(handle, offset, |child, next_offset| {
-            let entry = self.entry(child.inode)?;
+            let entry = self.hand_out(&child.node);
             let dir_entry = DirEntry {
-                ino: child.inode,
+                ino: entry.attr.st_ino,
                 offset: next_offset,
-                type_: self.dir_entry_type(child.inode),
+                type_: Self::dir_entry_type(&child.node),
                 name: &child.name,
             };
-            add_entry(dir_entry, entry)
+            let added = add_entry(dir_entry, entry);
+            // Not in the reply (the buffer is full, or it failed): the kernel never got it.
+            if !matches!(added, Ok(n) if n > 0) {
+                self.inodes
+                    .write()
+                    .expect("inode table poisoned")
+                    .forget(entry.inode, 1);
+            }
+            added
         })
     }
 
@@ -845,3 +942,7 @@ impl FileSystem for StoreFs {
         read_only()
     }
 }
+
+#[cfg(test)]
+#[path = "fs_tests.rs"]
+mod tests;
