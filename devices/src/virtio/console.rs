@@ -27,7 +27,10 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{
+    ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice,
+};
 use crate::bus::lock;
 
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
@@ -271,8 +274,13 @@ impl VirtioDevice for VirtioConsole {
         VIRTIO_ID_CONSOLE
     }
 
+    /// Indirect descriptors are not an optimisation here: Linux's splice into a port adds
+    /// one descriptor per pipe page, and when the ring has some free descriptors but fewer
+    /// than that, the driver drops the spliced pages and splice returns 0 (it only holds
+    /// writers back once the ring is entirely full). With indirect descriptors every
+    /// buffer takes one ring slot, so the add cannot fail that way.
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_CONSOLE_F_MULTIPORT
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_CONSOLE_F_MULTIPORT
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
@@ -863,5 +871,89 @@ mod tests {
         let mut config = [0u8; 12];
         console.read_config(0, &mut config);
         assert_eq!(u32::from_le_bytes(config[4..8].try_into().unwrap()), 2);
+    }
+
+    /// What the guest's splice sends: one buffer of many pages, here through an indirect
+    /// table (the feature is offered so that such buffers never need many ring slots).
+    #[test]
+    fn output_takes_a_many_page_buffer_through_an_indirect_table() {
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+        use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+        let console = VirtioConsole::new(vec![
+            PortSpec::new(
+                "out",
+                PortEnd::Output(OwnedFd::from(File::open("/dev/null").unwrap())),
+            )
+            .unwrap(),
+        ])
+        .unwrap();
+        assert_ne!(console.features() & VIRTIO_RING_F_INDIRECT_DESC, 0);
+
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mock = MockSplitQueue::create(&memory, GuestAddress(0), QUEUE_SIZE);
+        // 16 pages of data, each its own descriptor in an indirect table at 0x8000.
+        const PAGES: u16 = 16;
+        const DATA: u64 = 0x10000;
+        const TABLE: u64 = 0x8000;
+        let data: Vec<u8> = (0..PAGES as usize * 4096)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        memory.write_slice(&data, GuestAddress(DATA)).unwrap();
+        for page in 0..PAGES {
+            let (flags, next) = if page + 1 < PAGES {
+                (VRING_DESC_F_NEXT as u16, page + 1)
+            } else {
+                (0, 0)
+            };
+            let desc = Descriptor::new(DATA + u64::from(page) * 4096, 4096, flags, next);
+            memory
+                .write_obj(
+                    RawDescriptor::from(desc),
+                    GuestAddress(TABLE + u64::from(page) * 16),
+                )
+                .unwrap();
+        }
+        let head = Descriptor::new(
+            TABLE,
+            u32::from(PAGES) * 16,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        );
+        mock.desc_table()
+            .store(0, RawDescriptor::from(head))
+            .unwrap();
+        mock.avail().ring().ref_at(0).unwrap().store(0);
+        mock.avail().idx().store(1);
+
+        let out = tempfile::tempfile().unwrap();
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut port = OutputPort {
+            port: 0,
+            shared: Arc::new(Shared {
+                memory: memory.clone(),
+                interrupt: Arc::new(Interrupt::new(eventfd())),
+                control: Mutex::new(control(1)),
+                control_wake: eventfd(),
+                opened: vec![eventfd()],
+            }),
+            queue: mock.create_queue().unwrap(),
+            event: eventfd(),
+            host: Some(out.try_clone().unwrap()),
+        };
+        port.drain().unwrap();
+        assert_eq!(mock.used().idx().load(), 1, "the buffer went back");
+        let mut written = Vec::new();
+        let mut out = out;
+        std::io::Seek::rewind(&mut out).unwrap();
+        out.read_to_end(&mut written).unwrap();
+        assert!(
+            written == data,
+            "{} bytes written of {}",
+            written.len(),
+            data.len()
+        );
     }
 }
