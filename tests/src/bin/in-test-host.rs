@@ -3,7 +3,7 @@
 //! `tvix-boot` (static, built if needed) is on PATH, TVIX_BOOT_KERNEL names the guest
 //! kernel and the embedded store lives under /tmp/data.
 //!
-//!     in-test-host [--file HOST_PATH=GUEST_PATH]... SCRIPT
+//!     in-test-host [--memory MIB] [--file HOST_PATH=GUEST_PATH]... SCRIPT
 //!
 //! Prints what the script printed and exits with its exit status.
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, assets};
 
-const USAGE: &str = "usage: in-test-host [--file HOST_PATH=GUEST_PATH]... SCRIPT";
+const USAGE: &str = "usage: in-test-host [--memory MIB] [--file HOST_PATH=GUEST_PATH]... SCRIPT";
 /// The demo boots a VM or two; anything slower than this is stuck.
 const TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -29,6 +29,7 @@ fn main() -> ExitCode {
 fn run() -> Result<ExitCode, String> {
     let mut files = Vec::new();
     let mut script = None;
+    let mut memory_mib = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -46,6 +47,13 @@ fn run() -> Result<ExitCode, String> {
                     std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
                 ));
             }
+            "--memory" => {
+                let mib = args.next().ok_or(USAGE)?;
+                memory_mib = Some(
+                    mib.parse::<u32>()
+                        .map_err(|e| format!("--memory {mib:?}: {e}"))?,
+                );
+            }
             _ if script.is_none() && !arg.starts_with("--") => script = Some(arg),
             _ => return Err(USAGE.into()),
         }
@@ -54,8 +62,11 @@ fn run() -> Result<ExitCode, String> {
 
     eprintln!("in-test-host: building the static tvix-boot and starting the test host...");
     let tvix_boot = assets::tvix_boot_static().map_err(|e| e.to_string())?;
-    let host = TestHost::builder()
-        .tvix_boot(tvix_boot)
+    let mut builder = TestHost::builder().tvix_boot(tvix_boot);
+    if let Some(mib) = memory_mib {
+        builder = builder.memory_mib(mib);
+    }
+    let host = builder
         .build()
         .map_err(|e| format!("cannot prepare the test host: {e}"))?;
     let script =
