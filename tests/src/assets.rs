@@ -322,6 +322,15 @@ pub fn pty_session_static_once() -> std::result::Result<PathBuf, String> {
         .clone()
 }
 
+/// `open-many` (tests/src/bin), static: a guest program that holds many files open and
+/// walks a tree, for the bounded-resources test. Built once per test process.
+pub fn open_many_static_once() -> std::result::Result<PathBuf, String> {
+    static BIN: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BIN.get_or_init(|| build_static("tvix-boot-tests", "open-many").map_err(|e| e.to_string()))
+        .clone()
+}
+
 /// The static tvix-boot binary for the test host: `$TVIX_BOOT_BIN` when set
 /// (checked to be static), otherwise [`build_tvix_boot_static`].
 pub fn tvix_boot_static() -> Result<PathBuf> {
