@@ -100,9 +100,7 @@ impl ContentKey {
             Node::Symlink { target } => ContentKey::Symlink(target.clone()),
         }
     }
-}
 
-impl ContentKey {
     /// The guest-visible inode number of this content: the same for the same content across
     /// forget and lookup again, and 64 bits of BLAKE3, so two contents sharing one among
     /// a store's millions of entries is as unlikely as a hash collision. Never 0 or the root's.
@@ -312,9 +310,10 @@ impl StoreFs {
             let mut table = self.inodes.write().expect("inode table poisoned");
             if let Some(&inode) = table.root_entries.get(name) {
                 let entry = table.inodes.get_mut(&inode).expect("root entries are live");
-                entry.lookups += 1;
                 if let InodeKind::Node { node, .. } = &*entry.kind {
-                    return Ok(Self::entry(inode, node));
+                    let entry_out = Self::entry(inode, node);
+                    entry.lookups += 1;
+                    return Ok(entry_out);
                 }
             }
         }
