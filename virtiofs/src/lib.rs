@@ -10,5 +10,8 @@ pub mod fs;
 pub mod host_mount;
 pub mod vhost_user;
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
 pub use device::VirtioFs;
 pub use fs::{StoreFs, StoreFsOptions};

@@ -256,6 +256,94 @@ impl VirtioConsole {
     fn queue_count(&self) -> usize {
         2 + 2 * self.names.len()
     }
+
+    /// The threads' work for one activation, before any thread runs (the fuzz targets run
+    /// it on their own thread instead). Takes the ports' host ends.
+    fn workers(&mut self, activation: Activation) -> Result<Workers, ActivateError> {
+        let expected = self.queue_count();
+        if activation.queues.len() != expected {
+            return Err(ActivateError::QueueCount {
+                device: "virtio-console",
+                expected,
+                actual: activation.queues.len(),
+            });
+        }
+        let eventfd = || {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| ActivateError::Spawn {
+                device: "virtio-console",
+                source,
+            })
+        };
+        let mut queues: Vec<Option<(Queue, EventFd)>> =
+            activation.queues.into_iter().map(Some).collect();
+        let shared = Arc::new(Shared {
+            memory: activation.memory,
+            interrupt: activation.interrupt,
+            control: Mutex::new(Control {
+                ports: self.names.iter().map(|_| PortState::default()).collect(),
+                names: self.names.clone(),
+                outbox: VecDeque::new(),
+            }),
+            control_wake: eventfd()?,
+            opened: (0..self.names.len())
+                .map(|_| eventfd())
+                .collect::<Result<_, _>>()?,
+        });
+
+        let (rx, rx_event) = queues[CONTROL_RX].take().expect("counted above");
+        let (tx, tx_event) = queues[CONTROL_TX].take().expect("counted above");
+        let mut workers = Workers {
+            control: ControlWorker {
+                shared: shared.clone(),
+                rx,
+                rx_event,
+                tx,
+                tx_event,
+            },
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        };
+        for port in 0..self.names.len() {
+            let rx = port_rx_queue(port);
+            match self.ends[port].take() {
+                None => {
+                    tracing::warn!(
+                        port = self.names[port],
+                        "virtio-console: reactivated; the port's stream is gone"
+                    );
+                }
+                Some(PortEnd::Input(fd)) => {
+                    let (queue, event) = queues[rx].take().expect("counted above");
+                    workers.inputs.push(InputPort {
+                        port,
+                        shared: shared.clone(),
+                        queue,
+                        event,
+                        host: File::from(fd),
+                    });
+                }
+                Some(PortEnd::Output(fd)) => {
+                    let (queue, event) = queues[rx + 1].take().expect("counted above");
+                    workers.outputs.push(OutputPort {
+                        port,
+                        shared: shared.clone(),
+                        queue,
+                        event,
+                        host: Some(File::from(fd)),
+                    });
+                }
+            }
+        }
+        Ok(workers)
+    }
+}
+
+/// What the threads of one activation serve: the control queues, and one data queue per
+/// port that still has its host end.
+struct Workers {
+    control: ControlWorker,
+    inputs: Vec<InputPort>,
+    outputs: Vec<OutputPort>,
 }
 
 impl Drop for VirtioConsole {
@@ -300,38 +388,14 @@ impl VirtioDevice for VirtioConsole {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let expected = self.queue_count();
-        if activation.queues.len() != expected {
-            return Err(ActivateError::QueueCount {
-                device: "virtio-console",
-                expected,
-                actual: activation.queues.len(),
-            });
-        }
+        let workers = self.workers(activation)?;
         self.stop_workers();
         let spawn_err = |source| ActivateError::Spawn {
             device: "virtio-console",
             source,
         };
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_err);
-        let mut queues: Vec<Option<(Queue, EventFd)>> =
-            activation.queues.into_iter().map(Some).collect();
-        let shared = Arc::new(Shared {
-            memory: activation.memory,
-            interrupt: activation.interrupt,
-            control: Mutex::new(Control {
-                ports: self.names.iter().map(|_| PortState::default()).collect(),
-                names: self.names.clone(),
-                outbox: VecDeque::new(),
-            }),
-            control_wake: eventfd()?,
-            opened: (0..self.names.len())
-                .map(|_| eventfd())
-                .collect::<Result<_, _>>()?,
-        });
-
         let mut spawn = |name: String, work: Box<dyn FnOnce(EventFd) + Send>| {
-            let stop = eventfd()?;
+            let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_err)?;
             let thread_stop = stop.try_clone().map_err(spawn_err)?;
             let handle = std::thread::Builder::new()
                 .name(name)
@@ -340,70 +404,22 @@ impl VirtioDevice for VirtioConsole {
             self.workers.push((stop, handle));
             Ok::<(), ActivateError>(())
         };
-
-        let (control_rx, control_rx_event) = queues[CONTROL_RX].take().expect("counted above");
-        let (control_tx, control_tx_event) = queues[CONTROL_TX].take().expect("counted above");
-        let control_shared = shared.clone();
+        let control = workers.control;
         spawn(
             "virtio-console-control".to_owned(),
-            Box::new(move |stop| {
-                ControlWorker {
-                    shared: control_shared,
-                    rx: control_rx,
-                    rx_event: control_rx_event,
-                    tx: control_tx,
-                    tx_event: control_tx_event,
-                }
-                .run(&stop)
-            }),
+            Box::new(move |stop| control.run(&stop)),
         )?;
-
-        for port in 0..self.names.len() {
-            let rx = port_rx_queue(port);
-            let queue = match self.ends[port].take() {
-                None => {
-                    tracing::warn!(
-                        port = self.names[port],
-                        "virtio-console: reactivated; the port's stream is gone"
-                    );
-                    continue;
-                }
-                Some(PortEnd::Input(fd)) => {
-                    let (queue, event) = queues[rx].take().expect("counted above");
-                    let shared = shared.clone();
-                    spawn(
-                        format!("virtio-console-in{port}"),
-                        Box::new(move |stop| {
-                            InputPort {
-                                port,
-                                shared,
-                                queue,
-                                event,
-                                host: File::from(fd),
-                            }
-                            .run(&stop)
-                        }),
-                    )
-                }
-                Some(PortEnd::Output(fd)) => {
-                    let (queue, event) = queues[rx + 1].take().expect("counted above");
-                    let shared = shared.clone();
-                    spawn(
-                        format!("virtio-console-out{port}"),
-                        Box::new(move |stop| {
-                            OutputPort {
-                                port,
-                                shared,
-                                queue,
-                                event,
-                                host: Some(File::from(fd)),
-                            }
-                            .run(&stop)
-                        }),
-                    )
-                }
-            };
-            queue?;
+        for input in workers.inputs {
+            spawn(
+                format!("virtio-console-in{}", input.port),
+                Box::new(move |stop| input.run(&stop)),
+            )?;
+        }
+        for output in workers.outputs {
+            spawn(
+                format!("virtio-console-out{}", output.port),
+                Box::new(move |stop| output.run(&stop)),
+            )?;
         }
         Ok(())
     }
@@ -741,6 +757,10 @@ impl OutputPort {
         }
     }
 }
+
+#[cfg(feature = "fuzzing")]
+#[path = "console_fuzzing.rs"]
+pub mod fuzzing;
 
 #[cfg(test)]
 mod tests {
