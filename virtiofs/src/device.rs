@@ -11,7 +11,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use tvix_boot_devices::virtio::{
     ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, pop_chain,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -255,7 +255,7 @@ pub(crate) fn serve_available_requests(
     let mut requests = 0;
     loop {
         queue.disable_notification(memory)?;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
+        while let Some(chain) = pop_chain(queue, memory)? {
             let head = chain.head_index();
             let written = handle_chain(memory, server, chain);
             // A head index the driver put out of range cannot be returned; the chain is

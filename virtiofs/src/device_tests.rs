@@ -465,6 +465,23 @@ fn malformed_chains_get_an_answer_and_touch_nothing_else() {
     );
 }
 
+#[test]
+fn a_driver_claiming_more_chains_than_the_queue_holds_breaks_the_queue() {
+    let memory = memory();
+    let h = Harness::new(&memory, Store::memory());
+    // None of these can be taken, and "is there more?" is always yes.
+    h.mock.avail().idx().store(QUEUE_LEN + 1);
+    let Harness { mut worker, .. } = h;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(worker.process_queue().is_err());
+    });
+    let broken = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the queue worker spins on a broken queue");
+    assert!(broken, "the queue worker did not give up on the queue");
+}
+
 const ROOT: u64 = crate::fs::ROOT_INODE;
 
 proptest::proptest! {

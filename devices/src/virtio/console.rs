@@ -29,7 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
-    VirtioDevice,
+    VirtioDevice, pop_chain,
 };
 use crate::bus::lock;
 
@@ -565,7 +565,7 @@ impl ControlWorker {
     fn serve(&mut self) -> Result<(), virtio_queue::Error> {
         let memory = &self.shared.memory;
         let mut used_tx = false;
-        while let Some(chain) = self.tx.pop_descriptor_chain(memory) {
+        while let Some(chain) = pop_chain(&mut self.tx, memory)? {
             let head = chain.head_index();
             if let Some(message) = read_chain(memory, chain)
                 && let Some(port) = lock(&self.shared.control).handle(&message)
@@ -577,7 +577,7 @@ impl ControlWorker {
         let mut used_rx = false;
         let mut control = lock(&self.shared.control);
         while !control.outbox.is_empty() {
-            let Some(chain) = self.rx.pop_descriptor_chain(memory) else {
+            let Some(chain) = pop_chain(&mut self.rx, memory)? else {
                 break;
             };
             let head = chain.head_index();
@@ -654,8 +654,13 @@ impl InputPort {
             let _ = self.event.read();
             let mut used = false;
             while !data.is_empty() {
-                let Some(chain) = self.queue.pop_descriptor_chain(memory) else {
-                    break;
+                let chain = match pop_chain(&mut self.queue, memory) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "virtio-console: input queue broken");
+                        return false;
+                    }
                 };
                 let head = chain.head_index();
                 let written = write_chain(memory, chain, data);
@@ -732,7 +737,7 @@ impl OutputPort {
         loop {
             self.queue.disable_notification(memory)?;
             let mut used = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(memory) {
+            while let Some(chain) = pop_chain(&mut self.queue, memory)? {
                 let head = chain.head_index();
                 // The host write happens before the buffer goes back, so a full host pipe
                 // holds the guest's writer back (flow control), as a local pipe would.
@@ -857,6 +862,72 @@ mod tests {
         assert_eq!(c.handle(&control_message(0, 0xffff, 1, &[])), None);
         assert!(c.outbox.is_empty());
         assert!(!c.ports[0].ready && !c.ports[0].guest_open);
+    }
+
+    /// Runs `f` on a thread; a worker that spins instead of giving up on a broken queue
+    /// fails the test rather than hanging it.
+    fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the worker spins on a broken queue")
+    }
+
+    #[test]
+    fn a_driver_claiming_more_buffers_than_a_queue_holds_breaks_the_queue() {
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::GuestAddress;
+
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let shared = Arc::new(Shared {
+            memory: memory.clone(),
+            interrupt: Arc::new(Interrupt::new(eventfd())),
+            control: Mutex::new(control(1)),
+            control_wake: eventfd(),
+            opened: vec![eventfd()],
+        });
+        // Each queue holds 16 chains; the driver's available index says 1000 are waiting,
+        // so none can be taken, and "is there more?" is always yes.
+        let overfull = |base: u64| {
+            let mock = MockSplitQueue::create(&memory, GuestAddress(base), 16);
+            mock.avail().idx().store(1000);
+            mock.create_queue::<Queue>().unwrap()
+        };
+        let null = || File::options().write(true).open("/dev/null").unwrap();
+
+        let mut output = OutputPort {
+            port: 0,
+            shared: shared.clone(),
+            queue: overfull(0),
+            event: eventfd(),
+            host: Some(null()),
+        };
+        assert!(within_seconds(move || output.drain().is_err()));
+
+        let mut input = InputPort {
+            port: 0,
+            shared: shared.clone(),
+            queue: overfull(0x1_0000),
+            event: eventfd(),
+            host: null(),
+        };
+        let stop = eventfd();
+        stop.write(1).unwrap();
+        assert!(!within_seconds(move || input.deliver(b"data", &stop)));
+
+        // Control: messages wait to go out, but neither queue can be served.
+        lock(&shared.control).handle(&control_message(0, event::DEVICE_READY, 1, &[]));
+        let mut control = ControlWorker {
+            shared,
+            rx: overfull(0x2_0000),
+            rx_event: eventfd(),
+            tx: overfull(0x3_0000),
+            tx_event: eventfd(),
+        };
+        assert!(within_seconds(move || control.serve().is_err()));
     }
 
     #[test]

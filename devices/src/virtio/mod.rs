@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -75,6 +75,20 @@ impl Interrupt {
     pub(crate) fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+}
+
+/// The next chain the driver offers on `queue`, `None` when it offers none.
+///
+/// `Queue::pop_descriptor_chain` also gives `None` when the queue cannot be served: the
+/// driver's available index claims more chains than the queue holds, or the available
+/// ring is unreadable. A worker that then asks `enable_notification` whether more is
+/// offered hears yes, and spins forever on a queue the guest broke. Here those are errors,
+/// and the queue is given up until the driver resets the device.
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    memory: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(queue.iter(memory)?.next())
 }
 
 /// What a device gets when the driver has set it up.
