@@ -242,6 +242,14 @@ impl MmioTransport {
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 return;
             }
+            // virtio-queue takes an available ring at 0 for one never set up and serves
+            // nothing from it, though `is_valid` passes it; a misaligned address from the
+            // driver is ignored and leaves the ring there.
+            if queue.avail_ring() == 0 {
+                tracing::warn!(index, "virtio-mmio: queue with its available ring at 0");
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                return;
+            }
             queue.set_event_idx(event_idx);
             let event = match self.queue_events[index].try_clone() {
                 Ok(event) => event,
@@ -463,6 +471,30 @@ mod tests {
         write(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(recorded.lock().unwrap().resets, 1);
         assert_eq!(read(&mut t, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn a_queue_with_its_available_ring_at_zero_is_not_activated() {
+        // virtio-queue takes an available ring at 0 for a queue never set up and pops
+        // nothing from it. A misaligned address is ignored, which leaves it at 0.
+        let (mut t, recorded) = transport();
+        write(&mut t, VIRTIO_MMIO_STATUS, 0x3);
+        write(&mut t, VIRTIO_MMIO_STATUS, 0xb);
+        for (index, base) in [(0u32, 0x1000u32), (1, 0x4000)] {
+            write(&mut t, VIRTIO_MMIO_QUEUE_SEL, index);
+            write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+            write(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, base);
+            let avail = if index == 0 { 0x2001 } else { base + 0x1000 };
+            write(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, avail);
+            write(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, base + 0x2000);
+            write(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        }
+        write(&mut t, VIRTIO_MMIO_STATUS, 0xf);
+        assert!(recorded.lock().unwrap().activations.is_empty());
+        assert_ne!(
+            read(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
     }
 
     #[test]
