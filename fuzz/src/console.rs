@@ -427,6 +427,9 @@ impl Harness {
                 !watch.plain() || before.iter().any(|b| self.overfull(b)),
                 "the control thread gave up on queues it could serve: {e}"
             );
+            // Part of the pass happened before the queue broke: what the driver said is
+            // no longer known.
+            self.exact = false;
             self.control_broken = true;
             return;
         }
@@ -549,6 +552,7 @@ impl Harness {
                     !watch.plain() || self.overfull(before),
                     "output port {port} gave up on a queue it could serve: {e}"
                 );
+                self.exact = false;
                 self.ports[port].broken = true;
                 return;
             }
