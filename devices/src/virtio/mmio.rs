@@ -311,7 +311,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers are 32 bits wide and must be read as such.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::warn!(
                 offset,
                 len = data.len(),
@@ -335,7 +335,7 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             tracing::warn!(offset, "virtio-mmio: misaligned register write");
             return;
         }
