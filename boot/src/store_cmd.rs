@@ -43,6 +43,13 @@ pub struct StoreAddrArgs {
 }
 
 impl StoreAddrArgs {
+    /// Whether the store substitutes from a binary cache over HTTP(S).
+    pub fn fetches_over_network(&self) -> bool {
+        self.path_info_service_addr
+            .as_deref()
+            .is_some_and(|addr| addr.starts_with("nix+http"))
+    }
+
     pub fn open(&self) -> Result<Store, StoreError> {
         let all_given = self.blob_service_addr.is_some()
             && self.directory_service_addr.is_some()

@@ -6,17 +6,17 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::thread::JoinHandle;
 
 use signal_hook::consts::SIGWINCH;
 use signal_hook::iterator::{Handle, Signals};
+use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
 use tvix_boot_devices::virtio::console::{PortEnd, PortSpec};
 use tvix_boot_init::protocol::WINSIZE_PORT;
 
 /// Forwards size changes until dropped.
 pub struct WindowSizeForwarder {
     signals: Handle,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<RoleThread<()>>,
 }
 
 impl WindowSizeForwarder {
@@ -30,18 +30,17 @@ impl WindowSizeForwarder {
         write_size(&mut writer, size)?;
         let mut signals = Signals::new([SIGWINCH])?;
         let handle = signals.handle();
-        let thread = std::thread::Builder::new()
-            .name("window-size".to_owned())
-            .spawn(move || {
-                for _ in signals.forever() {
-                    let Some(size) = terminal_size() else {
-                        continue;
-                    };
-                    if write_size(&mut writer, size).is_err() {
-                        return;
-                    }
+        let thread = seccomp::spawn(ThreadRole::DeviceIo, "window-size".to_owned(), move || {
+            for _ in signals.forever() {
+                let Some(size) = terminal_size() else {
+                    continue;
+                };
+                if write_size(&mut writer, size).is_err() {
+                    return;
                 }
-            })?;
+            }
+        })
+        .map_err(io::Error::other)?;
         let port =
             PortSpec::new(WINSIZE_PORT, PortEnd::Input(reader)).expect("the port name is valid");
         Ok(Some((

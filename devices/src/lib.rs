@@ -10,6 +10,7 @@ pub mod bus;
 pub mod exit;
 pub mod i8042;
 pub mod pvpanic;
+pub mod seccomp;
 pub mod serial;
 pub mod status_port;
 pub mod terminal;

@@ -4,11 +4,11 @@
 //! transmit-holding-register-empty (THRE) interrupt, so without one only the first
 //! character of each write would ever appear.
 
+use crate::seccomp::{self, RoleThread, SeccompError, ThreadRole};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vm_superio::serial::NoEvents;
@@ -242,22 +242,20 @@ pub fn spawn_console_io(
     console: Arc<Mutex<SerialConsole>>,
     stop: Arc<AtomicBool>,
     forward_stdin: bool,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("serial-console".into())
-        .spawn(move || {
-            if forward_stdin {
-                let stdin = io::stdin();
-                if let Err(e) = forward_input(&stdin, &console, &stop) {
-                    tracing::warn!("serial: reading stdin: {e}");
-                }
+) -> Result<RoleThread<()>, SeccompError> {
+    seccomp::spawn(ThreadRole::DeviceIo, "serial-console".into(), move || {
+        if forward_stdin {
+            let stdin = io::stdin();
+            if let Err(e) = forward_input(&stdin, &console, &stop) {
+                tracing::warn!("serial: reading stdin: {e}");
             }
-            // Input ended (or there is none): keep the output flowing.
-            while !stop.load(Ordering::Relaxed) {
-                lock(&console).flush_output();
-                std::thread::sleep(FLUSH_INTERVAL);
-            }
-        })
+        }
+        // Input ended (or there is none): keep the output flowing.
+        while !stop.load(Ordering::Relaxed) {
+            lock(&console).flush_output();
+            std::thread::sleep(FLUSH_INTERVAL);
+        }
+    })
 }
 
 /// Forwards `input` to the guest until `stop` is set or input ends; flushes console

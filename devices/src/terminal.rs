@@ -60,7 +60,7 @@ impl Drop for RawTerminal {
 
 /// Restores the saved settings if raw mode is on. Async-signal-safe: an atomic swap, a
 /// read of initialised static data and tcsetattr.
-fn restore() {
+pub(crate) fn restore() {
     if RAW_ACTIVE.swap(false, Ordering::SeqCst)
         && let Some(original) = ORIGINAL.get()
     {

@@ -24,5 +24,7 @@ pub mod substituter;
 pub use castore::{Directory, Node, PathComponent};
 pub use digest::B3Digest;
 pub use pathinfo::PathInfo;
+/// Starts the store's I/O threads now, with a hook run first in each (see [`runtime::start_with`]).
+pub use runtime::start_with as start_io_runtime;
 pub use store::{Lookup, Store, StoreAddrs, StoreError};
 pub use store_path::StorePath;

@@ -9,16 +9,37 @@ use std::sync::OnceLock;
 
 use tokio::runtime::{Handle, Runtime};
 
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
 fn runtime() -> &'static Runtime {
-    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| build(None))
+}
+
+fn build(on_thread_start: Option<Box<dyn Fn() + Send + Sync>>) -> Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
+        .worker_threads(2)
+        .thread_name("store-io")
+        .enable_all();
+    if let Some(hook) = on_thread_start {
+        builder.on_thread_start(hook);
+    }
+    builder
+        .build()
+        .expect("cannot start the store's I/O runtime")
+}
+
+/// Starts the store's I/O runtime now, with `on_thread_start` run first in each of its
+/// threads (e.g. to install a seccomp filter), rather than on first use from whatever
+/// thread that happens to be. Returns false if it was already running (the hook is then
+/// not installed).
+pub fn start_with(on_thread_start: impl Fn() + Send + Sync + 'static) -> bool {
+    let mut started = false;
     RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("store-io")
-            .enable_all()
-            .build()
-            .expect("cannot start the store's I/O runtime")
-    })
+        started = true;
+        build(Some(Box::new(on_thread_start)))
+    });
+    started
 }
 
 /// Run `future` to completion from synchronous code, even when the caller itself is inside

@@ -5,10 +5,10 @@ use std::fmt;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
 use tvix_boot_devices::virtio::{
     ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, pop_chain,
@@ -36,7 +36,7 @@ pub struct VirtioFs {
     config: [u8; TAG_LEN + 4],
     request_queues: u16,
     server: Arc<Server<StoreFs>>,
-    workers: Vec<(EventFd, JoinHandle<()>)>,
+    workers: Vec<(EventFd, RoleThread<()>)>,
     requests: RequestCounters,
 }
 
@@ -108,7 +108,7 @@ impl VirtioFs {
         }
         for (stop, worker) in self.workers.drain(..) {
             let _ = stop.write(1);
-            if worker.join().is_err() {
+            if worker.join().is_none() {
                 tracing::warn!("virtio-fs queue worker panicked");
             }
         }
@@ -175,10 +175,12 @@ impl VirtioDevice for VirtioFs {
             } else {
                 format!("virtio-fs-q{index}")
             };
-            let handle = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || worker.run())
-                .map_err(spawn_err)?;
+            let handle = seccomp::spawn(ThreadRole::VirtioFs, name, move || worker.run()).map_err(
+                |source| ActivateError::Thread {
+                    device: "virtio-fs",
+                    source,
+                },
+            )?;
             self.workers.push((stop, handle));
         }
         Ok(())

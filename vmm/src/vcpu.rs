@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use tvix_boot_devices::seccomp::{self, RoleThread, SeccompError, ThreadRole};
 use tvix_boot_devices::{Bus, ExitNotifier, GuestExit};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -26,8 +26,8 @@ pub enum VcpuError {
     #[error("vCPU {index}: unexpected exit {exit}")]
     UnexpectedExit { index: u8, exit: String },
     #[error("vCPU {index}: thread could not be started: {source}")]
-    Spawn { index: u8, source: std::io::Error },
-    #[error("vCPU {index}: thread panicked")]
+    Spawn { index: u8, source: SeccompError },
+    #[error("vCPU {index}: thread panicked or could not install its seccomp filter")]
     Panicked { index: u8 },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
@@ -130,28 +130,26 @@ impl Vcpu {
 /// A running vCPU thread.
 pub(crate) struct VcpuThread {
     index: u8,
-    handle: JoinHandle<Result<(), VcpuError>>,
+    handle: RoleThread<Result<(), VcpuError>>,
 }
 
 /// Starts `vcpu` on its own thread. When it ends for any reason it wakes the VMM.
 pub(crate) fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> Result<VcpuThread, VcpuError> {
     install_kick_handler()?;
     let index = vcpu.index;
-    let handle = std::thread::Builder::new()
-        .name(format!("vcpu{index}"))
-        .spawn(move || {
-            let exit = ctx.exit.clone();
-            // Wake the VMM however this thread ends, panics included.
-            struct WakeOnDrop(ExitNotifier);
-            impl Drop for WakeOnDrop {
-                fn drop(&mut self) {
-                    self.0.wake();
-                }
+    let handle = seccomp::spawn(ThreadRole::Vcpu, format!("vcpu{index}"), move || {
+        let exit = ctx.exit.clone();
+        // Wake the VMM however this thread ends, panics included.
+        struct WakeOnDrop(ExitNotifier);
+        impl Drop for WakeOnDrop {
+            fn drop(&mut self) {
+                self.0.wake();
             }
-            let _wake = WakeOnDrop(exit);
-            vcpu.run(ctx)
-        })
-        .map_err(|source| VcpuError::Spawn { index, source })?;
+        }
+        let _wake = WakeOnDrop(exit);
+        vcpu.run(ctx)
+    })
+    .map_err(|source| VcpuError::Spawn { index, source })?;
     Ok(VcpuThread { index, handle })
 }
 
@@ -166,7 +164,7 @@ pub(crate) fn stop_all(threads: Vec<VcpuThread>) -> Result<(), VcpuError> {
     for thread in threads {
         while !thread.handle.is_finished() {
             // Fails only if the thread is already gone.
-            let _ = thread.handle.kill(kick_signal());
+            let _ = thread.handle.thread_handle().kill(kick_signal());
             std::thread::sleep(KICK_INTERVAL);
         }
         let result = thread.handle.join().unwrap_or(Err(VcpuError::Panicked {

@@ -14,6 +14,7 @@ use tvix_boot_devices::acpi_sleep::AcpiSleepRegister;
 use tvix_boot_devices::bus::SharedDevice;
 use tvix_boot_devices::i8042::{self, I8042};
 use tvix_boot_devices::pvpanic::PvPanic;
+use tvix_boot_devices::seccomp::{self, ThreadRole};
 use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole};
 use tvix_boot_devices::status_port::{self, GuestStatus, StatusPort};
 use tvix_boot_devices::terminal::RawTerminal;
@@ -78,7 +79,9 @@ pub enum VmError {
     #[error("cannot set up the terminal: {0}")]
     Terminal(std::io::Error),
     #[error("cannot start the console thread: {0}")]
-    ConsoleThread(std::io::Error),
+    ConsoleThread(tvix_boot_devices::seccomp::SeccompError),
+    #[error("{0}")]
+    Seccomp(tvix_boot_devices::seccomp::SeccompError),
     #[error("no guest was loaded into the VM")]
     NothingToBoot,
     #[error("waiting for the guest to stop: {0}")]
@@ -387,6 +390,9 @@ impl Vm {
         } else {
             None
         };
+        // Set-up is done: from here on this thread only runs the VM. Every thread it
+        // starts narrows this filter to its own role (see devices::seccomp).
+        seccomp::apply_to_current_thread(ThreadRole::EventLoop).map_err(VmError::Seccomp)?;
         let stop = Arc::new(AtomicBool::new(false));
         let console_thread =
             serial::spawn_console_io(self.serial.clone(), stop.clone(), self.stdio)
@@ -420,7 +426,7 @@ impl Vm {
 
         stop.store(true, Ordering::Release);
         let vcpu_result = vcpu::stop_all(threads);
-        if console_thread.join().is_err() {
+        if console_thread.join().is_none() {
             tracing::warn!("the console thread panicked");
         }
         // The guest's last words (e.g. a panic message) may still be buffered.

@@ -21,7 +21,6 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -32,6 +31,7 @@ use super::{
     VirtioDevice, pop_chain,
 };
 use crate::bus::lock;
+use crate::seccomp::{self, RoleThread, ThreadRole};
 
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
 /// The device has more than one port and a control queue pair (virtio 1.2, 5.3.3).
@@ -225,7 +225,7 @@ pub struct VirtioConsole {
     /// Host ends, handed to the port threads at activation (a reset-and-reactivate by
     /// the driver finds them gone: streams are not replayed).
     ends: Vec<Option<PortEnd>>,
-    workers: Vec<(EventFd, JoinHandle<()>)>,
+    workers: Vec<(EventFd, RoleThread<()>)>,
 }
 
 impl VirtioConsole {
@@ -247,7 +247,7 @@ impl VirtioConsole {
             let _ = stop.write(1);
         }
         for (_, worker) in self.workers.drain(..) {
-            if worker.join().is_err() {
+            if worker.join().is_none() {
                 tracing::warn!("virtio-console: a port thread panicked");
             }
         }
@@ -397,10 +397,11 @@ impl VirtioDevice for VirtioConsole {
         let mut spawn = |name: String, work: Box<dyn FnOnce(EventFd) + Send>| {
             let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_err)?;
             let thread_stop = stop.try_clone().map_err(spawn_err)?;
-            let handle = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || work(thread_stop))
-                .map_err(spawn_err)?;
+            let handle = seccomp::spawn(ThreadRole::DeviceIo, name, move || work(thread_stop))
+                .map_err(|source| ActivateError::Thread {
+                    device: "virtio-console",
+                    source,
+                })?;
             self.workers.push((stop, handle));
             Ok::<(), ActivateError>(())
         };

@@ -29,6 +29,11 @@ pub enum ActivateError {
         device: &'static str,
         source: std::io::Error,
     },
+    #[error("cannot start a {device} queue worker thread: {source}")]
+    Thread {
+        device: &'static str,
+        source: crate::seccomp::SeccompError,
+    },
     #[error("the {device} device expects {expected} queues, the driver set up {actual}")]
     QueueCount {
         device: &'static str,
