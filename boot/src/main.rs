@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod console_log;
 mod initrd;
 mod mode;
+mod sandbox;
 mod store_cmd;
 mod vm;
 mod window_size;

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use thiserror::Error;
+use tvix_boot_devices::seccomp::SeccompError;
 use tvix_boot_store::binary_cache::{self, CacheError};
 use tvix_boot_store::import::{ImportError, import_path};
 use tvix_boot_store::local_nix::{self, LocalNixError};
@@ -23,6 +24,8 @@ use tvix_boot_store::{Node, PathInfo, Store, StoreAddrs, StoreError, StorePath};
 use tvix_boot_virtiofs::host_mount::{HostMount, MountError};
 use tvix_boot_virtiofs::vhost_user::{MAX_REQUEST_QUEUES, VhostUserFsError, VhostUserFsSocket};
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions};
+
+use crate::sandbox::SeccompArgs;
 
 /// Imports slower than this get a progress bar.
 const PROGRESS_DELAY: Duration = Duration::from_secs(1);
@@ -118,6 +121,8 @@ enum StoreCommand {
         /// Threads serving FUSE requests.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        #[command(flatten)]
+        seccomp: SeccompArgs,
     },
     /// Serve the store read-only as a vhost-user-fs backend on a unix socket, for QEMU,
     /// cloud-hypervisor and other VMMs (the guest mounts it by the tag the VMM gives).
@@ -144,11 +149,15 @@ enum StoreCommand {
         /// Exit when the first frontend disconnects, instead of waiting for the next.
         #[arg(long)]
         once: bool,
+        #[command(flatten)]
+        seccomp: SeccompArgs,
     },
 }
 
 #[derive(Debug, Error)]
 enum CliError {
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -190,6 +199,10 @@ pub fn run(addrs: &StoreAddrArgs, args: StoreArgs) -> ExitCode {
 }
 
 fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliError> {
+    // The threads that serve requests run under filters (see devices::seccomp).
+    if let StoreCommand::Mount { seccomp, .. } | StoreCommand::Virtiofs { seccomp, .. } = &command {
+        seccomp.enable(addrs)?;
+    }
     let store = addrs.open()?;
     let mut stdout = BufWriter::new(std::io::stdout().lock());
     match command {
@@ -225,6 +238,7 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
             list_root,
             show_xattr,
             threads,
+            seccomp: _,
         } => {
             mount(
                 store,
@@ -243,6 +257,7 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
             list_root,
             show_xattr,
             once,
+            seccomp: _,
         } => {
             let group = socket_group.as_deref().map(group_id).transpose()?;
             let request_queues = threads.unwrap_or_else(|| {

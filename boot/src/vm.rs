@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tvix_boot_devices::seccomp::{self, Policy, SeccompError, SeccompMode, ThreadRole};
+use tvix_boot_devices::seccomp::SeccompError;
 use tvix_boot_devices::virtio::VirtioDevice;
 use tvix_boot_devices::virtio::console::{PortEnd, PortSpec, VirtioConsole};
 use tvix_boot_init::protocol::{
@@ -21,6 +21,7 @@ use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError, VmExit};
 use crate::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
 use crate::initrd::{self, HOST_BUSYBOX, ProgramSetup};
 use crate::mode::{self, ModeArgs};
+use crate::sandbox::SeccompArgs;
 use crate::store_cmd::StoreAddrArgs;
 use crate::window_size::WindowSizeForwarder;
 
@@ -97,21 +98,11 @@ pub struct VmArgs {
     #[arg(long, value_name = "DIR")]
     workdir: Option<String>,
 
-    /// System-call filters on the VM's threads: `on` (a call outside a thread's role ends
-    /// tvix-boot with SIGSYS and a message naming it), `log` (such calls are allowed and
-    /// logged by the kernel: audit type 1326 in dmesg) or `off`.
-    #[arg(long, value_enum, value_name = "on|log|off", default_value_t = SeccompArg::On)]
-    seccomp: SeccompArg,
+    #[command(flatten)]
+    seccomp: SeccompArgs,
 
     #[command(flatten)]
     mode: ModeArgs,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum SeccompArg {
-    On,
-    Log,
-    Off,
 }
 
 /// What the guest runs: our init in `mode`, or the user's own initrd.
@@ -218,7 +209,7 @@ fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError
         None => Guest::TvixInit(mode::choose(&cmdline, args.mode.requested()?.as_ref())?),
     };
 
-    enable_seccomp(args.seccomp, store_addrs)?;
+    args.seccomp.enable(store_addrs)?;
     // The store is opened before anything boots, so a bad address is reported at once,
     // and so is a program that is not in it.
     let store = Arc::new(store_addrs.open()?);
@@ -309,30 +300,6 @@ fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError
         status: status.get(),
         console: console_tail,
     })
-}
-
-/// Turns the thread filters on, before any thread of the VM (the store's I/O runtime
-/// included) starts, so each starts under its own.
-fn enable_seccomp(arg: SeccompArg, store_addrs: &StoreAddrArgs) -> Result<(), SeccompError> {
-    let mode = match arg {
-        SeccompArg::On => SeccompMode::Enforce,
-        SeccompArg::Log => SeccompMode::Log,
-        SeccompArg::Off => return Ok(()),
-    };
-    let started = tvix_boot_store::start_io_runtime(|| {
-        if let Err(e) = seccomp::apply_to_current_thread(ThreadRole::StoreIo) {
-            // A store thread without its filter must not run.
-            eprintln!("tvix-boot: {e}");
-            std::process::abort();
-        }
-    });
-    debug_assert!(started, "nothing uses the store before this");
-    seccomp::enable(
-        mode,
-        Policy {
-            network: store_addrs.fetches_over_network(),
-        },
-    )
 }
 
 /// The program's stdin, stdout and stderr as virtio-console ports, on copies of this

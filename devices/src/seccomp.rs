@@ -75,9 +75,10 @@ pub enum SeccompMode {
 pub enum ThreadRole {
     /// Runs KVM_RUN and emulates the devices on MMIO and port exits.
     Vcpu,
-    /// Serves one virtio-fs queue: FUSE requests answered from the store. The store may
-    /// have to fetch (substitute) a path and write it, so it reads and writes store files,
-    /// and when [`Policy::network`] is set, talks to binary caches.
+    /// Serves FUSE requests from the store: one virtio-fs queue (in-process or
+    /// vhost-user), or a /dev/fuse channel of the host mount. The store may have to fetch
+    /// (substitute) a path and write it, so it reads and writes store files, and when
+    /// [`Policy::network`] is set, talks to binary caches.
     VirtioFs,
     /// Moves bytes between a console's queues or the serial port and host descriptors.
     DeviceIo,
@@ -572,6 +573,12 @@ mod syscalls {
         allow_ioctls(&mut rules, TERMINAL_IOCTLS);
         // The SIGSYS handler names the thread.
         allow_first_arg(&mut rules, libc::SYS_prctl, &[libc::PR_GET_NAME as u64]);
+        // send(), as write() on a socket already connected: no destination address (e.g.
+        // signal-hook's wake-up, which the host mount's workers use when it is unmounted).
+        rules.insert(
+            libc::SYS_sendto,
+            vec![SeccompRule::new(vec![condition(4, SeccompCmpOp::Eq, 0)]).expect("one condition")],
+        );
         match role {
             ThreadRole::Vcpu => {
                 allow_ioctls(&mut rules, VCPU_IOCTLS);
@@ -580,6 +587,11 @@ mod syscalls {
             }
             ThreadRole::VirtioFs => {
                 allow(&mut rules, STORE_FILES);
+                // vhost-user queue threads and /dev/fuse channels wait in epoll.
+                allow(&mut rules, &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait]);
+                // The store's runtime starts a blocking-pool thread from whichever thread
+                // needs one first, and a worker waiting on the store may be that thread.
+                allow_threads(&mut rules);
                 if policy.network {
                     allow(&mut rules, NETWORK);
                     allow_ioctls(&mut rules, NETWORK_IOCTLS);
@@ -723,7 +735,12 @@ mod tests {
     fn run_child(case: &str) -> (std::process::ExitStatus, String) {
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
-            .args(["--exact", "seccomp::tests::child", "--ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "seccomp::tests::child",
+                "--ignored",
+                "--nocapture",
+            ])
             .env(CHILD_ENV, case);
         // SAFETY: setrlimit is async-signal-safe; the SIGSYS deaths below leave no core.
         unsafe {
@@ -748,7 +765,10 @@ mod tests {
         for role in ThreadRole::ALL {
             let (status, stderr) = run_child(&format!("{role:?}"));
             assert!(status.success(), "{role:?}: {status}\n{stderr}");
-            assert!(stderr.contains(&format!("{role:?} thread at work")), "{stderr}");
+            assert!(
+                stderr.contains(&format!("{role:?} thread at work")),
+                "{stderr}"
+            );
         }
     }
 
@@ -763,7 +783,11 @@ mod tests {
         ];
         for (role, call) in expected {
             let (status, stderr) = run_child(&format!("{role:?}:forbidden"));
-            assert_eq!(status.signal(), Some(libc::SIGSYS), "{role:?}: {status}\n{stderr}");
+            assert_eq!(
+                status.signal(),
+                Some(libc::SIGSYS),
+                "{role:?}: {status}\n{stderr}"
+            );
             let message = format!("seccomp: thread test-role made system call {call} (");
             assert!(stderr.contains(&message), "{role:?}: {stderr}");
         }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 use thiserror::Error;
+use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
 
 use crate::fs::StoreFs;
 
@@ -29,7 +30,7 @@ pub type OnServingEnded = Box<dyn FnOnce() + Send>;
 pub struct HostMount {
     session: FuseSession,
     path: PathBuf,
-    workers: Vec<std::thread::JoinHandle<Result<(), MountError>>>,
+    workers: Vec<RoleThread<Result<(), MountError>>>,
     /// Set before unmounting: the channel errors that follow are the expected end.
     stopping: Arc<AtomicBool>,
 }
@@ -63,20 +64,19 @@ impl HostMount {
             let stopping = stopping.clone();
             let serving = serving.clone();
             let on_serving_ended = on_serving_ended.clone();
-            let worker = std::thread::Builder::new()
-                .name(format!("fuse-{index}"))
-                .spawn(move || {
-                    let result = serve(channel, &server, &path, &stopping);
-                    let last = serving.fetch_sub(1, Ordering::SeqCst) == 1;
-                    if last && !stopping.load(Ordering::SeqCst) {
-                        let callback = on_serving_ended.lock().ok().and_then(|mut c| c.take());
-                        if let Some(callback) = callback {
-                            callback();
-                        }
+            // A FUSE worker's job is a virtio-fs worker's, from /dev/fuse.
+            let worker = seccomp::spawn(ThreadRole::VirtioFs, format!("fuse-{index}"), move || {
+                let result = serve(channel, &server, &path, &stopping);
+                let last = serving.fetch_sub(1, Ordering::SeqCst) == 1;
+                if last && !stopping.load(Ordering::SeqCst) {
+                    let callback = on_serving_ended.lock().ok().and_then(|mut c| c.take());
+                    if let Some(callback) = callback {
+                        callback();
                     }
-                    result
-                })
-                .map_err(|e| mount_err(e.to_string()))?;
+                }
+                result
+            })
+            .map_err(|e| mount_err(e.to_string()))?;
             workers.push(worker);
         }
         Ok(Self {
@@ -108,9 +108,9 @@ impl HostMount {
     fn join_workers(&mut self) {
         for worker in self.workers.drain(..) {
             match worker.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "FUSE worker failed"),
-                Err(_) => tracing::warn!("FUSE worker panicked"),
+                Some(Ok(())) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "FUSE worker failed"),
+                None => tracing::warn!("FUSE worker panicked or could not install its filter"),
             }
         }
     }

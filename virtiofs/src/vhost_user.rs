@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::api::server::Server;
+use tvix_boot_devices::seccomp::{self, ThreadRole};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringT};
@@ -373,6 +374,9 @@ impl VhostUserBackend for VhostUserFsBackend {
         vrings: &[VringMutex],
         thread_id: usize,
     ) -> io::Result<()> {
+        // vhost-user-backend starts the queue threads; each takes the virtio-fs worker's
+        // filter before it touches a queue.
+        install_worker_filter_once()?;
         if evset != EventSet::IN {
             return Err(io::Error::other(format!(
                 "vhost-user-fs: unexpected event {evset:?} on queue thread {thread_id}"
@@ -454,4 +458,18 @@ fn peer_of(fd: RawFd) -> Option<Frontend> {
         gid: cred.gid,
         command,
     })
+}
+
+/// Installs the virtio-fs worker's seccomp filter in the calling queue thread the first
+/// time it is called there (nothing when filters are off).
+fn install_worker_filter_once() -> io::Result<()> {
+    thread_local! {
+        static FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if FILTERED.get() {
+        return Ok(());
+    }
+    seccomp::apply_to_current_thread(ThreadRole::VirtioFs).map_err(io::Error::other)?;
+    FILTERED.set(true);
+    Ok(())
 }
