@@ -1,12 +1,14 @@
 //! One thread per vCPU: run the vCPU, dispatch its I/O exits to the buses, stop when
 //! the guest or the VMM says so.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use tvix_boot_devices::seccomp::{self, RoleThread, SeccompError, ThreadRole};
 use tvix_boot_devices::{Bus, ExitNotifier, GuestExit};
@@ -38,16 +40,29 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
+thread_local! {
+    /// The run area (kvm_run) of the vCPU this thread runs; null before it starts.
+    static RUN_AREA: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Runs on the vCPU thread the kick was sent to. Delivery alone makes a KVM_RUN in
+/// progress return EINTR; setting `immediate_exit` makes one about to start return EINTR
+/// at once, so a kick is never lost between the stop check and KVM_RUN (no retries).
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let area = RUN_AREA.with(Cell::get);
+    if !area.is_null() {
+        // SAFETY: a non-null RUN_AREA points at this thread's vCPU's kvm_run mapping,
+        // which lives as long as the VcpuFd that this thread owns and clears it before
+        // dropping; immediate_exit is a plain byte that KVM reads on entry.
+        unsafe { (*area).immediate_exit = 1 };
+    }
 }
 
 fn install_kick_handler() -> Result<(), VcpuError> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
     INSTALL.call_once(|| {
-        result =
-            register_signal_handler(kick_signal(), ignore_kick).map_err(VcpuError::SignalHandler);
+        result = register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::SignalHandler);
     });
     result
 }
@@ -71,6 +86,15 @@ const OPEN_BUS: u8 = 0xff;
 
 impl Vcpu {
     fn run(mut self, ctx: VcpuContext) -> Result<(), VcpuError> {
+        // Cleared on every way out, before the VcpuFd (and its kvm_run mapping) goes.
+        struct ForgetRunArea;
+        impl Drop for ForgetRunArea {
+            fn drop(&mut self) {
+                RUN_AREA.with(|area| area.set(std::ptr::null_mut()));
+            }
+        }
+        RUN_AREA.with(|area| area.set(std::ptr::from_mut(self.fd.get_kvm_run())));
+        let _forget = ForgetRunArea;
         let index = self.index;
         while !ctx.stop.load(Ordering::Acquire) && ctx.exit.reason().is_none() {
             match self.fd.run() {
@@ -119,7 +143,11 @@ impl Vcpu {
                         exit: format!("{other:?}"),
                     });
                 }
-                Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {}
+                Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
+                    // A kick: the loop condition says whether to stop. If not (a stray
+                    // signal), enter the guest again.
+                    self.fd.set_kvm_immediate_exit(0);
+                }
                 Err(source) => return Err(VcpuError::Run { index, source }),
             }
         }
@@ -156,17 +184,14 @@ pub(crate) fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> Result<VcpuThread, VcpuErro
 /// Stops and joins all vCPU threads (`stop` must already be set), returning the first
 /// error any of them ended with.
 pub(crate) fn stop_all(threads: Vec<VcpuThread>) -> Result<(), VcpuError> {
-    // A vCPU may be inside KVM_RUN (e.g. halted) and only a signal gets it out. A kick
-    // that lands just before it re-enters KVM_RUN is lost, so keep kicking until it is
-    // gone.
-    const KICK_INTERVAL: Duration = Duration::from_millis(1);
+    // A vCPU may be inside KVM_RUN (e.g. halted) and only a signal gets it out; one kick
+    // is enough (see `on_kick`).
+    for thread in &threads {
+        // Fails only if the thread is already gone.
+        let _ = thread.handle.thread_handle().kill(kick_signal());
+    }
     let mut first_error = Ok(());
     for thread in threads {
-        while !thread.handle.is_finished() {
-            // Fails only if the thread is already gone.
-            let _ = thread.handle.thread_handle().kill(kick_signal());
-            std::thread::sleep(KICK_INTERVAL);
-        }
         let result = thread.handle.join().unwrap_or(Err(VcpuError::Panicked {
             index: thread.index,
         }));
