@@ -40,29 +40,39 @@ const CONSOLE: (&str, u32, u32) = ("/dev/console", 5, 1);
 /// Ownership and time of every entry: root, and the epoch + 1 s Nix uses.
 const MTIME: u32 = 1;
 
+/// Why the initrd could not be assembled. `path` is always the path in the guest.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum InitrdError {
+    /// A host file to copy in could not be read.
     #[error("cannot read {host} for the initrd's {path}: {source}")]
     ReadHost {
         host: PathBuf,
         path: String,
         source: io::Error,
     },
+    /// Not an absolute, normal path.
     #[error("initrd path {path:?} is invalid: {reason}")]
     BadPath { path: String, reason: &'static str },
+    /// Two entries for one path.
     #[error("initrd path {path:?} is given twice")]
     Duplicate { path: String },
+    /// A path below something that is not a directory.
     #[error("initrd path {path:?} needs {parent:?} to be a directory, but it is a file or symlink")]
     ParentNotDirectory { path: String, parent: String },
+    /// An empty symlink target, or one with a NUL byte.
     #[error("initrd symlink {path:?} has an invalid target {target:?}")]
     BadSymlinkTarget { path: String, target: String },
+    /// Larger than a newc archive can hold.
     #[error("initrd file {path:?} is {size} bytes; newc archives hold at most 4 GiB - 1 per file")]
     TooLarge { path: String, size: usize },
+    /// The host's busybox would not run in a guest without libraries.
     #[error(
         "{host} is not a statically linked x86_64 executable, and the initrd has no \
          libraries to run it (on Debian: apt-get install busybox-static)"
     )]
     NotStatic { host: PathBuf },
+    /// Writing into the in-memory archive failed.
     #[error("cannot write initrd entry {path:?}: {source}")]
     Write { path: String, source: io::Error },
 }

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod console_log;
-mod initrd;
 mod mode;
 mod sandbox;
 mod store_cmd;

@@ -54,6 +54,11 @@ impl StoreAddrArgs {
     }
 
     pub fn open(&self) -> Result<Store, StoreError> {
+        Store::open(&self.addrs()?)
+    }
+
+    /// The addresses given, the embedded store's for those left out.
+    pub fn addrs(&self) -> Result<StoreAddrs, StoreError> {
         let all_given = self.blob_service_addr.is_some()
             && self.directory_service_addr.is_some()
             && self.path_info_service_addr.is_some();
@@ -62,7 +67,7 @@ impl StoreAddrArgs {
         } else {
             StoreAddrs::embedded()?
         };
-        Store::open(&StoreAddrs {
+        Ok(StoreAddrs {
             blob: self.blob_service_addr.clone().unwrap_or(defaults.blob),
             directory: self
                 .directory_service_addr

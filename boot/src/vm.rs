@@ -1,43 +1,27 @@
-//! Booting a VM from the command line: a thin layer over the vmm crate.
+//! Booting a VM from the command line: flags in, exit code out; the library
+//! ([`tvix_boot::MicroVm`]) does the rest. What is process-wide lives here: the terminal
+//! (the console on stdio), SIGWINCH, seccomp.
 
 use std::fs::File;
 use std::io::IsTerminal;
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::time::Duration;
 
-use tvix_boot_devices::seccomp::SeccompError;
-use tvix_boot_devices::virtio::VirtioDevice;
-use tvix_boot_devices::virtio::console::{PortEnd, PortSpec, VirtioConsole};
-use tvix_boot_init::protocol::{
-    KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode, STATUS_INIT_FAILED, STDERR_PORT, STDIN_PORT,
-    STDOUT_PORT,
-};
-use tvix_boot_store::{Store, StoreError};
-use tvix_boot_virtiofs::{StoreFs, StoreFsOptions, VirtioFs};
-use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError, VmExit};
+use tvix_boot::seccomp::SeccompError;
+use tvix_boot::{ExitStatus, MicroVm, MicroVmError};
+use tvix_boot_init::protocol::{Cmdline, Mode};
 
 use crate::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
-use crate::initrd::{self, HOST_BUSYBOX, ProgramSetup};
-use crate::mode::{self, ModeArgs};
+use crate::mode::{ModeArgs, ModeArgsError};
 use crate::sandbox::SeccompArgs;
 use crate::store_cmd::StoreAddrArgs;
 use crate::window_size::WindowSizeForwarder;
 
-/// The virtio-fs tag the guest mounts at /nix/store.
-const STORE_TAG: &str = "tvix";
-
-/// Arguments every guest gets; `--cmdline` / CH_CMDLINE are appended (later arguments
-/// win in Linux, so they can override these: `loglevel=7` brings the boot log back).
-///
-/// `quiet` because every console byte is an I/O exit: under nested virtualization the
-/// kernel's boot log alone more than doubled the time to the guest's init. Panic and
-/// halt messages are printed at emergency level and still appear.
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
-
 /// Exit status when the guest kernel panicked (VMM errors exit with 1).
 const GUEST_PANIC_STATUS: u8 = 2;
+/// Exit status when --timeout stopped the guest, as timeout(1) has it.
+const TIMED_OUT_STATUS: u8 = 124;
 
 /// Flags that describe the VM to boot.
 #[derive(clap::Args)]
@@ -98,6 +82,11 @@ pub struct VmArgs {
     #[arg(long, value_name = "DIR")]
     workdir: Option<String>,
 
+    /// Stop the guest if it still runs after DURATION (e.g. 90s, 5m, 1h; a bare number
+    /// is seconds); tvix-boot then exits with 124, like timeout(1).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+
     #[command(flatten)]
     seccomp: SeccompArgs,
 
@@ -105,41 +94,23 @@ pub struct VmArgs {
     mode: ModeArgs,
 }
 
-/// What the guest runs: our init in `mode`, or the user's own initrd.
-enum Guest {
-    TvixInit(Mode),
-    CustomInitrd(PathBuf),
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum VmCmdError {
-    #[error(
-        "no guest kernel{}: pass --kernel PATH, set TVIX_BOOT_KERNEL, or build one with \
-         boot/kernel/build.sh",
-        .looked_at.as_ref().map_or_else(String::new, |p| format!(" (looked for {})", p.display()))
-    )]
-    NoKernel { looked_at: Option<PathBuf> },
     #[error(transparent)]
-    Mode(#[from] mode::ModeArgsError),
+    Mode(#[from] ModeArgsError),
+    #[error(transparent)]
+    MicroVm(#[from] MicroVmError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("cannot open the store: {0}")]
-    OpenStore(#[from] StoreError),
-    #[error("cannot build the initrd: {0}")]
-    Initrd(#[from] initrd::InitrdError),
-    #[error(transparent)]
-    Vm(#[from] VmError),
+    Store(#[from] tvix_boot::store::StoreError),
     #[error("cannot create the console log {path}: {source}")]
     ConsoleLog {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot pass the program's stdio to the guest: {0}")]
-    Stdio(std::io::Error),
-    #[error(transparent)]
-    Seccomp(#[from] SeccompError),
     #[error("cannot forward the terminal's size to the guest: {0}")]
     WindowSize(std::io::Error),
-    #[error("--env and --workdir are for the program of --run or --shell")]
-    ProgramSetupWithoutProgram,
     #[error(
         "--console-log is for --run with separate program streams (stdin or stdout not a \
          terminal, or -T); here the console is the terminal"
@@ -147,106 +118,121 @@ pub enum VmCmdError {
     ConsoleLogWithTerminal,
 }
 
-/// How a booted guest ended, and what the CLI needs to report it.
-struct Outcome {
-    guest: Guest,
-    exit: VmExit,
-    /// What the guest init reported on the exit-status port.
-    status: Option<u32>,
-    /// The console's last lines, when the console was a log rather than the terminal.
-    console: Option<ConsoleTail>,
-}
-
 pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
-    match boot(args, store_addrs) {
-        Ok(outcome) => {
-            let code = match outcome.exit {
-                VmExit::PowerOff | VmExit::Reset => exit_code(&outcome.guest, outcome.status),
-                VmExit::Panic => {
-                    eprintln!("tvix-boot: the guest kernel panicked");
-                    ExitCode::from(GUEST_PANIC_STATUS)
-                }
-            };
-            let failed = outcome.exit == VmExit::Panic
-                || outcome.status == Some(STATUS_INIT_FAILED)
-                || (outcome.status.is_none() && expects_status(&outcome.guest));
-            if failed && let Some(console) = &outcome.console {
-                eprintln!("tvix-boot: the guest console's last lines:");
-                for line in console.last_lines(TAIL_LINES) {
-                    eprintln!("  | {line}");
-                }
-            }
-            code
-        }
+    let timeout = args.timeout;
+    let (status, console) = match boot(args, store_addrs) {
+        Ok(outcome) => outcome,
         Err(e) => {
             eprintln!("tvix-boot: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match status {
+        ExitStatus::Exited(status) => ExitCode::from(status),
+        ExitStatus::PoweredOff => ExitCode::SUCCESS,
+        ExitStatus::NoStatus => {
+            eprintln!(
+                "tvix-boot: the guest powered off without reporting an exit status (a guest \
+                 kernel without CONFIG_X86_IOPL_IOPERM cannot write the status port)"
+            );
             ExitCode::FAILURE
         }
+        ExitStatus::InitFailed => {
+            eprintln!("tvix-boot: the guest init failed; its error is on the console");
+            ExitCode::FAILURE
+        }
+        ExitStatus::InvalidStatus(status) => {
+            eprintln!("tvix-boot: the guest reported an invalid exit status {status}");
+            ExitCode::FAILURE
+        }
+        ExitStatus::Panicked => {
+            eprintln!("tvix-boot: the guest kernel panicked");
+            ExitCode::from(GUEST_PANIC_STATUS)
+        }
+        ExitStatus::TimedOut => {
+            let limit = timeout.map_or_else(String::new, |t| format!(" within {t:?}"));
+            eprintln!("tvix-boot: the guest did not stop{limit}; stopped it");
+            ExitCode::from(TIMED_OUT_STATUS)
+        }
+        ExitStatus::Killed => {
+            eprintln!("tvix-boot: the VM was stopped");
+            ExitCode::FAILURE
+        }
+    };
+    let failed = matches!(
+        status,
+        ExitStatus::Panicked | ExitStatus::InitFailed | ExitStatus::NoStatus | ExitStatus::TimedOut
+    );
+    if failed && let Some(console) = &console {
+        eprintln!("tvix-boot: the guest console's last lines:");
+        for line in console.last_lines(TAIL_LINES) {
+            eprintln!("  | {line}");
+        }
     }
+    code
 }
 
-/// Checks everything, boots, waits for the guest to stop.
-fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError> {
-    let kernel = match args.kernel {
-        Some(kernel) => kernel,
-        None => match default_kernel() {
-            Some(kernel) if kernel.exists() => kernel,
-            looked_at => return Err(VmCmdError::NoKernel { looked_at }),
-        },
-    };
-    let mut cmdline = DEFAULT_CMDLINE.to_owned();
-    if let Some(extra) = args
-        .cmdline
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
-    }
-    let mut guest = match args.initrd {
-        Some(path) => Guest::CustomInitrd(path),
-        None => Guest::TvixInit(mode::choose(&cmdline, args.mode.requested()?.as_ref())?),
-    };
-
+/// Boots what the flags say and waits for the guest to stop.
+fn boot(
+    args: VmArgs,
+    store_addrs: &StoreAddrArgs,
+) -> Result<(ExitStatus, Option<ConsoleTail>), VmCmdError> {
     args.seccomp.enable(store_addrs)?;
-    // The store is opened before anything boots, so a bad address is reported at once,
-    // and so is a program that is not in it.
-    let store = Arc::new(store_addrs.open()?);
-    if let Guest::TvixInit(mode) = &mut guest {
-        mode::check_in_store(&store, mode)?;
-        mode::append_keys(&mut cmdline, mode)?;
-    }
-    // A program's own streams, unless it is to have the terminal.
-    let stdio_ports = matches!(guest, Guest::TvixInit(Mode::Run { .. }))
+    let requested = args.mode.requested()?;
+    let cmdline = args.cmdline.clone().unwrap_or_default();
+    // What the guest will run: the flag's mode, or the command line's own keys (the
+    // library refuses the two when they disagree).
+    let runs_a_program = match &requested {
+        Some(mode) => matches!(mode, Mode::Run { .. }),
+        None => matches!(
+            Mode::from_cmdline(&Cmdline::parse(&cmdline)),
+            Ok(Mode::Run { .. })
+        ),
+    };
+    let has_a_program = runs_a_program
+        || matches!(requested, Some(Mode::Shell { .. }))
+        || (requested.is_none()
+            && matches!(
+                Mode::from_cmdline(&Cmdline::parse(&cmdline)),
+                Ok(Mode::Shell { .. })
+            ));
+    // The program's own streams, unless it is to have the terminal.
+    let stdio_ports = args.initrd.is_none()
+        && runs_a_program
         && !args.tty
         && (args.no_tty || !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()));
-    let program = match &guest {
-        Guest::TvixInit(Mode::Run { .. } | Mode::Shell { .. }) => Some(ProgramSetup {
-            env: program_env(&args.env, !stdio_ports),
-            workdir: args.workdir.clone(),
-        }),
-        _ if !args.env.is_empty() || args.workdir.is_some() => {
-            return Err(VmCmdError::ProgramSetupWithoutProgram);
-        }
-        _ => None,
-    };
-    // With the terminal, the guest's console follows its size.
-    let window_size = match &program {
-        Some(_) if !stdio_ports => WindowSizeForwarder::start().map_err(VmCmdError::WindowSize)?,
-        _ => None,
-    };
-    if window_size.is_some() {
-        cmdline.push(' ');
-        cmdline.push_str(KEY_WINSIZE_PORT);
-    }
     if args.console_log.is_some() && !stdio_ports {
         return Err(VmCmdError::ConsoleLogWithTerminal);
     }
+
+    let mut vm = match (args.initrd, requested) {
+        (Some(initrd), _) => MicroVm::with_initrd(initrd),
+        (None, Some(Mode::Run { path, args })) => MicroVm::run(path).args(args),
+        (None, Some(Mode::Shell { path })) => MicroVm::shell_path(path),
+        (None, Some(Mode::Init { path })) => MicroVm::init(path),
+        (None, Some(Mode::Find)) => MicroVm::find(),
+        (None, Some(Mode::Nothing) | None) => MicroVm::from_cmdline_keys(),
+    };
+    vm = vm
+        .store_addrs(store_addrs.addrs()?)
+        .cpus(args.cpus)
+        .memory(args.memory)
+        .cmdline(cmdline)
+        .console_stdio(!stdio_ports);
+    if let Some(kernel) = args.kernel {
+        vm = vm.kernel(kernel);
+    }
+    if let Some(timeout) = args.timeout {
+        vm = vm.timeout(timeout);
+    }
+    for (key, value) in args.env {
+        vm = vm.env(key, value);
+    }
+    if let Some(dir) = args.workdir {
+        vm = vm.workdir(dir);
+    }
     let mut console_tail = None;
-    let console = if stdio_ports {
-        cmdline.push(' ');
-        cmdline.push_str(KEY_STDIO_PORTS);
+    if stdio_ports {
         let file = match &args.console_log {
             Some(path) => Some(File::create(path).map_err(|source| VmCmdError::ConsoleLog {
                 path: path.clone(),
@@ -257,101 +243,23 @@ fn boot(args: VmArgs, store_addrs: &StoreAddrArgs) -> Result<Outcome, VmCmdError
         let verbose = args.verbose || std::env::var_os("TVIX_BOOT_LOG").is_some();
         let (log, tail) = ConsoleLog::new(file, verbose);
         console_tail = Some(tail);
-        Console::Writer(Box::new(log))
+        vm = vm.console_log(log);
+    }
+    // With the terminal, the guest's console follows its size.
+    let forwarder = if has_a_program && !stdio_ports {
+        match WindowSizeForwarder::start().map_err(VmCmdError::WindowSize)? {
+            Some((sizes, forwarder)) => {
+                vm = vm.terminal_sizes(sizes);
+                Some(forwarder)
+            }
+            None => None,
+        }
     } else {
-        Console::Stdio
+        None
     };
-    let initrd = match &guest {
-        Guest::CustomInitrd(path) => Initrd::File(path.clone()),
-        Guest::TvixInit(mode) => {
-            let bytes = initrd::build_initrd_for(mode, Path::new(HOST_BUSYBOX), program.as_ref())?;
-            tracing::info!("initrd built in memory: {} bytes", bytes.len());
-            Initrd::Bytes(bytes)
-        }
-    };
-    let config = VmConfig {
-        kernel,
-        initrd: Some(initrd),
-        cmdline,
-        vcpus: args.cpus,
-        mem_size: args.memory,
-        console,
-    };
-
-    let mut vm = Vm::new(config)?;
-    vm.add_virtio_device(store_device(store, u16::from(args.cpus)))?;
-    if stdio_ports {
-        vm.add_virtio_device(stdio_device().map_err(VmCmdError::Stdio)?)?;
-    }
-    let forwarder = match window_size {
-        Some((port, forwarder)) => {
-            let device = VirtioConsole::new(vec![port]).expect("one port was given");
-            vm.add_virtio_device(Box::new(device))?;
-            Some(forwarder)
-        }
-        None => None,
-    };
-    let status = vm.guest_status();
-    let exit = vm.run()?;
+    let status = vm.start()?.wait()?;
     drop(forwarder);
-    Ok(Outcome {
-        guest,
-        exit,
-        status: status.get(),
-        console: console_tail,
-    })
-}
-
-/// The program's stdin, stdout and stderr as virtio-console ports, on copies of this
-/// process's descriptors 0, 1 and 2 (a closed one reads as empty, writes go nowhere).
-fn stdio_device() -> std::io::Result<Box<dyn VirtioDevice>> {
-    fn dup(fd: std::os::fd::BorrowedFd<'_>, writable: bool) -> std::io::Result<OwnedFd> {
-        match fd.try_clone_to_owned() {
-            Ok(fd) => Ok(fd),
-            Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(OwnedFd::from(
-                std::fs::OpenOptions::new()
-                    .read(!writable)
-                    .write(writable)
-                    .open("/dev/null")?,
-            )),
-            Err(e) => Err(e),
-        }
-    }
-    let port = |name: &str, end| PortSpec::new(name, end).expect("the port names are valid");
-    let ports = vec![
-        port(
-            STDIN_PORT,
-            PortEnd::Input(dup(std::io::stdin().as_fd(), false)?),
-        ),
-        port(
-            STDOUT_PORT,
-            PortEnd::Output(dup(std::io::stdout().as_fd(), true)?),
-        ),
-        port(
-            STDERR_PORT,
-            PortEnd::Output(dup(std::io::stderr().as_fd(), true)?),
-        ),
-    ];
-    Ok(Box::new(
-        VirtioConsole::new(ports).expect("three ports were given"),
-    ))
-}
-
-/// The program's environment: the defaults, then `--env` (later entries win).
-fn program_env(extra: &[(String, String)], with_terminal: bool) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), "/bin:/sbin".into()),
-        ("HOME".into(), "/".into()),
-    ];
-    if with_terminal {
-        let term = std::env::var("TERM").unwrap_or_else(|_| "linux".into());
-        env.push(("TERM".into(), term));
-    }
-    for (key, value) in extra {
-        env.retain(|(k, _)| k != key);
-        env.push((key.clone(), value.clone()));
-    }
-    env
+    Ok((status, console_tail))
 }
 
 /// `KEY=VALUE` for `--env`.
@@ -364,71 +272,25 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Whether the guest init reports a status in this mode.
-fn expects_status(guest: &Guest) -> bool {
-    matches!(
-        guest,
-        Guest::TvixInit(Mode::Run { .. } | Mode::Shell { .. } | Mode::Find)
-    )
-}
-
-/// tvix-boot's exit code after a clean stop: the status the guest init reported for
-/// the program it ran (0..=255, as a shell would give it), else success.
-fn exit_code(guest: &Guest, reported: Option<u32>) -> ExitCode {
-    match reported {
-        Some(status) => match u8::try_from(status) {
-            Ok(status) => ExitCode::from(status),
-            Err(_) if status == STATUS_INIT_FAILED => {
-                eprintln!("tvix-boot: the guest init failed; its error is on the console");
-                ExitCode::FAILURE
-            }
-            Err(_) => {
-                eprintln!("tvix-boot: the guest reported an invalid exit status {status}");
-                ExitCode::FAILURE
-            }
-        },
-        None if expects_status(guest) => {
-            eprintln!(
-                "tvix-boot: the guest powered off without reporting an exit status (a guest \
-                 kernel without CONFIG_X86_IOPL_IOPERM cannot write the status port)"
-            );
-            ExitCode::FAILURE
-        }
-        None => ExitCode::SUCCESS,
-    }
-}
-
-/// The guest's /nix/store: the store as a virtio-fs device with tag `tvix`, one request
-/// queue per vCPU. The root is listable, so `tvix.find` and `ls /nix/store` work.
-fn store_device(store: Arc<Store>, request_queues: u16) -> Box<dyn VirtioDevice> {
-    let fs = StoreFs::new(
-        store,
-        StoreFsOptions {
-            list_root: true,
-            show_xattr: false,
-        },
-    );
-    Box::new(
-        VirtioFs::new(fs, STORE_TAG, request_queues).expect("the tag and queue count are valid"),
-    )
-}
-
-/// Where boot/kernel/build.sh puts the kernel: `current/vmlinux` under
-/// ${TVIX_BOOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tvix-boot}/kernel.
-fn default_kernel() -> Option<PathBuf> {
-    // Empty variables count as unset, as in the shell's ${VAR:-default}.
-    let var = |name| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
+/// A duration like `90s`, `5m`, `1.5h`, `250ms`, `2d`; a bare number is seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let seconds_per_unit = match unit {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return Err(format!("{text:?}: the unit is ms, s, m, h or d")),
     };
-    let cache_root = match var("TVIX_BOOT_CACHE") {
-        Some(root) => root,
-        None => var("XDG_CACHE_HOME")
-            .or_else(|| var("HOME").map(|home| home.join(".cache")))?
-            .join("tvix-boot"),
-    };
-    Some(cache_root.join("kernel/current/vmlinux"))
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s or 5m"))?;
+    Duration::try_from_secs_f64(number * seconds_per_unit).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// Parses "512M", "1G", "1024K", "1073741824"; an optional "B"/"iB" after the
@@ -475,18 +337,20 @@ mod tests {
         assert_eq!(parse_env("EMPTY="), Ok(("EMPTY".into(), String::new())));
         assert!(parse_env("=x").is_err());
         assert!(parse_env("novalue").is_err());
-        let env = program_env(
-            &[("HOME".into(), "/root".into()), ("X".into(), "1".into())],
-            false,
-        );
-        assert_eq!(
-            env,
-            vec![
-                ("PATH".to_owned(), "/bin:/sbin".to_owned()),
-                ("HOME".to_owned(), "/root".to_owned()),
-                ("X".to_owned(), "1".to_owned()),
-            ]
-        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "s", "-1s", "5x", "1e400s", "nan"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

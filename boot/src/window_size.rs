@@ -10,8 +10,6 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use signal_hook::consts::SIGWINCH;
 use signal_hook::iterator::{Handle, Signals};
 use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
-use tvix_boot_devices::virtio::console::{PortEnd, PortSpec};
-use tvix_boot_init::protocol::WINSIZE_PORT;
 
 /// Forwards size changes until dropped.
 pub struct WindowSizeForwarder {
@@ -20,9 +18,9 @@ pub struct WindowSizeForwarder {
 }
 
 impl WindowSizeForwarder {
-    /// The port for the guest (its first line already written) and the forwarder that
-    /// feeds it; `None` when stdin is not a terminal.
-    pub fn start() -> io::Result<Option<(PortSpec, Self)>> {
+    /// The read end for the guest's size port (its first line already written) and the
+    /// forwarder that feeds it; `None` when stdin is not a terminal.
+    pub fn start() -> io::Result<Option<(OwnedFd, Self)>> {
         let Some(size) = terminal_size() else {
             return Ok(None);
         };
@@ -41,10 +39,8 @@ impl WindowSizeForwarder {
             }
         })
         .map_err(io::Error::other)?;
-        let port =
-            PortSpec::new(WINSIZE_PORT, PortEnd::Input(reader)).expect("the port name is valid");
         Ok(Some((
-            port,
+            reader,
             Self {
                 signals: handle,
                 thread: Some(thread),

@@ -1,24 +1,35 @@
-//! How devices (and vCPUs) tell the VMM that the guest wants to stop.
+//! How devices (and vCPUs) tell the VMM that the guest wants to stop, and how the host
+//! stops it (a deadline, or at once).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// Why the guest stopped.
+/// Why the VM stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestExit {
     /// The guest powered itself off (ACPI S5).
     PowerOff,
     /// The guest asked for a reset (i8042, ACPI reset register, triple fault).
     Reset,
-    /// The guest kernel panicked.
+    /// The guest kernel panicked (pvpanic, or a KVM crash event).
     Panic,
+    /// The host's time limit for the guest ran out.
+    TimedOut,
+    /// The host stopped the guest without waiting for it.
+    Killed,
 }
 
 struct Inner {
     reason: Mutex<Option<GuestExit>>,
+    /// When the host stops the guest if it has not stopped by then, and with which reason.
+    deadline: Mutex<Option<(Instant, GuestExit)>>,
     wake: EventFd,
+    /// Apart from `wake`, so a new deadline never hides a wake-up.
+    deadline_changed: EventFd,
 }
 
 /// Records the first exit request and wakes whoever waits for it.
@@ -34,7 +45,9 @@ impl ExitNotifier {
         Ok(Self {
             inner: Arc::new(Inner {
                 reason: Mutex::new(None),
+                deadline: Mutex::new(None),
                 wake: EventFd::new(0)?,
+                deadline_changed: EventFd::new(libc::EFD_NONBLOCK)?,
             }),
         })
     }
@@ -61,9 +74,66 @@ impl ExitNotifier {
         *self.inner.reason.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Blocks until [`request`](Self::request) or [`wake`](Self::wake) is called.
+    /// Stops the guest with `why` at `at` unless it stops before; an earlier deadline
+    /// set before stays.
+    pub fn set_deadline(&self, at: Instant, why: GuestExit) {
+        let mut deadline = self
+            .inner
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if deadline.is_none_or(|(earlier, _)| at < earlier) {
+            *deadline = Some((at, why));
+        }
+        drop(deadline);
+        // The waiter recomputes how long to sleep. Cannot fail short of overflow.
+        let _ = self.inner.deadline_changed.write(1);
+    }
+
+    /// Blocks until [`request`](Self::request) or [`wake`](Self::wake) is called, or the
+    /// deadline passes (which then is the request).
     pub fn wait(&self) -> io::Result<()> {
-        self.inner.wake.read().map(drop)
+        loop {
+            let deadline = *self
+                .inner
+                .deadline
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let timeout_ms = match deadline {
+                None => -1,
+                Some((at, why)) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        self.request(why);
+                        return self.inner.wake.read().map(drop);
+                    }
+                    // Rounded up, so the deadline has passed when poll returns.
+                    i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
+                }
+            };
+            let mut pollfds =
+                [&self.inner.wake, &self.inner.deadline_changed].map(|fd| libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            // SAFETY: a valid array of two pollfds that outlives the call.
+            let ready = unsafe { libc::poll(pollfds.as_mut_ptr(), 2, timeout_ms) };
+            if ready < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if pollfds[0].revents != 0 {
+                return self.inner.wake.read().map(drop);
+            }
+            if pollfds[1].revents != 0 {
+                // Nonblocking: another waiter may have taken it.
+                let _ = self.inner.deadline_changed.read();
+            }
+        }
     }
 }
 
@@ -79,5 +149,36 @@ mod tests {
         notifier.request(GuestExit::Reset);
         notifier.wait().unwrap();
         assert_eq!(notifier.reason(), Some(GuestExit::Panic));
+    }
+
+    #[test]
+    fn a_deadline_that_passes_is_the_request() {
+        let notifier = ExitNotifier::new().unwrap();
+        let start = Instant::now();
+        notifier.set_deadline(
+            start + std::time::Duration::from_secs(3600),
+            GuestExit::TimedOut,
+        );
+        notifier.set_deadline(
+            start + std::time::Duration::from_millis(50),
+            GuestExit::Killed,
+        );
+        notifier.wait().unwrap();
+        assert_eq!(notifier.reason(), Some(GuestExit::Killed));
+        assert!(start.elapsed() >= std::time::Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_guest_request_before_the_deadline_wins() {
+        let notifier = ExitNotifier::new().unwrap();
+        notifier.set_deadline(
+            Instant::now() + std::time::Duration::from_secs(3600),
+            GuestExit::TimedOut,
+        );
+        let guest = notifier.clone();
+        let thread = std::thread::spawn(move || guest.request(GuestExit::PowerOff));
+        notifier.wait().unwrap();
+        thread.join().unwrap();
+        assert_eq!(notifier.reason(), Some(GuestExit::PowerOff));
     }
 }

@@ -313,6 +313,31 @@ fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Builds example `name` of the tvix-boot library (boot/examples) as a static binary,
+/// for the test host, and returns its path.
+pub fn build_static_example(name: &str) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "tvix-boot",
+            "--example",
+            name,
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
+    run(&mut cmd)?;
+    let path = static_path(&format!("examples/{name}"));
+    check_static(&path)?;
+    Ok(path)
+}
+
 /// `pty-session` (tests/src/bin), static for the test host: it drives interactive
 /// programs on a pseudo-terminal there. Built once per test process.
 pub fn pty_session_static_once() -> std::result::Result<PathBuf, String> {

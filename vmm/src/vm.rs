@@ -158,7 +158,6 @@ pub struct Vm {
     mmio: Arc<Bus>,
     exit: ExitNotifier,
     serial: Arc<Mutex<SerialConsole>>,
-    panic_on_console: Arc<AtomicBool>,
     /// The last value the guest wrote to the exit-status port.
     guest_status: GuestStatus,
     stdio: bool,
@@ -254,8 +253,7 @@ impl Vm {
             Console::Stdio => (Box::new(std::io::stdout()), true),
             Console::Writer(writer) => (writer, false),
         };
-        let output = ConsoleOutput::new(output, exit.clone());
-        let panic_on_console = output.panic_seen();
+        let output = ConsoleOutput::new(output);
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             IrqTrigger::new(serial_irq),
             output,
@@ -303,7 +301,6 @@ impl Vm {
             mmio: Arc::new(Bus::new()),
             exit,
             serial,
-            panic_on_console,
             guest_status,
             stdio,
             virtio_mmio: Vec::new(),
@@ -317,6 +314,13 @@ impl Vm {
     /// of the program it ran there.
     pub fn guest_status(&self) -> GuestStatus {
         self.guest_status.clone()
+    }
+
+    /// Where devices report how the guest wants to stop; the host stops the VM through it
+    /// too (a request, or a deadline), from any thread, also while [`run`](Self::run)
+    /// runs.
+    pub fn exit_notifier(&self) -> ExitNotifier {
+        self.exit.clone()
     }
 
     /// Guest memory, for devices that read and write it (virtio queues).
@@ -434,11 +438,6 @@ impl Vm {
         result?;
 
         match self.exit.reason() {
-            // `panic=-1` turns a panic into a reset; without pvpanic in the guest
-            // kernel, the banner on the console is how we know.
-            Some(GuestExit::Reset) if self.panic_on_console.load(Ordering::Relaxed) => {
-                Ok(GuestExit::Panic)
-            }
             Some(reason) => Ok(reason),
             None => {
                 vcpu_result?;
@@ -696,12 +695,12 @@ mod tests {
     }
 
     #[test]
-    fn panic_banner_then_reset_is_a_panic() {
+    fn a_panic_banner_on_the_console_does_not_make_a_reset_a_panic() {
         let mut code = out_bytes(layout::SERIAL_PORT, b"Kernel panic - not syncing: test\n");
         code.extend(out_bytes(I8042_COMMAND_PORT, &[I8042_RESET_CPU]));
         code.extend(HALT_FOREVER);
         let (vm, _) = test_vm(&code, 1);
-        assert_eq!(run_with_deadline(vm), GuestExit::Panic);
+        assert_eq!(run_with_deadline(vm), GuestExit::Reset);
     }
 
     /// (offset, bytes) of every write the probe saw.

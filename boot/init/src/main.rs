@@ -54,9 +54,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tvix_boot_init::protocol::{
-    self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, KEY_ARGS, KEY_FIND, KEY_INIT, KEY_RUN,
-    KEY_SHELL, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode, POWER_OFF_LINE, PROGRAM_ENV_FILE,
-    PROGRAM_WORKDIR_FILE, STATUS_INIT_FAILED,
+    self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, KEY_ARGS, KEY_CONTROL_PORT, KEY_FIND,
+    KEY_INIT, KEY_RUN, KEY_SHELL, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode, POWER_OFF_LINE,
+    PROGRAM_ENV_FILE, PROGRAM_WORKDIR_FILE, STATUS_INIT_FAILED, STATUS_STOPPED,
 };
 
 use crate::error::InitError;
@@ -129,6 +129,21 @@ fn run() -> Result<Option<u32>, InitError> {
         fs::read_to_string("/proc/cmdline").map_err(|source| InitError::ReadCmdline { source })?;
     let cmdline = Cmdline::parse(&cmdline);
     let mode = Mode::from_cmdline(&cmdline).map_err(InitError::Cmdline)?;
+
+    if cmdline.has(KEY_CONTROL_PORT) {
+        let walking = matches!(mode, Mode::Find);
+        let followed = stdio_ports::follow_control_port(move || {
+            if walking {
+                // The walk runs in this process: nothing to signal.
+                power_off(Some(STATUS_STOPPED));
+            }
+            // The program ends, and with it the wait below.
+            sys::terminate_all();
+        });
+        if let Err(e) = followed {
+            say!("tvix-init: {e}; the host cannot ask this guest to stop");
+        }
+    }
 
     match mode {
         Mode::Find => {

@@ -81,6 +81,17 @@ pub const KEY_WINSIZE_PORT: &str = "tvix.winsize-port";
 /// Name of the port carrying terminal sizes.
 pub const WINSIZE_PORT: &str = "tvix.winsize";
 
+/// Key (no value): the host may ask the guest to stop on the port [`CONTROL_PORT`], by
+/// sending the line [`STOP_REQUEST`]. The init then ends the program (SIGTERM to every
+/// process but itself; `tvix.find` stops walking), reports its status and powers off.
+pub const KEY_CONTROL_PORT: &str = "tvix.control-port";
+/// Name of the port carrying host requests.
+pub const CONTROL_PORT: &str = "tvix.control";
+/// The line that asks the guest to stop.
+pub const STOP_REQUEST: &str = "stop";
+/// Status reported for a `tvix.find` stopped by [`STOP_REQUEST`]: as if SIGTERM ended it.
+pub const STATUS_STOPPED: u32 = 128 + 15;
+
 /// In tvix-boot's initrd: the environment of `tvix.run`'s and `tvix.shell`'s program,
 /// exactly (see [`encode_env`]). Without it the init uses a small default.
 pub const PROGRAM_ENV_FILE: &str = "/tvix/env";

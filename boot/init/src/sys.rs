@@ -251,3 +251,9 @@ pub fn getpid() -> libc::pid_t {
     // SAFETY: no arguments, cannot fail.
     unsafe { libc::getpid() }
 }
+
+/// SIGTERM to every process but the caller (PID 1) and kernel threads.
+pub fn terminate_all() {
+    // SAFETY: kill(-1, sig) takes no pointers; failure (nobody to signal) is harmless.
+    unsafe { libc::kill(-1, libc::SIGTERM) };
+}

@@ -1,0 +1,39 @@
+//! tvix-boot as a library: boot Linux microVMs whose `/nix/store` is a content-addressed
+//! store, from your own program.
+//!
+//! ```no_run
+//! use std::io::Read;
+//! use tvix_boot::{ExitStatus, MicroVm, Stdio};
+//!
+//! // A program already in the (embedded) store; the kernel from boot/kernel/build.sh.
+//! let mut vm = MicroVm::run("/nix/store/<hash>-hello/bin/hello")
+//!     .stdout(Stdio::Piped)
+//!     .start()?;
+//! let mut out = String::new();
+//! vm.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+//! assert_eq!(vm.wait()?, ExitStatus::Exited(0));
+//! # Ok::<(), tvix_boot::MicroVmError>(())
+//! ```
+//!
+//! Each VM runs on threads of its own; several run at once in one process, also from one
+//! store. Nothing process-wide happens unless asked for: [`MicroVm::console_stdio`] puts
+//! the terminal in raw mode (and restores it on the way out), and
+//! [`seccomp::enable`] turns on system-call filters for all VMs started after it.
+
+#![warn(missing_docs)]
+
+mod guest_mode;
+mod initrd;
+mod microvm;
+
+pub use guest_mode::GuestModeError;
+pub use initrd::InitrdError;
+pub use microvm::{
+    DEFAULT_CMDLINE, DEFAULT_STOP_GRACE, ExitStatus, MicroVm, MicroVmError, RunningVm, Stdio,
+    VmStopper, default_kernel,
+};
+/// System-call filters for the threads of the VMs this process runs.
+pub use tvix_boot_devices::seccomp;
+/// The content-addressed store a VM serves at /nix/store.
+pub use tvix_boot_store as store;
+pub use tvix_boot_store::{Store, StoreAddrs};
