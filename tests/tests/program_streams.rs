@@ -94,6 +94,17 @@ grep -q '^tvix-boot init' /tmp/console.log && echo console-log-written
 tvix-boot --verbose --run $BB -- true < /dev/null > /tmp/v.out 2> /tmp/v.err
 grep -q 'tvix-boot: exit-status 0' /tmp/v.err && echo verbose-console-on-stderr
 echo "verbose-out=$(wc -c < /tmp/v.out)"
+
+read t0 _ < /proc/uptime
+tvix-boot --timeout 3s --run $BB -- sleep 1000 < /dev/null > /dev/null 2> /tmp/timeout.err
+echo "timeout-status=$?"
+read t1 _ < /proc/uptime
+echo "timeout-seconds=$t0 $t1"
+echo "timeout-err=$(head -n 1 /tmp/timeout.err)"
+
+tvix-boot --seccomp=off --run $BB -- echo unfiltered < /dev/null > /tmp/nofilter.out
+echo "nofilter-status=$?"
+echo "nofilter-out=$(cat /tmp/nofilter.out)"
 "#;
 
 fn in_test_host() -> TestHostOutput {
@@ -207,6 +218,23 @@ fn run_passes_the_programs_streams_byte_exact_and_its_status() {
         assert!(out.serial.contains(line), "no {line}: {out}");
     }
     assert_eq!(value(&out, "verbose-out"), "0", "{out}");
+
+    // --timeout stops a guest that would run on: 124, like timeout(1), and promptly
+    // (the boot takes a few seconds here).
+    assert_eq!(value(&out, "timeout-status"), "124", "{out}");
+    assert!(
+        value(&out, "timeout-err").contains("did not stop within 3s"),
+        "{out}"
+    );
+    let timeout_seconds = seconds(&out, "timeout-seconds");
+    assert!(
+        (3.0..30.0).contains(&timeout_seconds),
+        "--timeout 3s took {timeout_seconds} s"
+    );
+
+    // The filters can be turned off.
+    assert_eq!(value(&out, "nofilter-status"), "0", "{out}");
+    assert_eq!(value(&out, "nofilter-out"), "unfiltered", "{out}");
 
     // The original CH_CMDLINE keys work the same way.
     assert_eq!(value(&out, "cmdline-status"), "0", "{out}");
