@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tvix_boot_vmm::startup;
 
 mod console_log;
 mod mode;
@@ -35,6 +36,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let entered = startup::monotonic_ns();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TVIX_BOOT_LOG")
@@ -44,7 +46,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    startup::mark_at("main entered", entered);
+    startup::mark("logging set up");
     let cli = Cli::parse();
+    startup::mark("flags parsed");
     match cli.command {
         Some(Command::Store(args)) => store_cmd::run(&cli.store, args),
         None => vm::run(cli.vm, &cli.store),

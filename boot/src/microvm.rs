@@ -19,7 +19,7 @@ use tvix_boot_init::protocol::{
 };
 use tvix_boot_store::{Store, StoreAddrs, StoreError};
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions, VirtioFs};
-use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError};
+use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError, startup};
 
 use crate::guest_mode::{self, GuestModeError};
 use crate::initrd::{self, HOST_BUSYBOX, InitrdError, ProgramSetup};
@@ -374,6 +374,7 @@ impl MicroVm {
             StoreSource::Addrs(addrs) => Arc::new(Store::open(&addrs)?),
             StoreSource::Embedded => Arc::new(Store::open(&StoreAddrs::embedded()?)?),
         };
+        startup::mark("store opened");
         // The mode, checked against the command line and the store before anything boots.
         let mode = match &self.guest {
             Guest::Init(requested) => {
@@ -442,6 +443,7 @@ impl MicroVm {
                 let bytes =
                     initrd::build_initrd_for(mode, Path::new(HOST_BUSYBOX), program.as_ref())?;
                 tracing::info!("initrd built in memory: {} bytes", bytes.len());
+                startup::mark("initrd built");
                 Initrd::Bytes(bytes)
             }
             (Guest::Init(_), None) => unreachable!("tvix-boot's init always has a mode"),

@@ -178,6 +178,7 @@ fn boot(
     store_addrs: &StoreAddrArgs,
 ) -> Result<(ExitStatus, Option<ConsoleTail>), VmCmdError> {
     args.seccomp.enable(store_addrs)?;
+    tvix_boot_vmm::startup::mark("seccomp filters built");
     let requested = args.mode.requested()?;
     let cmdline = args.cmdline.clone().unwrap_or_default();
     // What the guest will run: the flag's mode, or the command line's own keys (the

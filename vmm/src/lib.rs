@@ -15,6 +15,7 @@
 //! ```
 
 pub mod arch;
+pub mod startup;
 mod vcpu;
 mod vm;
 

@@ -96,8 +96,18 @@ impl Vcpu {
         RUN_AREA.with(|area| area.set(std::ptr::from_mut(self.fd.get_kvm_run())));
         let _forget = ForgetRunArea;
         let index = self.index;
+        let mut first_exit = index == 0;
+        if first_exit {
+            crate::startup::mark("entering KVM_RUN");
+        }
         while !ctx.stop.load(Ordering::Acquire) && ctx.exit.reason().is_none() {
-            match self.fd.run() {
+            let exit = self.fd.run();
+            if first_exit {
+                // The guest's first instructions ran before this.
+                crate::startup::mark("first exit");
+                first_exit = false;
+            }
+            match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !ctx.pio.read(u64::from(port), data) {
                         data.fill(OPEN_BUS);

@@ -15,6 +15,8 @@ use tvix_boot_devices::bus::SharedDevice;
 use tvix_boot_devices::i8042::{self, I8042};
 use tvix_boot_devices::pvpanic::PvPanic;
 use tvix_boot_devices::seccomp::{self, ThreadRole};
+
+use crate::startup;
 use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole};
 use tvix_boot_devices::status_port::{self, GuestStatus, StatusPort};
 use tvix_boot_devices::terminal::RawTerminal;
@@ -183,11 +185,14 @@ impl Vm {
         boot::build_cmdline(&config.cmdline)?;
 
         let mut vm = Self::create(config.vcpus, config.mem_size, config.console)?;
+        startup::mark("legacy devices");
         let kernel = boot::load_kernel(&vm.memory, &config.kernel)?;
+        startup::mark("kernel loaded");
         let initrd = match &config.initrd {
             Some(initrd) => Some(boot::load_initrd(&vm.memory, initrd, kernel.end)?),
             None => None,
         };
+        startup::mark("initrd loaded");
         vm.entry = Some(BootEntry::Linux {
             kernel,
             initrd,
@@ -206,6 +211,7 @@ impl Vm {
         }
         let created_at = Instant::now();
         let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
+        startup::mark("kvm opened");
         for cap in [
             Cap::Irqchip,
             Cap::Irqfd,
@@ -241,8 +247,10 @@ impl Vm {
         vm_fd
             .create_pit2(pit)
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
+        startup::mark("vm created");
 
         let memory = create_memory(&vm_fd, mem_size)?;
+        startup::mark("guest memory registered");
 
         let exit = ExitNotifier::new().map_err(|source| VmError::EventFd {
             what: "exit",
@@ -385,8 +393,11 @@ impl Vm {
     /// Writes boot tables, starts the vCPUs and waits until the guest powers off,
     /// resets or panics. All vCPU threads are stopped and joined before it returns.
     pub fn run(mut self) -> Result<GuestExit, VmError> {
+        startup::mark("virtio devices added");
         let (entry, mode) = self.write_boot_state()?;
+        startup::mark("boot tables written");
         let vcpus = self.create_vcpus(entry, mode)?;
+        startup::mark("vcpus created");
 
         // Raw mode only while the guest runs; dropped (restored) on every return path.
         let _raw_terminal = if self.stdio {

@@ -1,0 +1,351 @@
+//! VMM start-up on this machine's own /dev/kvm: from starting `tvix-boot` to the guest's
+//! first instructions, stage by stage, and the VMM's resident memory outside guest RAM.
+//!
+//! The guest is a tiny ELF "kernel" (built here) whose first instructions write one byte
+//! to the serial port and halt, so the vCPU's first exit comes right after the first
+//! instructions ran. tvix-boot logs each stage's CLOCK_MONOTONIC time
+//! (`TVIX_BOOT_LOG=tvix_boot::startup=debug`, see vmm/src/startup.rs); this process reads
+//! the same clock just before it spawns tvix-boot. A second series runs under
+//! `strace -f -T -e trace=ioctl` to measure how much of it is the KVM ioctls themselves.
+//! Works on a PVM /dev/kvm (it runs a guest's first instructions fine).
+//!
+//!     cargo bench -p tvix-boot-benches --bench vmm_startup
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const RUNS: usize = 20;
+const STRACE_RUNS: usize = 5;
+/// Guest RAM; its mapping is left out of the VMM's resident memory.
+const GUEST_MIB: u64 = 512;
+/// Where vmlinux-style ELF kernels are loaded (vmm's layout: HIMEM_START).
+const LOAD_ADDRESS: u64 = 0x100_0000;
+
+fn main() {
+    if std::env::args().all(|a| a != "--bench") {
+        println!("vmm_startup: a benchmark; run it with cargo bench");
+        return;
+    }
+    if std::fs::metadata("/dev/kvm").is_err() {
+        eprintln!("vmm_startup: SKIPPED: no /dev/kvm on this machine");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let kernel = work.path().join("tiny.elf");
+    std::fs::write(&kernel, tiny_kernel()).unwrap();
+    let initrd = work.path().join("empty.cpio");
+    std::fs::write(&initrd, empty_cpio()).unwrap();
+    let tvix_boot = build_tvix_boot();
+
+    let mut stages: BTreeMap<usize, (String, Vec<f64>)> = BTreeMap::new();
+    let mut totals = Vec::new();
+    let mut rss = Vec::new();
+    // One run first to warm the page cache; not counted.
+    for run in 0..=RUNS {
+        let result = run_once(&tvix_boot, &kernel, &initrd, None);
+        if run == 0 {
+            continue;
+        }
+        let mut previous = result.spawned_ns;
+        for (i, (name, at)) in result.marks.iter().enumerate() {
+            stages
+                .entry(i)
+                .or_insert_with(|| (name.clone(), Vec::new()))
+                .1
+                .push((at - previous) as f64 / 1e6);
+            previous = *at;
+        }
+        totals.push((result.first_exit_ns - result.spawned_ns) as f64 / 1e6);
+        rss.push(result.vmm_rss_kib);
+    }
+
+    println!("vmm_startup: {RUNS} runs, medians, ms since the previous stage");
+    println!("  {:<28} {:>8}", "spawn -> main entered", "");
+    for (name, times) in stages.values() {
+        println!("  {name:<28} {:>8.3}", median(times));
+    }
+    let total = median(&totals);
+    println!(
+        "  spawn -> first exit (total)  {total:>8.3} ms (min {:.3}, max {:.3})",
+        totals.iter().copied().fold(f64::MAX, f64::min),
+        totals.iter().copied().fold(0.0, f64::max)
+    );
+    let rss_kib = median(&rss.iter().map(|&k| k as f64).collect::<Vec<_>>());
+    println!("  VMM resident memory outside guest RAM at the first exit: {rss_kib:.0} KiB");
+
+    match strace_ioctls(&tvix_boot, &kernel, &initrd, work.path()) {
+        Some((ioctl_ms, by_request)) => {
+            println!(
+                "  KVM ioctls before the first KVM_RUN (strace -T, median of {STRACE_RUNS}): {ioctl_ms:.3} ms"
+            );
+            for (request, ms) in by_request {
+                println!("    {request:<32} {ms:>8.3} ms");
+            }
+            println!(
+                "  everything else before the first guest instruction: {:.3} ms",
+                total - ioctl_ms
+            );
+        }
+        None => println!("  (strace not found: the KVM ioctls' share is not measured)"),
+    }
+}
+
+struct RunResult {
+    spawned_ns: u64,
+    marks: Vec<(String, u64)>,
+    first_exit_ns: u64,
+    vmm_rss_kib: u64,
+}
+
+fn tvix_boot_command(tvix_boot: &Path, kernel: &Path, initrd: &Path) -> Command {
+    let mut cmd = Command::new(tvix_boot);
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--memory", &format!("{GUEST_MIB}M"), "--timeout", "10s"])
+        .env("TVIX_BOOT_LOG", "tvix_boot::startup=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn run_once(tvix_boot: &Path, kernel: &Path, initrd: &Path, _strace: Option<&Path>) -> RunResult {
+    let mut cmd = tvix_boot_command(tvix_boot, kernel, initrd);
+    let spawned_ns = monotonic_ns();
+    let mut child = cmd.spawn().expect("cannot start tvix-boot");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut marks = Vec::new();
+    let mut first_exit_ns = 0;
+    let mut vmm_rss_kib = 0;
+    for line in stderr.lines().map_while(Result::ok) {
+        let Some((name, at)) = parse_mark(&line) else {
+            continue;
+        };
+        marks.push((name.clone(), at));
+        if name == "first exit" {
+            first_exit_ns = at;
+            vmm_rss_kib = rss_outside_guest_ram(child.id());
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first_exit_ns > 0, "tvix-boot never reported its first exit");
+    RunResult {
+        spawned_ns,
+        marks,
+        first_exit_ns,
+        vmm_rss_kib,
+    }
+}
+
+/// `stage NAME at NS` from tvix-boot's log.
+fn parse_mark(line: &str) -> Option<(String, u64)> {
+    let rest = &line[line.find("stage ")? + "stage ".len()..];
+    let (name, at) = rest.rsplit_once(" at ")?;
+    Some((name.to_owned(), at.trim().parse().ok()?))
+}
+
+/// Resident KiB of every mapping of `pid` but guest RAM (the one at least its size).
+fn rss_outside_guest_ram(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut size = 0;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            Some("Size:") => size = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            Some("Rss:") if size < GUEST_MIB * 1024 => {
+                total += fields
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
+/// Median total of KVM ioctl time before the first KVM_RUN, and per request.
+fn strace_ioctls(
+    tvix_boot: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    work: &Path,
+) -> Option<(f64, Vec<(String, f64)>)> {
+    Command::new("strace").arg("-V").output().ok()?;
+    let mut totals = Vec::new();
+    let mut by_request: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for run in 0..STRACE_RUNS {
+        let log = work.join(format!("strace-{run}.txt"));
+        let inner = tvix_boot_command(tvix_boot, kernel, initrd);
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-T", "-e", "trace=ioctl", "-o"])
+            .arg(&log)
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .env("TVIX_BOOT_LOG", "tvix_boot::startup=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().ok()?;
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        for line in stderr.lines().map_while(Result::ok) {
+            if parse_mark(&line).is_some_and(|(name, _)| name == "first exit") {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&log).ok()?;
+        let mut total = 0.0;
+        let mut this_run: BTreeMap<String, f64> = BTreeMap::new();
+        for line in text.lines() {
+            let Some(call) = line.find("ioctl(") else {
+                continue;
+            };
+            let request = line[call..]
+                .split(", ")
+                .nth(1)
+                .unwrap_or("?")
+                .trim_end_matches(')')
+                .to_owned();
+            if request.starts_with("KVM_RUN") {
+                break;
+            }
+            let Some(seconds) = line
+                .rsplit_once('<')
+                .and_then(|(_, t)| t.trim_end_matches('>').parse::<f64>().ok())
+            else {
+                continue;
+            };
+            total += seconds * 1e3;
+            *this_run.entry(request).or_default() += seconds * 1e3;
+        }
+        totals.push(total);
+        for (request, ms) in this_run {
+            by_request.entry(request).or_default().push(ms);
+        }
+    }
+    let mut requests: Vec<(String, f64)> = by_request
+        .into_iter()
+        .map(|(request, times)| (request, median(&times)))
+        .filter(|(_, ms)| *ms >= 0.01)
+        .collect();
+    requests.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Some((median(&totals), requests))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// The release tvix-boot, built now (the normal, dynamically linked binary).
+fn build_tvix_boot() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "tvix-boot",
+            "--bin",
+            "tvix-boot",
+        ])
+        .status()
+        .expect("cannot run cargo");
+    assert!(status.success(), "cannot build tvix-boot");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("release/tvix-boot")
+}
+
+/// A 64-bit ELF executable with one segment at [`LOAD_ADDRESS`]: `out 0x3f8, '!'`, then
+/// `hlt` forever. tvix-boot enters it in long mode, as it enters a vmlinux.
+fn tiny_kernel() -> Vec<u8> {
+    const CODE: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'!', // mov al, '!'
+        0xee, // out dx, al
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+    ];
+    const CODE_OFFSET: u64 = 0x1000;
+    let mut elf = Vec::new();
+    // ELF header: 64-bit, little endian, version 1, System V; executable, x86-64.
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // e_type: EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // e_machine: x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    elf.extend_from_slice(&LOAD_ADDRESS.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    elf.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    elf.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    elf.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
+    elf.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+    // Program header: PT_LOAD, read + execute.
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&5u32.to_le_bytes());
+    elf.extend_from_slice(&CODE_OFFSET.to_le_bytes()); // p_offset
+    elf.extend_from_slice(&LOAD_ADDRESS.to_le_bytes()); // p_vaddr
+    elf.extend_from_slice(&LOAD_ADDRESS.to_le_bytes()); // p_paddr
+    elf.extend_from_slice(&(CODE.len() as u64).to_le_bytes()); // p_filesz
+    elf.extend_from_slice(&(CODE.len() as u64).to_le_bytes()); // p_memsz
+    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    elf.resize(CODE_OFFSET as usize, 0);
+    elf.extend_from_slice(CODE);
+    elf
+}
+
+/// A newc archive with nothing but its trailer.
+fn empty_cpio() -> Vec<u8> {
+    let name = b"TRAILER!!!\0";
+    let mut header = format!(
+        "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+        0,
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        name.len(),
+        0
+    )
+    .into_bytes();
+    header.extend_from_slice(name);
+    while header.len() % 4 != 0 {
+        header.push(0);
+    }
+    header.resize(512, 0);
+    header
+}
