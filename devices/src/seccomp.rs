@@ -573,12 +573,18 @@ mod syscalls {
         allow_ioctls(&mut rules, TERMINAL_IOCTLS);
         // The SIGSYS handler names the thread.
         allow_first_arg(&mut rules, libc::SYS_prctl, &[libc::PR_GET_NAME as u64]);
-        // send(), as write() on a socket already connected: no destination address (e.g.
-        // signal-hook's wake-up, which the host mount's workers use when it is unmounted).
-        rules.insert(
-            libc::SYS_sendto,
-            vec![SeccompRule::new(vec![condition(4, SeccompCmpOp::Eq, 0)]).expect("one condition")],
-        );
+        // send() and recv(), as write() and read() on a socket already connected: no
+        // address (signal-hook's wake-up socket: the host mount's workers send on it when
+        // the mount goes away, the window-size thread receives on it).
+        for call in [libc::SYS_sendto, libc::SYS_recvfrom] {
+            rules.insert(
+                call,
+                vec![
+                    SeccompRule::new(vec![condition(4, SeccompCmpOp::Eq, 0)])
+                        .expect("one condition"),
+                ],
+            );
+        }
         match role {
             ThreadRole::Vcpu => {
                 allow_ioctls(&mut rules, VCPU_IOCTLS);
