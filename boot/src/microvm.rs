@@ -80,9 +80,15 @@ pub enum MicroVmError {
     /// The thread that runs the VM could not be started.
     #[error("cannot start the VM's thread: {0}")]
     Thread(std::io::Error),
+    /// Program arguments without a program (`run`) to give them to.
+    #[error("arguments are for the program of run (--run), which is not what this VM does")]
+    ArgsWithoutRun,
     /// The thread that runs the VM panicked.
     #[error("the VM's thread panicked")]
     Panicked,
+    /// An earlier [`RunningVm::wait`] already reported how the VM failed.
+    #[error("the VM already ended with an error, which an earlier wait reported")]
+    AlreadyReported,
 }
 
 /// What the guest runs.
@@ -144,6 +150,8 @@ enum StoreSource {
 /// ```
 pub struct MicroVm {
     guest: Guest,
+    /// Arguments for `run`'s program.
+    args: Vec<Vec<u8>>,
     store: StoreSource,
     kernel: Option<PathBuf>,
     cpus: u8,
@@ -165,6 +173,7 @@ impl MicroVm {
     fn new(guest: Guest) -> Self {
         Self {
             guest,
+            args: Vec::new(),
             store: StoreSource::Embedded,
             kernel: None,
             cpus: 1,
@@ -225,11 +234,10 @@ impl MicroVm {
         Self::new(Guest::CustomInitrd(initrd.into()))
     }
 
-    /// Appends an argument for `run`'s program (any bytes but NUL).
+    /// Appends an argument for `run`'s program (any bytes but NUL); with another mode,
+    /// [`Self::start`] fails.
     pub fn arg(mut self, arg: impl AsRef<[u8]>) -> Self {
-        if let Guest::Init(Some(Mode::Run { args, .. })) = &mut self.guest {
-            args.push(arg.as_ref().to_vec());
-        }
+        self.args.push(arg.as_ref().to_vec());
         self
     }
 
@@ -350,7 +358,7 @@ impl MicroVm {
     /// Checks everything, creates the VM and starts it on a thread of its own. Every
     /// input error (kernel, store, a program not in the store, memory) is reported here,
     /// before anything runs.
-    pub fn start(self) -> Result<RunningVm, MicroVmError> {
+    pub fn start(mut self) -> Result<RunningVm, MicroVmError> {
         let started_at = Instant::now();
         let kernel = match self.kernel {
             Some(kernel) => kernel,
@@ -369,20 +377,16 @@ impl MicroVm {
             cmdline.push(' ');
             cmdline.push_str(extra);
         }
-        let store = match self.store {
-            StoreSource::Open(store) => store,
-            StoreSource::Addrs(addrs) => Arc::new(Store::open(&addrs)?),
-            StoreSource::Embedded => Arc::new(Store::open(&StoreAddrs::embedded()?)?),
-        };
-        startup::mark("store opened");
-        // The mode, checked against the command line and the store before anything boots.
-        let mode = match &self.guest {
-            Guest::Init(requested) => {
-                let mut mode = guest_mode::choose(&cmdline, requested.as_ref())?;
-                guest_mode::check_in_store(&store, &mut mode)?;
-                guest_mode::append_keys(&mut cmdline, &mode)?;
-                Some(mode)
+        let mut guest = self.guest;
+        if !self.args.is_empty() {
+            match &mut guest {
+                Guest::Init(Some(Mode::Run { args, .. })) => args.append(&mut self.args),
+                _ => return Err(MicroVmError::ArgsWithoutRun),
             }
+        }
+        // The mode, checked against the command line and the store before anything boots.
+        let mut mode = match &guest {
+            Guest::Init(requested) => Some(guest_mode::choose(&cmdline, requested.as_ref())?),
             Guest::CustomInitrd(_) => None,
         };
         let program_streams = matches!(mode, Some(Mode::Run { .. })) && !self.console_stdio;
@@ -400,6 +404,16 @@ impl MicroVm {
             }
             _ => None,
         };
+        let store = match self.store {
+            StoreSource::Open(store) => store,
+            StoreSource::Addrs(addrs) => Arc::new(Store::open(&addrs)?),
+            StoreSource::Embedded => Arc::new(Store::open(&StoreAddrs::embedded()?)?),
+        };
+        startup::mark("store opened");
+        if let Some(mode) = &mut mode {
+            guest_mode::check_in_store(&store, mode)?;
+            guest_mode::append_keys(&mut cmdline, mode)?;
+        }
 
         // Ports of the virtio-console device: the program's streams, the terminal size,
         // and (for tvix-boot's init, while it runs the program) the stop request.
@@ -437,7 +451,7 @@ impl MicroVm {
             _ => None,
         };
 
-        let initrd = match (&self.guest, &mode) {
+        let initrd = match (&guest, &mode) {
             (Guest::CustomInitrd(path), _) => Initrd::File(path.clone()),
             (_, Some(mode)) => {
                 let bytes =
@@ -571,7 +585,7 @@ impl RunningVm {
         }
         // Like Child::wait: the program must not block on a stdin nobody closes.
         drop(self.stdin.take());
-        let thread = self.thread.take().ok_or(MicroVmError::Panicked)?;
+        let thread = self.thread.take().ok_or(MicroVmError::AlreadyReported)?;
         let status = thread.join().map_err(|_| MicroVmError::Panicked)??;
         self.status = Some(status);
         Ok(status)
@@ -759,4 +773,99 @@ pub fn default_kernel() -> Option<PathBuf> {
             .join("tvix-boot"),
     };
     Some(cache_root.join("kernel/current/vmlinux"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM that would boot `kernel` (any existing file: these fail before it is read).
+    fn vm(mode: MicroVm, kernel: &Path) -> MicroVm {
+        mode.kernel(kernel).store(Arc::new(Store::memory()))
+    }
+
+    #[test]
+    fn inputs_that_make_no_sense_are_refused_before_anything_boots() {
+        let kernel = tempfile::NamedTempFile::new().unwrap();
+        let kernel = kernel.path();
+        let err = |vm: MicroVm| vm.start().err().expect("refused").to_string();
+        assert!(err(vm(MicroVm::find().arg("x"), kernel)).contains("arguments are for"));
+        assert!(err(vm(MicroVm::find().stdout(Stdio::Piped), kernel)).contains("are the console"));
+        assert!(
+            err(vm(
+                MicroVm::run("/nix/store/x-p/bin/p").console_stdio(true),
+                kernel
+            )
+            .stdin(Stdio::Null))
+            .contains("are the console")
+        );
+        assert!(err(vm(MicroVm::find().env("A", "b"), kernel)).contains("--env"));
+        let missing = err(vm(
+            MicroVm::run("/nix/store/00000000000000000000000000000000-p/bin/p"),
+            kernel,
+        ));
+        assert!(missing.contains("is not in the store"), "{missing}");
+        let conflict = err(vm(MicroVm::run("/bin/sh").cmdline("tvix.shell"), kernel));
+        assert!(
+            conflict.contains("conflicts with the command line"),
+            "{conflict}"
+        );
+    }
+
+    #[test]
+    fn exit_statuses_come_from_devices_and_the_status_port() {
+        use ExitStatus::*;
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::PowerOff, Some(0), true),
+            Exited(0)
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::Reset, Some(143), true),
+            Exited(143)
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::PowerOff, None, true),
+            NoStatus
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::PowerOff, None, false),
+            PoweredOff
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::PowerOff, Some(STATUS_INIT_FAILED), true),
+            InitFailed
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::PowerOff, Some(300), true),
+            InvalidStatus(300)
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::Panic, Some(0), true),
+            Panicked
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::TimedOut, None, true),
+            TimedOut
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::Killed, Some(0), true),
+            Killed
+        );
+    }
+
+    #[test]
+    fn the_programs_environment_starts_small() {
+        let env = program_env(
+            &[("HOME".into(), "/root".into()), ("X".into(), "1".into())],
+            false,
+        );
+        assert_eq!(
+            env,
+            vec![
+                ("PATH".to_owned(), "/bin:/sbin".to_owned()),
+                ("HOME".to_owned(), "/root".to_owned()),
+                ("X".to_owned(), "1".to_owned()),
+            ]
+        );
+    }
 }
