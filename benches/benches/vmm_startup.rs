@@ -10,6 +10,7 @@
 //! Works on a PVM /dev/kvm (it runs a guest's first instructions fine).
 //!
 //!     cargo bench -p tvix-boot-benches --bench vmm_startup
+//!     TVIX_BOOT_BIN=path/to/tvix-boot cargo bench ...   (another build of it)
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -257,8 +258,11 @@ fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-/// The release tvix-boot, built now (the normal, dynamically linked binary).
+/// `$TVIX_BOOT_BIN` when set (to compare builds), else the release tvix-boot, built now.
 fn build_tvix_boot() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TVIX_BOOT_BIN").filter(|v| !v.is_empty()) {
+        return PathBuf::from(bin);
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
