@@ -7,6 +7,7 @@
 //! boot to save a memcpy in the VMM.
 //!
 //! ```ignore
+//! // Not a doc test: this module is private to the crate, out of a doc test's reach.
 //! // What a run mode needs (busybox only for the default `tvix.shell`):
 //! let initrd: Vec<u8> = build_initrd_for(&mode, Path::new(HOST_BUSYBOX), None)?;
 //! // Or by hand:

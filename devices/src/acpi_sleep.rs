@@ -21,6 +21,7 @@ pub struct AcpiSleepRegister {
 }
 
 impl AcpiSleepRegister {
+    /// A register that reports power-off and reset to `exit`.
     pub fn new(exit: ExitNotifier) -> Self {
         Self { exit }
     }

@@ -17,10 +17,14 @@ pub trait BusDevice: Send {
 /// A device shared between the vCPU threads that may access it.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
+/// Why a device could not be registered on a [`Bus`].
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum BusError {
+    /// `len` is zero, or `base + len` overflows.
     #[error("cannot register {name}: range {base:#x}+{len:#x} is empty or wraps around")]
     InvalidRange { name: String, base: u64, len: u64 },
+    /// The range overlaps one registered before (`other`).
     #[error(
         "cannot register {name} at {base:#x}+{len:#x}: overlaps {other} at {other_base:#x}+{other_len:#x}"
     )]
@@ -49,6 +53,7 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }

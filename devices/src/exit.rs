@@ -41,6 +41,7 @@ pub struct ExitNotifier {
 }
 
 impl ExitNotifier {
+    /// A notifier with no request and no deadline. Fails only if eventfds cannot be created.
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             inner: Arc::new(Inner {

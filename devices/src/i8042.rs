@@ -28,6 +28,7 @@ pub struct I8042 {
 }
 
 impl I8042 {
+    /// A controller that reports a reset command to `exit`.
     pub fn new(exit: ExitNotifier) -> Self {
         Self {
             device: I8042Device::new(ResetRequest(exit)),

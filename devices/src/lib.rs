@@ -5,6 +5,8 @@
 //! vmm crate's memory layout). Devices that end the VM (reset, power-off, panic) report
 //! that through an [`exit::ExitNotifier`].
 
+#![warn(missing_docs)]
+
 pub mod acpi_sleep;
 pub mod bus;
 pub mod exit;

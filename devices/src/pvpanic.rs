@@ -9,11 +9,14 @@ pub const PANICKED: u8 = 1 << 0;
 /// A crash kernel was loaded and is about to run (kdump); not an exit.
 pub const CRASH_LOADED: u8 = 1 << 1;
 
+/// The pvpanic port: a write with [`PANICKED`] set is a [`GuestExit::Panic`]; reads
+/// announce the events understood.
 pub struct PvPanic {
     exit: ExitNotifier,
 }
 
 impl PvPanic {
+    /// A port that reports a panic to `exit`.
     pub fn new(exit: ExitNotifier) -> Self {
         Self { exit }
     }

@@ -33,30 +33,38 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-/// Why a filter could not be built or installed.
+/// Why a filter could not be built or installed, or a filtered thread not started.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum SeccompError {
+    /// seccompiler rejected the role's rules (a bug in this module).
     #[error("cannot build the seccomp filter for {role:?} threads: {source}")]
     Build {
         role: ThreadRole,
         source: seccompiler::BackendError,
     },
+    /// The kernel refused the filter.
     #[error("cannot install the seccomp filter for {role:?} threads: {source}")]
     Install {
         role: ThreadRole,
         source: seccompiler::Error,
     },
+    /// Filters exist only for x86_64 system-call numbers.
     #[error("seccomp filters are only written for x86_64")]
     Architecture,
+    /// `sigaction` for SIGSYS failed.
     #[error("cannot install the SIGSYS handler: {0}")]
     Handler(std::io::Error),
+    /// [`enable`] was called before, in this mode.
     #[error("seccomp is already enabled in {0:?} mode")]
     AlreadyEnabled(SeccompMode),
+    /// The operating system could not start the thread.
     #[error("cannot start thread {name:?}: {source}")]
     Spawn {
         name: String,
         source: std::io::Error,
     },
+    /// The launcher thread that starts role threads has exited (it panicked).
     #[error("the seccomp thread launcher is gone")]
     LauncherGone,
 }

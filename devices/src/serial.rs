@@ -29,6 +29,7 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 pub struct IrqTrigger(EventFd);
 
 impl IrqTrigger {
+    /// A trigger that signals `irqfd`.
     pub fn new(irqfd: EventFd) -> Self {
         Self(irqfd)
     }
@@ -51,6 +52,7 @@ pub struct ConsoleOutput {
 }
 
 impl ConsoleOutput {
+    /// Output that batches guest bytes for `out`.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Self {
             out,
@@ -78,7 +80,7 @@ impl ConsoleOutput {
 /// The guest sends one byte per I/O exit. Passing each straight to a write(2) costs a
 /// system call and, with a pipe, a reader wake-up per byte, which made boot with a
 /// chatty kernel several times slower. Bytes are therefore batched: written out at
-/// each newline, when [`FLUSH_THRESHOLD`] bytes are pending, and by
+/// each newline, when `FLUSH_THRESHOLD` (4 KiB) are pending, and by
 /// [`spawn_console_io`] at least every [`FLUSH_INTERVAL`] (for prompts and echoed
 /// keystrokes, which end without a newline).
 impl Write for ConsoleOutput {
@@ -120,6 +122,7 @@ pub struct SerialConsole {
 }
 
 impl SerialConsole {
+    /// A UART in its reset state that raises `irq` and writes to `out`.
     pub fn new(irq: IrqTrigger, out: ConsoleOutput) -> Self {
         Self {
             uart: Serial::new(irq, out),

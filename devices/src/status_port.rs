@@ -28,11 +28,13 @@ impl GuestStatus {
     }
 }
 
+/// The port device; the values it receives are read through its [`GuestStatus`].
 pub struct StatusPort {
     status: GuestStatus,
 }
 
 impl StatusPort {
+    /// A port that stores what the guest writes in `status`.
     pub fn new(status: GuestStatus) -> Self {
         Self { status }
     }

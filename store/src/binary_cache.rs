@@ -26,32 +26,48 @@ use crate::store_path::DIGEST_LEN;
 
 const NIX_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
 
+/// Why a binary-cache request was refused (answered 400) or failed (500: the store's
+/// and the server's own failures), or the server could not start.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum CacheError {
+    /// A NAR name that is not `<nixbase32 sha256>.nar[.xz|.zst|.bz2]`.
     #[error("{0:?} is not a NAR file name like <nixbase32 sha256>.nar[.xz|.zst|.bz2]")]
     BadNarName(String),
+    /// A narinfo name that is not `<hash>.narinfo`.
     #[error("{0:?} is not a narinfo name like <32-character hash>.narinfo")]
     BadNarInfoName(String),
+    /// An upload whose bytes do not hash to the SHA-256 in its name.
     #[error("the uploaded file hashes to sha256:{actual}, not sha256:{expected} as its name says")]
     HashMismatch { expected: String, actual: String },
+    /// An upload that is not a valid NAR.
     #[error("invalid NAR: {0}")]
     BadNar(StoreError),
+    /// A narinfo upload that does not parse.
     #[error("invalid narinfo: {0}")]
     BadNarInfo(#[from] NarInfoError),
+    /// A narinfo uploaded under the hash of another store path.
     #[error("narinfo for {path} is uploaded under {name}")]
     WrongName { path: String, name: String },
+    /// A narinfo for a NAR that was not uploaded before it.
     #[error("narinfo refers to NAR sha256:{0}, which was not uploaded")]
     NarNotUploaded(String),
+    /// A narinfo whose NarSize differs from the uploaded NAR's.
     #[error("narinfo says NarSize {claimed}, the uploaded NAR has {actual} bytes")]
     NarSizeMismatch { claimed: u64, actual: u64 },
+    /// The upload could not be decompressed.
     #[error("decompressing the upload: {0}")]
     Decompress(io::Error),
+    /// The store failed.
     #[error("store error: {0}")]
     Store(#[from] StoreError),
+    /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: io::Error },
+    /// The HTTP server failed.
     #[error("serving HTTP: {0}")]
     Serve(io::Error),
+    /// A request's blocking task panicked or was cancelled.
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -99,6 +115,8 @@ pub async fn serve(
         .map_err(CacheError::Serve)
 }
 
+/// Binds `addr` (`host:port`; port 0 picks a free port) for [`serve`], and returns the
+/// listener with the address it got.
 pub async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr), CacheError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -204,7 +222,7 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Ingest a NAR from `input`, decompressing as `compression` says, and check that the bytes as
 /// uploaded hash to `file_hash`. Returns the NAR's hash and what it unpacked to.
-pub fn ingest_upload(
+fn ingest_upload(
     store: &Store,
     input: impl Read,
     compression: Compression,

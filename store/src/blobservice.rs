@@ -24,14 +24,20 @@ use crate::runtime::block_on;
 const IN_MEMORY_WRITE_LIMIT: usize = 4 << 20;
 const VERIFY_CHUNK: usize = 1 << 20;
 
+/// Why a blob could not be read or written.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum BlobError {
+    /// The stored content does not hash to the digest it is stored under.
     #[error("blob {digest} is corrupt: its content hashes to {actual}")]
     Corrupt { digest: B3Digest, actual: B3Digest },
+    /// Reading the blob failed.
     #[error("blob {digest}: {source}")]
     Io { digest: B3Digest, source: io::Error },
+    /// Writing a new blob's bytes to a temporary file in `dir` failed.
     #[error("writing a blob to {dir}: {source}")]
     Spool { dir: PathBuf, source: io::Error },
+    /// The object store failed.
     #[error("object store {url}: {source}")]
     ObjectStore {
         url: String,
@@ -41,6 +47,7 @@ pub enum BlobError {
 
 /// Random access to the bytes of one verified blob.
 pub trait BlobReader: Send + Sync {
+    /// Length of the blob, in bytes.
     fn size(&self) -> u64;
     /// Read at `offset`; a short count only at the end of the blob.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
@@ -57,13 +64,17 @@ pub trait BlobReader: Send + Sync {
 
 /// Streams a new blob in; `close` returns its digest once it is durable in the service.
 pub trait BlobWriter: Write + Send {
+    /// Finishes the blob and stores it under its digest, which it returns.
     fn close(self: Box<Self>) -> Result<B3Digest, BlobError>;
 }
 
+/// Blobs by BLAKE3 digest.
 pub trait BlobService: Send + Sync {
+    /// Whether the blob is stored (its content is not checked).
     fn has(&self, digest: &B3Digest) -> Result<bool, BlobError>;
     /// `None` when the blob is absent; an error when it is present but corrupt.
     fn open(&self, digest: &B3Digest) -> Result<Option<Arc<dyn BlobReader>>, BlobError>;
+    /// A writer for a new blob; [`BlobWriter::close`] gives its digest.
     fn writer(&self) -> Result<Box<dyn BlobWriter>, BlobError>;
 }
 
@@ -189,6 +200,8 @@ impl FileIdentity {
 }
 
 impl ObjectStoreBlobService {
+    /// Blobs in `store`, which `url` names in errors. `local_root` is the directory of a
+    /// local object store: blobs are then read from their files directly.
     pub fn new(store: Arc<dyn ObjectStore>, url: &str, local_root: Option<PathBuf>) -> Self {
         Self {
             inner: Arc::new(ObjectStoreBlobs {

@@ -12,27 +12,40 @@ use thiserror::Error;
 use crate::digest::{B3Digest, DigestError};
 use crate::proto;
 
+/// Longest entry name, in bytes (Linux's NAME_MAX).
 pub const MAX_NAME_LEN: usize = 255;
+/// Longest symlink target, in bytes (Linux's PATH_MAX less the NUL).
 pub const MAX_SYMLINK_TARGET_LEN: usize = 4095;
 
+/// Why a name, node or directory breaks the castore's rules (the ones tvix checks).
 #[derive(Debug, Error, PartialEq, Eq)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum ValidateError {
+    /// An entry name that is empty, longer than [`MAX_NAME_LEN`], `.` or `..`, or has a
+    /// `/` or NUL.
     #[error(
         "invalid entry name {0:?}: must be 1..=255 bytes without '/' or NUL, and not '.' or '..'"
     )]
     InvalidName(Bytes),
+    /// A symlink target that is empty, longer than [`MAX_SYMLINK_TARGET_LEN`] or has a NUL.
     #[error("invalid symlink target {0:?}: must be 1..=4095 bytes without NUL")]
     InvalidSymlinkTarget(Bytes),
+    /// Two entries of one directory with the same name.
     #[error("entry {0:?} appears twice")]
     DuplicateName(Bytes),
+    /// A list of entries not in strictly ascending name order.
     #[error("entry {0:?} is out of order: each list must be strictly sorted by name")]
     WrongSorting(Bytes),
+    /// A digest that is not 32 bytes.
     #[error("entry {name:?} has an invalid digest: {source}")]
     InvalidDigest { name: Bytes, source: DigestError },
+    /// A wire node that is none of directory, file and symlink.
     #[error("node has no content")]
     EmptyNode,
+    /// A directory whose [`Directory::size`] overflows `u64`.
     #[error("directory size overflows")]
     SizeOverflow,
+    /// Bytes that are not a `Directory` protobuf message.
     #[error("cannot decode directory protobuf: {0}")]
     Decode(#[from] prost::DecodeError),
 }
@@ -42,6 +55,7 @@ pub enum ValidateError {
 pub struct PathComponent(Bytes);
 
 impl PathComponent {
+    /// The name's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
@@ -82,7 +96,7 @@ impl std::fmt::Display for PathComponent {
     }
 }
 
-pub fn validate_symlink_target(target: &[u8]) -> Result<(), ValidateError> {
+pub(crate) fn validate_symlink_target(target: &[u8]) -> Result<(), ValidateError> {
     if target.is_empty() || target.len() > MAX_SYMLINK_TARGET_LEN || target.contains(&0) {
         return Err(ValidateError::InvalidSymlinkTarget(Bytes::copy_from_slice(
             target,
@@ -94,22 +108,31 @@ pub fn validate_symlink_target(target: &[u8]) -> Result<(), ValidateError> {
 /// One entry of a directory, without its name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Node {
+    /// A directory.
     Directory {
+        /// Names the directory in the directory service.
         digest: B3Digest,
+        /// The directory's [`Directory::size`].
         size: u64,
     },
+    /// A regular file.
     File {
+        /// Names the file's contents in the blob service.
         digest: B3Digest,
+        /// Length of the contents, in bytes.
         size: u64,
+        /// Whether the file is executable (the NAR format's `executable` flag).
         executable: bool,
     },
+    /// A symbolic link.
     Symlink {
+        /// Where it points: 1 to [`MAX_SYMLINK_TARGET_LEN`] bytes, no NUL.
         target: Bytes,
     },
 }
 
 impl Node {
-    pub fn to_proto(&self, name: Bytes) -> proto::Node {
+    pub(crate) fn to_proto(&self, name: Bytes) -> proto::Node {
         let node = match self {
             Node::Directory { digest, size } => {
                 proto::node::Node::Directory(proto::DirectoryNode {
@@ -138,7 +161,7 @@ impl Node {
 
     /// Convert a wire node, returning its (unvalidated) name beside it: a root node's name
     /// is a store path basename, which has rules of its own.
-    pub fn from_proto(node: proto::Node) -> Result<(Bytes, Node), ValidateError> {
+    pub(crate) fn from_proto(node: proto::Node) -> Result<(Bytes, Node), ValidateError> {
         match node.node.ok_or(ValidateError::EmptyNode)? {
             proto::node::Node::Directory(d) => {
                 let digest = parse_digest(&d.name, &d.digest)?;
@@ -183,10 +206,13 @@ pub struct Directory {
 }
 
 impl Directory {
+    /// An empty directory.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Adds an entry; fails with [`ValidateError::DuplicateName`] if there is one by that
+    /// name.
     pub fn add(&mut self, name: PathComponent, node: Node) -> Result<(), ValidateError> {
         if self.entries.contains_key(&name) {
             return Err(ValidateError::DuplicateName(name.0));
@@ -195,6 +221,7 @@ impl Directory {
         Ok(())
     }
 
+    /// The entry named `name`, if any.
     pub fn get(&self, name: &[u8]) -> Option<&Node> {
         // PathComponent orders as its bytes, so a borrowed lookup needs a key of that type;
         // an invalid name cannot be in the map anyway.
@@ -207,10 +234,12 @@ impl Directory {
         self.entries.iter()
     }
 
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether there are no entries.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -227,7 +256,7 @@ impl Directory {
             .fold(0u64, u64::saturating_add)
     }
 
-    pub fn to_proto(&self) -> proto::Directory {
+    pub(crate) fn to_proto(&self) -> proto::Directory {
         let mut out = proto::Directory::default();
         for (name, node) in &self.entries {
             match node.to_proto(name.0.clone()).node {
@@ -240,6 +269,8 @@ impl Directory {
         out
     }
 
+    /// The protobuf encoding (tvix's castore.proto `Directory`) that
+    /// [`digest`](Self::digest) hashes.
     pub fn encode(&self) -> Vec<u8> {
         self.to_proto().encode_to_vec()
     }
@@ -249,6 +280,8 @@ impl Directory {
         B3Digest::of(&self.encode())
     }
 
+    /// Parses an [`encode`](Self::encode)d directory and checks every rule: lists sorted,
+    /// names unique and valid, digests of 32 bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, ValidateError> {
         Self::try_from(proto::Directory::decode(bytes)?)
     }

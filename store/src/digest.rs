@@ -9,21 +9,27 @@ use thiserror::Error;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct B3Digest([u8; 32]);
 
+/// Why bytes or text are not a [`B3Digest`].
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DigestError {
+    /// Raw bytes, not 32 of them.
     #[error("a BLAKE3 digest has 32 bytes, got {0}")]
     WrongLength(usize),
+    /// Text that is not `b3:` and the base64 of 32 bytes.
     #[error("{0:?} is not a b3:<base64> digest")]
     BadText(String),
 }
 
 impl B3Digest {
+    /// Length of a digest, in bytes.
     pub const LEN: usize = 32;
 
+    /// The digest of `data`.
     pub fn of(data: &[u8]) -> Self {
         Self(*blake3::hash(data).as_bytes())
     }
 
+    /// The digest's bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

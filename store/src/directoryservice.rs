@@ -9,24 +9,32 @@ use crate::castore::{Directory, ValidateError};
 use crate::digest::B3Digest;
 use crate::kv::{Kv, KvError};
 
+/// Why a directory could not be read or stored.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum DirectoryError {
+    /// The stored bytes do not hash to the digest they are stored under.
     #[error("directory {digest} is corrupt: its bytes hash to {actual}")]
     Corrupt { digest: B3Digest, actual: B3Digest },
+    /// The stored bytes break the castore's rules.
     #[error("directory {digest} is invalid: {source}")]
     Invalid {
         digest: B3Digest,
         source: ValidateError,
     },
+    /// A directory put before one of its child directories.
     #[error("directory {digest} refers to child directory {child}, which is not in the store")]
     MissingChild { digest: B3Digest, child: B3Digest },
+    /// The key-value backend failed.
     #[error(transparent)]
     Backend(#[from] KvError),
 }
 
+/// Directories by digest. What a service returns was checked against the digest asked for.
 pub trait DirectoryService: Send + Sync {
     /// `None` when absent; an error when present but corrupt or invalid.
     fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, DirectoryError>;
+    /// Whether the directory is stored (its bytes are not checked).
     fn has(&self, digest: &B3Digest) -> Result<bool, DirectoryError>;
     /// Store a directory whose child directories are already stored (so a stored
     /// directory's whole tree is always present: put leaves first).
@@ -34,12 +42,12 @@ pub trait DirectoryService: Send + Sync {
 }
 
 /// Directories in any key-value backend, keyed by digest.
-pub struct KvDirectoryService {
+pub(crate) struct KvDirectoryService {
     kv: Arc<dyn Kv>,
 }
 
 impl KvDirectoryService {
-    pub fn new(kv: Arc<dyn Kv>) -> Self {
+    pub(crate) fn new(kv: Arc<dyn Kv>) -> Self {
         Self { kv }
     }
 }

@@ -20,30 +20,39 @@ use crate::store_path::{StorePath, StorePathError};
 
 const READ_CHUNK: usize = 256 * 1024;
 
+/// Why a host path could not be imported; `path` is the host path at fault.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum ImportError {
+    /// Reading it failed.
     #[error("cannot import {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// A device, socket or FIFO.
     #[error(
         "cannot import {path}: it is a {kind}, and the store holds only files, directories and symlinks"
     )]
     UnsupportedType { path: PathBuf, kind: &'static str },
+    /// A name or symlink target the castore does not allow.
     #[error("cannot import {path}: {source}")]
     Invalid {
         path: PathBuf,
         source: ValidateError,
     },
+    /// The top-level name is not a valid store path name.
     #[error("cannot import {path}: its name does not make a valid store path name: {source}")]
     BadName {
         path: PathBuf,
         source: StorePathError,
     },
+    /// Directories nest deeper than [`MAX_DEPTH`].
     #[error("cannot import {path}: directories nest deeper than {MAX_DEPTH} levels")]
     TooDeep { path: PathBuf },
+    /// A file changed size while it was read.
     #[error(
         "cannot import {path}: the file changed size while being read ({expected} bytes expected)"
     )]
     Changed { path: PathBuf, expected: u64 },
+    /// Storing a blob, directory or the path info failed.
     #[error("cannot import {path}: {source}")]
     Store { path: PathBuf, source: StoreError },
 }

@@ -15,15 +15,20 @@ use thiserror::Error;
 
 use crate::runtime::block_on;
 
+/// Why a key-value backend (of the directory or path-info service) failed.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum KvError {
+    /// The redb database failed.
     #[error("redb database {path}: {source}")]
     Redb {
         path: PathBuf,
         source: Box<redb::Error>,
     },
+    /// Another process has the redb file open.
     #[error("redb database {0} is in use by another process (redb allows one process at a time)")]
     RedbLocked(PathBuf),
+    /// The object store failed.
     #[error("object store {url}: {source}")]
     ObjectStore {
         url: String,
@@ -31,7 +36,7 @@ pub enum KvError {
     },
 }
 
-pub trait Kv: Send + Sync {
+pub(crate) trait Kv: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, KvError>;
     /// Store `value` under `key`, atomically: a reader sees the old state or the new one.
     fn put(&self, key: &[u8], value: Bytes) -> Result<(), KvError>;
@@ -42,7 +47,7 @@ pub trait Kv: Send + Sync {
 }
 
 #[derive(Default)]
-pub struct MemoryKv {
+pub(crate) struct MemoryKv {
     map: RwLock<BTreeMap<Vec<u8>, Bytes>>,
 }
 
@@ -69,7 +74,7 @@ impl Kv for MemoryKv {
 }
 
 /// One table of a redb database file.
-pub struct RedbKv {
+pub(crate) struct RedbKv {
     db: Arc<redb::Database>,
     path: PathBuf,
     table: TableDefinition<'static, &'static [u8], &'static [u8]>,
@@ -78,7 +83,7 @@ pub struct RedbKv {
 impl RedbKv {
     /// Open (or create) `path` and use `table` in it. Several services may name the same
     /// file: redb allows one open handle per file, so handles are shared within the process.
-    pub fn open(path: &Path, table: &'static str) -> Result<Self, KvError> {
+    pub(crate) fn open(path: &Path, table: &'static str) -> Result<Self, KvError> {
         static OPEN: Mutex<Vec<(PathBuf, Weak<redb::Database>)>> = Mutex::new(Vec::new());
         let mut open = OPEN.lock().expect("redb registry poisoned");
         open.retain(|(_, db)| db.strong_count() > 0);
@@ -158,13 +163,13 @@ impl Kv for RedbKv {
 }
 
 /// Values as objects named `<hex key[..2]>/<hex key>` in an object store.
-pub struct ObjectStoreKv {
+pub(crate) struct ObjectStoreKv {
     store: Arc<dyn ObjectStore>,
     url: String,
 }
 
 impl ObjectStoreKv {
-    pub fn new(store: Arc<dyn ObjectStore>, url: &str) -> Self {
+    pub(crate) fn new(store: Arc<dyn ObjectStore>, url: &str) -> Self {
         Self {
             store,
             url: url.to_owned(),

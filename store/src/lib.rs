@@ -3,6 +3,8 @@
 //!
 //! Nothing here knows about VMs. The API is synchronous; see `runtime` for why.
 
+#![warn(missing_docs)]
+
 pub mod binary_cache;
 pub mod blobservice;
 pub mod castore;
@@ -15,7 +17,7 @@ pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
 pub mod pathinfo;
-pub mod proto;
+pub(crate) mod proto;
 mod runtime;
 pub mod store;
 pub mod store_path;
@@ -24,7 +26,6 @@ pub mod substituter;
 pub use castore::{Directory, Node, PathComponent};
 pub use digest::B3Digest;
 pub use pathinfo::PathInfo;
-/// Starts the store's I/O threads now, with a hook run first in each (see [`runtime::start_with`]).
 pub use runtime::start_with as start_io_runtime;
 pub use store::{Lookup, Store, StoreAddrs, StoreError};
 pub use store_path::StorePath;

@@ -13,22 +13,29 @@ use crate::pathinfo::{PathInfo, Signature};
 use crate::store::{Store, StoreError};
 use crate::store_path::{StorePath, StorePathError};
 
+/// Why a closure could not be copied from the local Nix store.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum LocalNixError {
+    /// `nix` or `nix-store` could not be started, or waited for.
     #[error("cannot run {command}: {source} (is Nix installed? apt-get install nix-bin)")]
     Spawn {
         command: String,
         source: std::io::Error,
     },
+    /// The command failed; `stderr` is what it printed.
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
+    /// `nix path-info --json` printed something not understood.
     #[error("cannot parse the output of {command}: {reason}")]
     BadOutput { command: String, reason: String },
+    /// Nix named a path that is not a valid store path.
     #[error("{path}: Nix reports an invalid path: {source}")]
     BadPath {
         path: String,
         source: StorePathError,
     },
+    /// The NAR dumped does not match the hash and size in Nix's database.
     #[error(
         "{path}: the NAR from nix-store --dump hashes to sha256:{actual} ({actual_size} bytes), Nix's database says sha256:{expected} ({expected_size} bytes)"
     )]
@@ -39,6 +46,7 @@ pub enum LocalNixError {
         expected_size: u64,
         actual_size: u64,
     },
+    /// Storing the path failed.
     #[error("{path}: {source}")]
     Store { path: String, source: StoreError },
 }

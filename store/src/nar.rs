@@ -23,46 +23,63 @@ const MAX_TOKEN_LEN: u64 = 4096;
 pub const MAX_DEPTH: usize = 1024;
 const COPY_CHUNK: usize = 256 * 1024;
 
+/// Why a NAR could not be ingested or rendered. `offset` is where in the NAR stream the
+/// problem was found.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum NarError {
+    /// The stream ends inside the archive.
     #[error("NAR ends early at byte {offset}")]
     UnexpectedEof { offset: u64 },
+    /// Not the token the format requires there.
     #[error("NAR byte {offset}: expected {expected}, found {found:?}")]
     UnexpectedToken {
         offset: u64,
         expected: &'static str,
         found: String,
     },
+    /// A string longer than any valid one (4096 bytes), refused before it is read.
     #[error("NAR byte {offset}: a token of {len} bytes is longer than any valid one")]
     TokenTooLong { offset: u64, len: u64 },
+    /// Padding after a string or file contents that is not zero.
     #[error("NAR byte {offset}: padding is not zero")]
     NonZeroPadding { offset: u64 },
+    /// A name or symlink target the castore does not allow.
     #[error("NAR byte {offset}: {source}")]
     Invalid { offset: u64, source: ValidateError },
+    /// Directory entries not in strictly ascending name order.
     #[error("NAR byte {offset}: entry {name:?} is not sorted after {previous:?}")]
     EntryOrder {
         offset: u64,
         name: String,
         previous: String,
     },
+    /// Directories nest deeper than [`MAX_DEPTH`].
     #[error("NAR byte {offset}: directories nest deeper than {MAX_DEPTH} levels")]
     TooDeep { offset: u64 },
+    /// Bytes after the end of the archive.
     #[error("NAR has trailing data after byte {offset}")]
     TrailingData { offset: u64 },
+    /// Reading the NAR, or writing the rendered one, failed.
     #[error("reading NAR: {0}")]
     Io(#[from] io::Error),
+    /// Rendering: a blob of the tree is not in the store.
     #[error("blob {digest} of the tree is missing from the store")]
     MissingBlob { digest: B3Digest },
+    /// Rendering: a directory of the tree is not in the store.
     #[error("directory {digest} of the tree is missing from the store")]
     MissingDirectory { digest: B3Digest },
+    /// Rendering: a blob's length differs from the size its file node records.
     #[error("blob {digest} changed size: expected {expected} bytes, got {actual}")]
     BlobSize {
         digest: B3Digest,
         expected: u64,
         actual: u64,
     },
+    /// The blob service failed.
     #[error(transparent)]
     Blob(#[from] BlobError),
+    /// The directory service failed.
     #[error(transparent)]
     Directory(#[from] DirectoryError),
 }
@@ -73,7 +90,7 @@ fn padding(len: u64) -> usize {
 
 /// Emits NAR tokens in order. The caller drives the tree walk, so the same emitter serves
 /// rendering from the store and hashing a host tree during import.
-pub struct NarEmitter<W: Write> {
+pub(crate) struct NarEmitter<W: Write> {
     out: W,
 }
 
@@ -229,7 +246,7 @@ fn render_node<W: Write>(
 
 /// SHA-256 and length of a byte stream, as Nix records them for a NAR.
 #[derive(Default)]
-pub struct NarHasher {
+pub(crate) struct NarHasher {
     sha256: Sha256,
     len: u64,
 }
@@ -254,8 +271,11 @@ impl Write for NarHasher {
 /// What ingesting a NAR produced.
 #[derive(Debug)]
 pub struct IngestedNar {
+    /// The root node, without a name.
     pub node: Node,
+    /// SHA-256 of the NAR's bytes.
     pub nar_sha256: [u8; 32],
+    /// Length of the NAR, in bytes.
     pub nar_size: u64,
 }
 

@@ -9,19 +9,26 @@ use crate::nixbase32;
 use crate::pathinfo::{ContentAddress, PathInfo, Signature};
 use crate::store_path::{StorePath, StorePathError};
 
+/// Why a .narinfo does not parse.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum NarInfoError {
+    /// A line that is not `Key: value`.
     #[error("narinfo line {line:?} is not `Key: value`")]
     BadLine { line: String },
+    /// A required field is absent.
     #[error("narinfo lacks the {0} field")]
     Missing(&'static str),
+    /// A field whose value does not parse.
     #[error("narinfo field {field} has an invalid value {value:?}")]
     BadValue { field: &'static str, value: String },
+    /// A field that should name a store path does not.
     #[error("narinfo field {field}: {source}")]
     BadPath {
         field: &'static str,
         source: StorePathError,
     },
+    /// A field that may appear once appears twice.
     #[error("narinfo has the {0} field twice")]
     Duplicate(&'static str),
 }
@@ -29,13 +36,19 @@ pub enum NarInfoError {
 /// How a NAR file is compressed in a binary cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
+    /// Not compressed.
     None,
+    /// xz (`.xz`).
     Xz,
+    /// zstd (`.zst`).
     Zstd,
+    /// bzip2 (`.bz2`), Nix's default when a narinfo names none.
     Bzip2,
 }
 
 impl Compression {
+    /// The compression a narinfo's `Compression:` value names (empty means none); `None`
+    /// for one not supported.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "none" | "" => Some(Self::None),
@@ -56,6 +69,8 @@ impl Compression {
         }
     }
 
+    /// The compression of a NAR file whose name ends `.nar` plus `extension` (one of
+    /// [`extension`](Self::extension)'s values).
     pub fn from_extension(extension: &str) -> Option<Self> {
         match extension {
             "" => Some(Self::None),
@@ -110,6 +125,7 @@ impl Compression {
         }
     }
 
+    /// The name a narinfo's `Compression:` field gives it.
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",
@@ -123,21 +139,32 @@ impl Compression {
 /// A parsed .narinfo.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NarInfo {
+    /// The path described (`StorePath:`).
     pub store_path: StorePath,
+    /// Where the NAR file is, relative to the cache (`URL:`).
     pub url: String,
+    /// How that file is compressed (`Compression:`).
     pub compression: Compression,
+    /// SHA-256 of the file as stored (`FileHash:`).
     pub file_hash: Option<[u8; 32]>,
+    /// Size of the file as stored, in bytes (`FileSize:`).
     pub file_size: Option<u64>,
+    /// SHA-256 of the uncompressed NAR (`NarHash:`).
     pub nar_hash: [u8; 32],
+    /// Size of the uncompressed NAR, in bytes (`NarSize:`).
     pub nar_size: u64,
+    /// The paths this one refers to (`References:`).
     pub references: Vec<StorePath>,
+    /// The derivation that built the path (`Deriver:`).
     pub deriver: Option<StorePath>,
+    /// Signatures of the [`fingerprint`](Self::fingerprint) (`Sig:`, one per line).
     pub signatures: Vec<Signature>,
+    /// The content address of a content-addressed path (`CA:`).
     pub ca: Option<ContentAddress>,
 }
 
 /// Parse `sha256:<nixbase32>` (or 64 hex digits after `sha256:`).
-pub fn parse_sha256(field: &'static str, value: &str) -> Result<[u8; 32], NarInfoError> {
+fn parse_sha256(field: &'static str, value: &str) -> Result<[u8; 32], NarInfoError> {
     let bad = || NarInfoError::BadValue {
         field,
         value: value.to_owned(),
@@ -158,6 +185,8 @@ fn parse_basename(field: &'static str, value: &str) -> Result<StorePath, NarInfo
 }
 
 impl NarInfo {
+    /// Parses a .narinfo. StorePath, URL, NarHash and NarSize are required; a missing
+    /// Compression means bzip2, as in Nix; fields not listed on [`NarInfo`] are ignored.
     pub fn parse(text: &str) -> Result<Self, NarInfoError> {
         let mut fields: Vec<(&str, &str)> = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -286,6 +315,7 @@ impl NarInfo {
         }
     }
 
+    /// The .narinfo text, which [`parse`](Self::parse) reads back as an equal value.
     pub fn render(&self) -> String {
         let mut out = String::new();
         let hash = |h: &[u8; 32]| format!("sha256:{}", nixbase32::encode(h));

@@ -8,16 +8,21 @@ use thiserror::Error;
 
 const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
+/// Why text is not the nixbase32 encoding of the number of bytes asked for.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum Nixbase32Error {
+    /// A character outside the alphabet.
     #[error("invalid nixbase32 character {0:?}")]
     InvalidCharacter(char),
+    /// Not the length that encodes that many bytes.
     #[error("nixbase32 string {input:?} has length {len}, expected {expected}")]
     WrongLength {
         input: String,
         len: usize,
         expected: usize,
     },
+    /// Padding bits set: no bytes encode to this text.
     #[error("nixbase32 string {0:?} is not canonical (non-zero padding bits)")]
     NonCanonical(String),
 }
@@ -27,6 +32,7 @@ pub const fn encoded_len(len: usize) -> usize {
     (len * 8).div_ceil(5)
 }
 
+/// `bytes` in nixbase32, as Nix prints hashes in store paths and narinfos.
 pub fn encode(bytes: &[u8]) -> String {
     let len = encoded_len(bytes.len());
     let mut out = String::with_capacity(len);

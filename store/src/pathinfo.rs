@@ -11,53 +11,76 @@ use thiserror::Error;
 use crate::castore::{Node, ValidateError};
 use crate::kv::{Kv, KvError};
 use crate::nixbase32;
-use crate::proto::{self, nar_info::ca::Hash as CaHash};
+use crate::proto;
+/// The hash algorithm and mode of a [`ContentAddress`].
+pub use crate::proto::nar_info::ca::Hash as CaHash;
 use crate::store_path::{DIGEST_LEN, StorePath, StorePathError};
 
+/// Why path info is invalid, could not be decoded, or could not be read, stored or
+/// substituted.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum PathInfoError {
+    /// Wire path info without a root node.
     #[error("path info has no root node")]
     MissingNode,
+    /// Wire path info without its narinfo part.
     #[error("path info has no narinfo")]
     MissingNarInfo,
+    /// The root node's name is not a store path basename.
     #[error("root node name {name:?} is not a store path: {source}")]
     BadRootName {
         name: String,
         source: StorePathError,
     },
+    /// The root node breaks the castore's rules.
     #[error("root node is invalid: {0}")]
     BadNode(#[from] ValidateError),
+    /// The NAR SHA-256 is not 32 bytes.
     #[error("NAR sha256 must have 32 bytes, got {0}")]
     BadNarSha256(usize),
+    /// A reference digest is not 20 bytes.
     #[error("reference {index} has {len} bytes, expected {DIGEST_LEN}")]
     BadReferenceDigest { index: usize, len: usize },
+    /// A reference name is not a store path basename.
     #[error("reference name {name:?} is invalid: {source}")]
     BadReferenceName {
         name: String,
         source: StorePathError,
     },
+    /// Reference digests and names differ in number or, at index `digests` (= `names`),
+    /// in digest.
     #[error("references ({digests}) and reference names ({names}) disagree")]
     ReferenceMismatch { digests: usize, names: usize },
+    /// The deriver is not a valid store path.
     #[error("deriver is invalid: {0}")]
     BadDeriver(StorePathError),
+    /// A content address in a form not understood.
     #[error("content address {0:?} is not understood")]
     BadCa(String),
+    /// Stored path info that does not decode; `key` names the entry.
     #[error("stored path info for {key} cannot be decoded: {source}")]
     Decode {
         key: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Stored path info for another path than the key it is stored under.
     #[error("stored path info under {key} describes {found}")]
     WrongKey { key: String, found: StorePath },
+    /// Substituting the path from a binary cache failed.
     #[error("substituting: {0}")]
     Substitute(Box<crate::substituter::SubstituteError>),
+    /// The key-value backend failed.
     #[error(transparent)]
     Backend(#[from] KvError),
 }
 
+/// A signature of a path's narinfo [fingerprint](crate::narinfo::NarInfo::fingerprint).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Signature {
+    /// The signing key's name, such as `cache.nixos.org-1`.
     pub name: String,
+    /// The ed25519 signature (64 bytes when valid; not checked here).
     pub data: Bytes,
 }
 
@@ -76,7 +99,9 @@ impl fmt::Display for Signature {
 /// A content address, as in Nix's `CA:` field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContentAddress {
+    /// What was hashed, and how.
     pub hash: CaHash,
+    /// The hash.
     pub digest: Bytes,
 }
 
@@ -146,20 +171,30 @@ impl std::str::FromStr for ContentAddress {
     }
 }
 
+/// What the store knows about a store path: its content (a root node) and what Nix
+/// records for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PathInfo {
+    /// The path.
     pub store_path: StorePath,
+    /// Its content.
     pub node: Node,
+    /// The paths its content refers to.
     pub references: Vec<StorePath>,
+    /// Length of its NAR, in bytes.
     pub nar_size: u64,
+    /// SHA-256 of its NAR.
     pub nar_sha256: [u8; 32],
+    /// Signatures of its narinfo fingerprint.
     pub signatures: Vec<Signature>,
+    /// The derivation that built it, if known.
     pub deriver: Option<StorePath>,
+    /// Its content address, for a content-addressed path.
     pub ca: Option<ContentAddress>,
 }
 
 impl PathInfo {
-    pub fn to_proto(&self) -> proto::PathInfo {
+    pub(crate) fn to_proto(&self) -> proto::PathInfo {
         proto::PathInfo {
             node: Some(self.node.to_proto(self.store_path.to_basename().into())),
             references: self
@@ -193,6 +228,7 @@ impl PathInfo {
     }
 }
 
+/// From the wire form (tvix's pathinfo.proto), checking every field.
 impl TryFrom<proto::PathInfo> for PathInfo {
     type Error = PathInfoError;
 
@@ -284,14 +320,19 @@ impl TryFrom<proto::PathInfo> for PathInfo {
     }
 }
 
+/// Path info by store path digest, and the NAR index the binary-cache server keeps.
 pub trait PathInfoService: Send + Sync {
     /// Look a path up by the 20-byte digest in its name.
     fn get(&self, digest: &[u8; DIGEST_LEN]) -> Result<Option<PathInfo>, PathInfoError>;
+    /// Stores `info`, replacing what was stored for its digest. Does not check that its
+    /// content is in the store: [`Store::put_path_info`](crate::Store::put_path_info) does.
     fn put(&self, info: &PathInfo) -> Result<(), PathInfoError>;
+    /// Every path info stored, sorted by name, then by path.
     fn list(&self) -> Result<Vec<PathInfo>, PathInfoError>;
     /// Remember which root node a NAR with this SHA-256 unpacks to: binary caches name NARs
     /// by hash, and an uploaded NAR comes before the narinfo that names its store path.
     fn put_nar(&self, nar_sha256: &[u8; 32], nar: &IndexedNar) -> Result<(), PathInfoError>;
+    /// What [`put_nar`](Self::put_nar) recorded for this NAR hash.
     fn get_nar(&self, nar_sha256: &[u8; 32]) -> Result<Option<IndexedNar>, PathInfoError>;
     /// Remember that the file a client uploaded as `nar/<file_sha256>.nar.<ext>` (a
     /// compressed NAR) is the NAR with `nar_sha256`. Nix keeps the narinfo it uploaded,
@@ -308,7 +349,9 @@ pub trait PathInfoService: Send + Sync {
 /// A NAR known by its hash: its root node (unnamed) and size.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexedNar {
+    /// The root node the NAR unpacks to.
     pub node: Node,
+    /// Length of the NAR, in bytes.
     pub nar_size: u64,
 }
 
@@ -328,12 +371,12 @@ fn nar_file_key(file_sha256: &[u8; 32]) -> Vec<u8> {
 }
 
 /// Path info in any key-value backend, keyed by the store path digest.
-pub struct KvPathInfoService {
+pub(crate) struct KvPathInfoService {
     kv: Arc<dyn Kv>,
 }
 
 impl KvPathInfoService {
-    pub fn new(kv: Arc<dyn Kv>) -> Self {
+    pub(crate) fn new(kv: Arc<dyn Kv>) -> Self {
         Self { kv }
     }
 

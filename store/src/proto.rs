@@ -113,17 +113,28 @@ pub mod nar_info {
     }
 
     pub mod ca {
+        /// What a content address hashes, and with which algorithm (pathinfo.proto's
+        /// `NarInfo.CA.Hash`); the text form is Nix's `CA:` prefix.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
         #[repr(i32)]
         pub enum Hash {
+            /// `fixed:r:sha256`: the NAR of the path.
             NarSha256 = 0,
+            /// `fixed:r:sha1`: the NAR of the path.
             NarSha1 = 1,
+            /// `fixed:r:sha512`: the NAR of the path.
             NarSha512 = 2,
+            /// `fixed:r:md5`: the NAR of the path.
             NarMd5 = 3,
+            /// `text:sha256`: a text file, such as a derivation.
             TextSha256 = 4,
+            /// `fixed:sha1`: the contents of a single file.
             FlatSha1 = 5,
+            /// `fixed:md5`: the contents of a single file.
             FlatMd5 = 6,
+            /// `fixed:sha256`: the contents of a single file.
             FlatSha256 = 7,
+            /// `fixed:sha512`: the contents of a single file.
             FlatSha512 = 8,
         }
     }

@@ -16,37 +16,53 @@ use crate::pathinfo::{IndexedNar, KvPathInfoService, PathInfo, PathInfoError, Pa
 use crate::store_path::StorePath;
 use crate::substituter::SubstitutingPathInfoService;
 
+/// The environment variable with the blob service's address (as tvix names it).
 pub const BLOB_SERVICE_ADDR_ENV: &str = "BLOB_SERVICE_ADDR";
+/// The environment variable with the directory service's address.
 pub const DIRECTORY_SERVICE_ADDR_ENV: &str = "DIRECTORY_SERVICE_ADDR";
+/// The environment variable with the path-info service's address.
 pub const PATH_INFO_SERVICE_ADDR_ENV: &str = "PATH_INFO_SERVICE_ADDR";
 
+/// Why a store could not be opened, or an operation on it failed.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum StoreError {
+    /// An address that does not parse, has an unknown scheme, or a scheme the service
+    /// cannot use.
     #[error("invalid {service} service address {url:?}: {reason}")]
     BadAddress {
         service: &'static str,
         url: String,
         reason: String,
     },
+    /// Neither XDG_DATA_HOME nor HOME is set, so the embedded store has no place.
     #[error("cannot find a data directory for the embedded store: set XDG_DATA_HOME or HOME")]
     NoDataDir,
+    /// A directory for a file-based service could not be created.
     #[error("cannot create store directory {path}: {source}")]
     CreateDir {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Content a path info (or a lookup on the way) refers to is not in the store.
     #[error("{path} refers to {what}, which is not in the store")]
     Incomplete { path: StorePath, what: String },
+    /// The blob service failed.
     #[error(transparent)]
     Blob(#[from] BlobError),
+    /// The directory service failed.
     #[error(transparent)]
     Directory(#[from] DirectoryError),
+    /// The path-info service failed.
     #[error(transparent)]
     PathInfo(#[from] PathInfoError),
+    /// A NAR could not be ingested or rendered.
     #[error(transparent)]
     Nar(#[from] NarError),
+    /// A key-value backend could not be opened (a redb file another process has open).
     #[error(transparent)]
     Backend(#[from] KvError),
+    /// `syncfs` on one of the store's directories failed.
     #[error("cannot flush the store's files under {path} to disk: {source}")]
     Sync {
         path: PathBuf,
@@ -58,20 +74,25 @@ pub enum StoreError {
 /// path, with a leading '/', and empty for the store path itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lookup {
+    /// The path names this node.
     Found(Node),
     /// The store has no path info for the store path.
     NoStorePath,
     /// `found` exists and is a directory, but has no entry `name`.
     Missing {
+        /// The deepest directory found.
         found: String,
+        /// The component it lacks.
         name: String,
     },
     /// `at` is a file, yet the path goes on below it.
     NotADirectory {
+        /// The file.
         at: String,
     },
     /// `at` is a symlink and the path goes on below it.
     Symlink {
+        /// The symlink.
         at: String,
     },
 }
@@ -79,8 +100,13 @@ pub enum Lookup {
 /// Where the three services live, as URLs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreAddrs {
+    /// The blob service: `memory://`, `objectstore+file:///abs/path` or
+    /// `objectstore+memory://`.
     pub blob: String,
+    /// The directory service: as for blobs, or `redb:///abs/path`.
     pub directory: String,
+    /// The path-info service: as for directories, or a binary cache to substitute from
+    /// (`nix+https://host/path?trusted-public-keys=…`, see [`crate::substituter`]).
     pub path_info: String,
 }
 
@@ -111,6 +137,8 @@ impl StoreAddrs {
         }
     }
 
+    /// Every service in memory: each [`Store::open`] of it is a new, empty store that
+    /// lives as long as the `Store`.
     pub fn memory() -> Self {
         Self {
             blob: "memory://".into(),
@@ -120,9 +148,15 @@ impl StoreAddrs {
     }
 }
 
+/// One store: its three services, and the operations that span them. Every method takes
+/// `&self`; share it between threads as an `Arc<Store>`. The API is synchronous, also for
+/// the backends that are async inside (they run on the store's own I/O threads).
 pub struct Store {
+    /// File contents, by BLAKE3 digest.
     pub blobs: Arc<dyn BlobService>,
+    /// Directories, by the BLAKE3 digest of their encoding.
     pub directories: Arc<dyn DirectoryService>,
+    /// Path info, by store path digest, and the NAR index of the binary-cache server.
     pub path_infos: Arc<dyn PathInfoService>,
     /// Directories whose files hold this store (objectstore+file services): what
     /// [`Store::sync`] flushes to disk. redb commits durably by itself.
@@ -219,7 +253,7 @@ fn open_kv(
     })
 }
 
-pub fn open_blob_service(url: &str) -> Result<Arc<dyn BlobService>, StoreError> {
+fn open_blob_service(url: &str) -> Result<Arc<dyn BlobService>, StoreError> {
     Ok(match parse_address("blob", url)? {
         Backend::Memory => Arc::new(MemoryBlobService::default()),
         Backend::LocalObjectStore(path) => {
@@ -235,7 +269,7 @@ pub fn open_blob_service(url: &str) -> Result<Arc<dyn BlobService>, StoreError> 
     })
 }
 
-pub fn open_directory_service(url: &str) -> Result<Arc<dyn DirectoryService>, StoreError> {
+fn open_directory_service(url: &str) -> Result<Arc<dyn DirectoryService>, StoreError> {
     Ok(Arc::new(KvDirectoryService::new(open_kv(
         "directory",
         url,
@@ -243,7 +277,7 @@ pub fn open_directory_service(url: &str) -> Result<Arc<dyn DirectoryService>, St
     )?)))
 }
 
-pub fn open_path_info_service(url: &str) -> Result<Arc<dyn PathInfoService>, StoreError> {
+fn open_path_info_service(url: &str) -> Result<Arc<dyn PathInfoService>, StoreError> {
     Ok(Arc::new(KvPathInfoService::new(open_kv(
         "path info",
         url,
@@ -252,6 +286,9 @@ pub fn open_path_info_service(url: &str) -> Result<Arc<dyn PathInfoService>, Sto
 }
 
 impl Store {
+    /// Opens the services `addrs` names, creating the directories of file-based ones. With a
+    /// `nix+…` path-info address, paths are substituted from that binary cache on first
+    /// lookup, and their path info is kept in memory for this process.
     pub fn open(addrs: &StoreAddrs) -> Result<Self, StoreError> {
         let blobs = open_blob_service(&addrs.blob)?;
         let directories = open_directory_service(&addrs.directory)?;
@@ -361,6 +398,8 @@ impl Store {
         self.sync()
     }
 
+    /// The path info of `path`, if the store has it (for that very path, not only for one
+    /// with the same digest). May substitute it, with a `nix+…` path-info service.
     pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
         Ok(self
             .path_infos
@@ -404,6 +443,8 @@ impl Store {
         Ok(Lookup::Found(node))
     }
 
+    /// Writes the NAR of `node` to `out`: the bytes `nix-store --dump` gives for the same
+    /// tree. Fails if a blob or directory of the tree is missing or corrupt.
     pub fn write_nar(&self, node: &Node, out: impl Write) -> Result<(), StoreError> {
         Ok(render_nar(node, &*self.blobs, &*self.directories, out)?)
     }

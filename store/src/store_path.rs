@@ -7,24 +7,33 @@ use thiserror::Error;
 
 use crate::nixbase32;
 
+/// The store directory; the only one supported.
 pub const STORE_DIR: &str = "/nix/store";
+/// Length of a store path's digest, in bytes (32 nixbase32 characters in its name).
 pub const DIGEST_LEN: usize = 20;
 const ENCODED_DIGEST_LEN: usize = nixbase32::encoded_len(DIGEST_LEN);
 const MAX_NAME_LEN: usize = 211;
 
+/// Why text is not a store path.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum StorePathError {
+    /// An absolute path outside [`STORE_DIR`].
     #[error("{0:?} is not in {STORE_DIR}")]
     NotInStore(String),
+    /// Too short for a hash, a `-` and a name.
     #[error("store path {0:?} is too short to hold a 32-character hash, '-' and a name")]
     TooShort(String),
+    /// The hash part is not nixbase32 of 20 bytes.
     #[error("store path {path:?} has an invalid hash: {source}")]
     BadHash {
         path: String,
         source: nixbase32::Nixbase32Error,
     },
+    /// No `-` after the hash.
     #[error("store path {0:?} has no '-' after its hash")]
     MissingDash(String),
+    /// A name that breaks Nix's rules.
     #[error(
         "store path name {0:?} is invalid: 1 to 211 characters from a-z A-Z 0-9 + - . _ ? =, and not '.' or '..'"
     )]
@@ -39,6 +48,8 @@ pub struct StorePath {
 }
 
 impl StorePath {
+    /// The store path with this digest and `name`; fails if the name breaks Nix's rules
+    /// (1 to 211 characters from `a-z A-Z 0-9 + - . _ ? =`, not `.` or `..`).
     pub fn new(digest: [u8; DIGEST_LEN], name: &str) -> Result<Self, StorePathError> {
         validate_name(name)?;
         Ok(Self {
@@ -69,6 +80,7 @@ impl StorePath {
         )
     }
 
+    /// [`from_basename`](Self::from_basename) for bytes, which must be UTF-8.
     pub fn from_basename_bytes(basename: &[u8]) -> Result<Self, StorePathError> {
         let text = std::str::from_utf8(basename)
             .map_err(|_| StorePathError::BadName(String::from_utf8_lossy(basename).into_owned()))?;
@@ -89,10 +101,12 @@ impl StorePath {
         Ok((Self::from_basename(basename)?, sub_path))
     }
 
+    /// The digest that the hash part encodes.
     pub fn digest(&self) -> &[u8; DIGEST_LEN] {
         &self.digest
     }
 
+    /// The name, after the hash and `-`.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -102,6 +116,7 @@ impl StorePath {
         format!("{}-{}", nixbase32::encode(&self.digest), self.name)
     }
 
+    /// `/nix/store/<hash>-<name>`
     pub fn to_absolute_path(&self) -> String {
         format!("{STORE_DIR}/{}", self.to_basename())
     }
@@ -127,7 +142,7 @@ fn compress_hash(hash: &[u8]) -> [u8; DIGEST_LEN] {
     out
 }
 
-pub fn validate_name(name: &str) -> Result<(), StorePathError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), StorePathError> {
     let valid_char = |c: u8| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c);
     if name.is_empty()
         || name.len() > MAX_NAME_LEN

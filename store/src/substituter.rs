@@ -28,19 +28,27 @@ use crate::nixbase32;
 use crate::pathinfo::{IndexedNar, PathInfo, PathInfoError, PathInfoService};
 use crate::store_path::DIGEST_LEN;
 
+/// Why a binary cache's address was refused, or substituting a path from it failed.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum SubstituteError {
+    /// An address that does not parse, has an unknown option, a bad key, or no trusted
+    /// keys without `require-sigs=false`.
     #[error("invalid binary cache address {url:?}: {reason}")]
     BadAddress { url: String, reason: String },
+    /// Fetching a narinfo or NAR failed (HTTP or file).
     #[error("fetching {url}: {reason}")]
     Fetch { url: String, reason: String },
+    /// A narinfo that does not parse.
     #[error("{url}: {source}")]
     NarInfo {
         url: String,
         source: crate::narinfo::NarInfoError,
     },
+    /// No signature of the narinfo verifies with a trusted key.
     #[error("{path}: no signature by a trusted key ({trusted}) verifies")]
     Untrusted { path: String, trusted: String },
+    /// The NAR's hash or size differs from what the narinfo says.
     #[error(
         "{url}: the NAR hashes to sha256:{actual} ({actual_size} bytes); the narinfo says sha256:{expected} ({expected_size} bytes)"
     )]
@@ -51,17 +59,23 @@ pub enum SubstituteError {
         expected_size: u64,
         actual_size: u64,
     },
+    /// The NAR is not valid.
     #[error("{url}: {source}")]
     Nar {
         url: String,
         source: crate::nar::NarError,
     },
+    /// The NAR file could not be decompressed.
     #[error("{url}: decompressing: {source}")]
     Decompress { url: String, source: std::io::Error },
+    /// A narinfo larger than [`MAX_NARINFO_BYTES`].
     #[error("{url}: the narinfo is larger than {MAX_NARINFO_BYTES} bytes; refused")]
     NarInfoTooLarge { url: String },
+    /// A narinfo whose `URL:` is absolute or leaves the cache.
     #[error("{narinfo}: URL {nar_url:?} is not a relative path inside the cache; refused")]
     NarOutsideCache { narinfo: String, nar_url: String },
+    /// A CA certificate file named by `NIX_SSL_CERT_FILE` or `SSL_CERT_FILE` could not be
+    /// read.
     #[error("cannot read the CA certificates in {path} ({variable}): {reason}")]
     CaFile {
         variable: &'static str,
@@ -84,7 +98,7 @@ enum Location {
     Directory(PathBuf),
 }
 
-pub struct SubstitutingPathInfoService {
+pub(crate) struct SubstitutingPathInfoService {
     location: Location,
     trusted_keys: Vec<(String, VerifyingKey)>,
     /// False only when the address says `require-sigs=false`.
@@ -96,7 +110,7 @@ pub struct SubstitutingPathInfoService {
 }
 
 impl SubstitutingPathInfoService {
-    pub fn new(
+    pub(crate) fn new(
         url: &str,
         local: Arc<dyn PathInfoService>,
         blobs: Arc<dyn BlobService>,

@@ -12,7 +12,7 @@ use crate::error::{Error, Result, last_lines};
 const TESTHOST_KERNEL_META: &str = "linux-image-cloud-amd64";
 
 /// Modules that give the test host /dev/kvm, in load order, with their path
-/// under lib/modules/<version>/kernel/.
+/// under `lib/modules/<version>/kernel/`.
 pub const KVM_MODULES: &[(&str, &str)] = &[
     ("irqbypass", "virt/lib/irqbypass"),
     ("kvm", "arch/x86/kvm/kvm"),
@@ -39,7 +39,7 @@ pub fn cache_dir() -> PathBuf {
     base.join("tvix-boot")
 }
 
-/// The workspace root (this crate lives in <root>/tests).
+/// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()

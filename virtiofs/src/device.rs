@@ -19,19 +19,24 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::fs::StoreFs;
 
-pub const VIRTIO_ID_FS: u32 = 26;
+const VIRTIO_ID_FS: u32 = 26;
 /// Each queue holds this many descriptors; big enough for 1 MiB reads in 4 KiB pages.
 pub const QUEUE_SIZE: u16 = 1024;
 const TAG_LEN: usize = 36;
 
+/// Why a virtio-fs device could not be configured.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
+    /// The tag is what the guest mounts by: 1 to 36 bytes.
     #[error("virtio-fs tag {0:?} must be 1 to {TAG_LEN} bytes")]
     BadTag(String),
+    /// Zero request queues were asked for.
     #[error("virtio-fs needs at least one request queue")]
     NoRequestQueues,
 }
 
+/// The in-process virtio-fs device: a [`VirtioDevice`] serving a [`StoreFs`], to put on a
+/// virtio-mmio transport. Each queue gets a thread when the driver activates the device.
 pub struct VirtioFs {
     config: [u8; TAG_LEN + 4],
     request_queues: u16,
@@ -46,7 +51,7 @@ pub struct VirtioFs {
 pub struct RequestCounters(Arc<[AtomicU64]>);
 
 impl RequestCounters {
-    pub fn new(queues: usize) -> Self {
+    pub(crate) fn new(queues: usize) -> Self {
         Self((0..queues).map(|_| AtomicU64::new(0)).collect())
     }
 

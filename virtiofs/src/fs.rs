@@ -31,7 +31,8 @@ use tvix_boot_store::{B3Digest, Node, Store, StorePath};
 
 use crate::blob_source::BlobSource;
 
-pub const ROOT_INODE: u64 = fuse_backend_rs::api::filesystem::ROOT_ID;
+/// The inode of the mount's root, /nix/store itself.
+pub(crate) const ROOT_INODE: u64 = fuse_backend_rs::api::filesystem::ROOT_ID;
 /// The store never changes under a mount, so the kernel may cache names and attributes for
 /// as long as it likes.
 const CACHE_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -56,6 +57,7 @@ pub const MISSING_PATH_TTL: Duration = Duration::from_secs(30);
 /// Missing names remembered at once (least recently looked up forgotten first).
 const MISSING_PATHS: usize = 4096;
 
+/// What a [`StoreFs`] shows beyond the store paths themselves; by default, nothing.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StoreFsOptions {
     /// Allow listing /nix/store itself (else readdir of the root fails with EPERM).
@@ -193,6 +195,9 @@ struct OpenFile {
     size: u64,
 }
 
+/// The store as a read-only FUSE file system (a fuse-backend-rs [`FileSystem`]): a store
+/// path appears at the root when looked up by name, and its contents come from the
+/// store's directories and blobs. Every request that would change something gets EROFS.
 pub struct StoreFs {
     store: Arc<Store>,
     options: StoreFsOptions,
@@ -214,6 +219,7 @@ fn read_only<T>() -> io::Result<T> {
 }
 
 impl StoreFs {
+    /// A file system over `store`. Nothing is read from the store until the first request.
     pub fn new(store: Arc<Store>, options: StoreFsOptions) -> Self {
         let table = InodeTable {
             inodes: HashMap::new(),

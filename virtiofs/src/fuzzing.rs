@@ -14,6 +14,7 @@ use crate::fs::StoreFs;
 pub struct RequestServer(Server<StoreFs>);
 
 impl RequestServer {
+    /// A server answering from `fs`.
     pub fn new(fs: StoreFs) -> Self {
         Self(Server::new(fs))
     }

@@ -11,12 +11,18 @@ use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
 
 use crate::fs::StoreFs;
 
+/// Why the store could not be mounted, served or unmounted. `reason` is fuse-backend-rs's
+/// error, as text.
 #[derive(Debug, Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum MountError {
+    /// Opening /dev/fuse, mounting, or starting a serving thread failed.
     #[error("cannot mount the store at {path}: {reason}")]
     Mount { path: PathBuf, reason: String },
+    /// The kernel (or fusermount) refused to unmount.
     #[error("cannot unmount {path}: {reason}")]
     Unmount { path: PathBuf, reason: String },
+    /// Reading /dev/fuse failed while the mount was not being unmounted.
     #[error("serving FUSE requests at {path}: {reason}")]
     Serve { path: PathBuf, reason: String },
 }
@@ -36,6 +42,9 @@ pub struct HostMount {
 }
 
 impl HostMount {
+    /// Mounts `fs` read-only at `path` (an existing directory) and serves it on `threads`
+    /// threads (at least one), each under the virtio-fs seccomp filter. Needs the right
+    /// to mount FUSE file systems (root, or fusermount3 on the PATH).
     pub fn mount(
         fs: StoreFs,
         path: &Path,

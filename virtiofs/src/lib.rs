@@ -4,6 +4,8 @@
 //! transports around it (in-process virtio-fs, vhost-user-fs, a host /dev/fuse mount) only
 //! move requests and replies.
 
+#![warn(missing_docs)]
+
 mod blob_source;
 pub mod device;
 pub mod fs;

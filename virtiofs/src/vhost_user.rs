@@ -37,24 +37,33 @@ use crate::fs::StoreFs;
 /// 64-bit mask, one bit per queue, and the high-priority queue takes one.
 pub const MAX_REQUEST_QUEUES: u16 = 63;
 
+/// Why the socket could not be bound, or a session not set up or accepted.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum VhostUserFsError {
+    /// The request-queue count is 0 or above [`MAX_REQUEST_QUEUES`].
     #[error("vhost-user-fs needs 1 to {MAX_REQUEST_QUEUES} request queues, not {0}")]
     RequestQueues(u16),
+    /// Something other than a socket is at the path.
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    /// Another live backend serves the path.
     #[error("{path} is already served by another process")]
     SocketInUse { path: PathBuf },
+    /// Creating, binding or moving the socket into place failed.
     #[error("cannot create the socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
+    /// The socket could not be given to the group asked for.
     #[error("cannot give the socket {path} to group {gid}: {source}")]
     Chown {
         path: PathBuf,
         gid: u32,
         source: io::Error,
     },
+    /// vhost-user-backend could not set up the session's daemon.
     #[error("cannot set up the vhost-user-fs backend: {0}")]
     Setup(String),
+    /// Accepting the next frontend on the socket failed.
     #[error("cannot accept a frontend on {path}: {reason}")]
     Accept { path: PathBuf, reason: String },
 }
@@ -62,8 +71,11 @@ pub enum VhostUserFsError {
 /// Who connected: the frontend process as the kernel saw it at connect time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
+    /// Its process id.
     pub pid: i32,
+    /// Its effective user id.
     pub uid: u32,
+    /// Its effective group id.
     pub gid: u32,
     /// The process's name (/proc/PID/comm), if it could be read.
     pub command: Option<String>,
@@ -82,6 +94,7 @@ impl std::fmt::Display for Frontend {
 /// How a session ended.
 #[derive(Debug)]
 pub struct SessionEnd {
+    /// Who the frontend was, when that could be found out.
     pub frontend: Option<Frontend>,
     /// `None` for a clean disconnect; otherwise what broke the session (a malformed
     /// message, a request that failed).

@@ -14,12 +14,17 @@
 //! # Ok::<(), tvix_boot_vmm::VmError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod arch;
 pub mod startup;
 mod vcpu;
 mod vm;
 
-pub use arch::x86_64::boot::Initrd;
+pub use arch::x86_64::acpi::AcpiError;
+pub use arch::x86_64::boot::{BootError, Initrd};
+pub use arch::x86_64::mptable::MpTableError;
+pub use arch::x86_64::regs::RegsError;
 pub use tvix_boot_devices::GuestExit as VmExit;
 pub use tvix_boot_devices::bus::{BusDevice, SharedDevice};
 pub use tvix_boot_devices::status_port::GuestStatus;

@@ -14,23 +14,33 @@ use tvix_boot_devices::seccomp::{self, RoleThread, SeccompError, ThreadRole};
 use tvix_boot_devices::{Bus, ExitNotifier, GuestExit};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+/// Why a vCPU stopped the VM, or could not be started. `index` is the vCPU's number.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum VcpuError {
+    /// KVM_RUN failed other than by being interrupted (EINTR, EAGAIN).
     #[error("vCPU {index}: KVM_RUN failed: {source}")]
     Run {
         index: u8,
         source: kvm_ioctls::Error,
     },
+    /// KVM_EXIT_FAIL_ENTRY: the vCPU state is invalid for the hardware.
     #[error("vCPU {index}: KVM could not enter the guest (hardware reason {reason:#x})")]
     FailEntry { index: u8, reason: u64 },
+    /// KVM_EXIT_INTERNAL_ERROR, typically an instruction KVM cannot emulate.
     #[error("vCPU {index}: KVM internal error (the guest did something KVM cannot emulate)")]
     Internal { index: u8 },
+    /// An exit the VMM does not handle; `exit` describes it.
     #[error("vCPU {index}: unexpected exit {exit}")]
     UnexpectedExit { index: u8, exit: String },
+    /// The vCPU thread could not be started.
     #[error("vCPU {index}: thread could not be started: {source}")]
     Spawn { index: u8, source: SeccompError },
+    /// The vCPU thread panicked, or ended at once because its seccomp filter could not be
+    /// installed.
     #[error("vCPU {index}: thread panicked or could not install its seccomp filter")]
     Panicked { index: u8 },
+    /// The signal handler that stops vCPUs could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
 }

@@ -37,55 +37,77 @@ use crate::vcpu::{self, Vcpu, VcpuContext, VcpuError};
 /// goes to the IOAPIC.
 pub const MAX_VCPUS: u8 = 254;
 
+/// Why a VM could not be created or run.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum VmError {
+    /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {source} (is KVM available and accessible to this user?)")]
     OpenKvm { source: kvm_ioctls::Error },
+    /// KVM does not offer a capability the VM relies on.
     #[error("/dev/kvm lacks {0:?}, which tvix-boot needs")]
     MissingCapability(Cap),
+    /// A KVM ioctl on the VM failed.
     #[error("KVM {ioctl} failed: {source}")]
     Kvm {
         ioctl: &'static str,
         source: kvm_ioctls::Error,
     },
+    /// `vcpus` is 0, or above [`MAX_VCPUS`] or what KVM supports.
     #[error("{requested} vCPUs requested; between 1 and {max} are supported")]
     VcpuCount { requested: u8, max: u8 },
+    /// `mem_size` is below the 64 MiB Linux needs to boot.
     #[error("{requested_mib} MiB of guest memory is too little; at least {min_mib} MiB are needed")]
     TooLittleMemory { requested_mib: u64, min_mib: u64 },
+    /// Guest memory could not be mapped.
     #[error("cannot allocate {size} bytes of guest memory: {source}")]
     AllocateMemory {
         size: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    /// The kernel, initrd or command line could not be loaded.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The boot vCPU's registers could not be set.
     #[error(transparent)]
     Regs(#[from] RegsError),
+    /// The ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+    /// The MP table could not be written.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// A vCPU failed or could not be started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A device's address range is taken (a bug in the memory layout).
     #[error("cannot register device: {0}")]
     Bus(#[from] BusError),
+    /// Every virtio-mmio slot already has a device.
     #[error("all {slots} virtio-mmio slots are taken")]
     NoVirtioMmioSlot { slots: u64 },
+    /// The virtio-mmio transport for a device could not be created.
     #[error("cannot set up the virtio transport: {0}")]
     VirtioTransport(#[from] MmioError),
+    /// An eventfd (exit notification, interrupt line) could not be created.
     #[error("cannot create {what} eventfd: {source}")]
     EventFd {
         what: &'static str,
         source: std::io::Error,
     },
+    /// The host terminal could not be put in raw mode.
     #[error("cannot set up the terminal: {0}")]
     Terminal(std::io::Error),
+    /// The serial console's I/O thread could not be started.
     #[error("cannot start the console thread: {0}")]
     ConsoleThread(tvix_boot_devices::seccomp::SeccompError),
+    /// The event-loop seccomp filter could not be installed on the thread that runs the VM.
     #[error("{0}")]
     Seccomp(tvix_boot_devices::seccomp::SeccompError),
+    /// [`Vm::run`] on a VM without a guest; [`Vm::new`] always loads one.
     #[error("no guest was loaded into the VM")]
     NothingToBoot,
+    /// Waiting on the [`ExitNotifier`] failed.
     #[error("waiting for the guest to stop: {0}")]
     Wait(std::io::Error),
 }
@@ -107,12 +129,15 @@ pub enum Console {
 pub struct VmConfig {
     /// vmlinux (ELF) or bzImage.
     pub kernel: PathBuf,
+    /// The initial RAM disk, if any; placed at the top of low RAM.
     pub initrd: Option<Initrd>,
     /// The kernel command line, complete (devices are described in the ACPI tables).
     pub cmdline: String,
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`] (and at most what KVM supports).
     pub vcpus: u8,
-    /// Guest RAM in bytes.
+    /// Guest RAM in bytes, at least 64 MiB. Above 3 GiB the rest is placed above 4 GiB.
     pub mem_size: u64,
+    /// Where the serial console goes.
     pub console: Console,
 }
 
@@ -133,8 +158,11 @@ impl VmConfig {
 /// Where a virtio-mmio device was placed.
 #[derive(Clone, Copy, Debug)]
 pub struct MmioSlot {
+    /// Guest-physical base address of the device's registers.
     pub addr: u64,
+    /// Length of the region, in bytes.
     pub len: u64,
+    /// The IOAPIC line the device interrupts on.
     pub irq: u32,
 }
 

@@ -15,7 +15,7 @@
 //!
 //! # Arguments: `tvix.args=<base64url>`
 //!
-//! One key carries all arguments (argv[1..]; argv[0] is the `tvix.run` path):
+//! One key carries all arguments (`argv[1..]`; `argv[0]` is the `tvix.run` path):
 //! every argument followed by a NUL byte, the whole encoded as base64url
 //! (RFC 4648 §5: `A-Z a-z 0-9 - _`), padding omitted. That alphabet never needs
 //! quoting on the kernel command line, so spaces, quotes, newlines and

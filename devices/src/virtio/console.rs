@@ -33,7 +33,7 @@ use super::{
 use crate::bus::lock;
 use crate::seccomp::{self, RoleThread, ThreadRole};
 
-pub const VIRTIO_ID_CONSOLE: u32 = 3;
+const VIRTIO_ID_CONSOLE: u32 = 3;
 /// The device has more than one port and a control queue pair (virtio 1.2, 5.3.3).
 const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
 const QUEUE_SIZE: u16 = 256;
@@ -59,10 +59,13 @@ mod event {
     pub const PORT_NAME: u16 = 7;
 }
 
+/// Why a console could not be configured.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
+    /// The guest finds ports by name, so a name must be short, non-empty text.
     #[error("virtio-console port name {0:?} must be 1 to {MAX_NAME_LEN} bytes, no NUL")]
     BadName(String),
+    /// A console without ports.
     #[error("virtio-console needs at least one port")]
     NoPorts,
 }
@@ -77,11 +80,12 @@ pub enum PortEnd {
 
 /// A port as configured: its name and host end.
 pub struct PortSpec {
-    pub name: String,
-    pub end: PortEnd,
+    name: String,
+    end: PortEnd,
 }
 
 impl PortSpec {
+    /// A port the guest finds as `name`: 1 to 64 bytes, no NUL, else [`ConsoleError::BadName`].
     pub fn new(name: &str, end: PortEnd) -> Result<Self, ConsoleError> {
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains('\0') {
             return Err(ConsoleError::BadName(name.to_owned()));
@@ -220,6 +224,8 @@ impl Shared {
     }
 }
 
+/// The virtio-console device: a [`VirtioDevice`] to put on a
+/// [`MmioTransport`](super::mmio::MmioTransport), its ports numbered in the order given.
 pub struct VirtioConsole {
     names: Vec<String>,
     /// Host ends, handed to the port threads at activation (a reset-and-reactivate by
@@ -229,6 +235,8 @@ pub struct VirtioConsole {
 }
 
 impl VirtioConsole {
+    /// A console with `ports`; at least one ([`ConsoleError::NoPorts`]). Their threads start
+    /// when the driver activates the device.
     pub fn new(ports: Vec<PortSpec>) -> Result<Self, ConsoleError> {
         if ports.is_empty() {
             return Err(ConsoleError::NoPorts);

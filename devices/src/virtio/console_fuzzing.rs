@@ -10,6 +10,7 @@ use super::{
     ActivateError, Activation, CONTROL_RX, CONTROL_TX, VirtioConsole, Workers, lock, port_rx_queue,
 };
 
+/// A console's queue workers, run one pass at a time on the calling thread.
 pub struct ConsoleQueues {
     workers: Workers,
     /// Always signalled: where a thread would sleep for more buffers, a pass ends.

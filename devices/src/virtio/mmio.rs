@@ -24,6 +24,8 @@ const MMIO_VERSION: u32 = 2;
 /// "TVXB": a vendor ID of our own; Linux does not look at it.
 const VENDOR_ID: u32 = 0x4258_5654;
 
+/// A virtio device behind the virtio-mmio registers: a [`BusDevice`] for the MMIO region
+/// the VMM gives it, which hands the device its queues once the driver sets DRIVER_OK.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     memory: GuestMemoryMmap,
@@ -40,18 +42,25 @@ pub struct MmioTransport {
     activated: bool,
 }
 
+/// Why a transport could not be set up for a device.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum MmioError {
+    /// The device asked for a queue size virtio-queue refuses (zero, not a power of two,
+    /// or over 32768).
     #[error("cannot create a queue of size {size}: {source:?}")]
     Queue {
         size: u16,
         source: virtio_queue::Error,
     },
+    /// A queue's notify eventfd could not be created.
     #[error("cannot create a queue eventfd: {0}")]
     EventFd(std::io::Error),
 }
 
 impl MmioTransport {
+    /// A transport for `device` in guest `memory`, raising its interrupt through `irqfd` (an
+    /// eventfd registered with KVM as an irqfd). Queues get the sizes the device asks for.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         memory: GuestMemoryMmap,

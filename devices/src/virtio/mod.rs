@@ -18,22 +18,30 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bits every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// The driver may chain descriptors through indirect tables (virtio 1.2, 2.7.5.3).
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
     1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// Notifications are suppressed by ring indices instead of flags (virtio 1.2, 2.7.10).
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+/// Why a device could not start serving its queues; the transport then reports
+/// DEVICE_NEEDS_RESET to the driver.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum ActivateError {
+    /// Setting up the workers failed (an eventfd, a host descriptor).
     #[error("cannot start the {device} device's queue workers: {source}")]
     Spawn {
         device: &'static str,
         source: std::io::Error,
     },
+    /// A worker thread could not be started under its seccomp filter.
     #[error("cannot start a {device} queue worker thread: {source}")]
     Thread {
         device: &'static str,
         source: crate::seccomp::SeccompError,
     },
+    /// The driver enabled fewer or more queues than the device works with.
     #[error("the {device} device expects {expected} queues, the driver set up {actual}")]
     QueueCount {
         device: &'static str,
@@ -50,6 +58,7 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An interrupt raised through `irqfd`, with no bits pending.
     pub fn new(irqfd: EventFd) -> Self {
         Self {
             status: AtomicU32::new(0),
@@ -62,6 +71,7 @@ impl Interrupt {
         self.raise(VIRTIO_MMIO_INT_VRING);
     }
 
+    /// Tell the driver that the device configuration changed.
     pub fn signal_config_change(&self) {
         self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
@@ -98,22 +108,28 @@ pub fn pop_chain<'m>(
 
 /// What a device gets when the driver has set it up.
 pub struct Activation {
+    /// The guest's memory, where the queues and their buffers are.
     pub memory: GuestMemoryMmap,
     /// Features both sides agreed on.
     pub features: u64,
     /// The queues, ready, each with the eventfd the driver's notifications arrive on.
     pub queues: Vec<(Queue, EventFd)>,
+    /// Raises the device's interrupt when used buffers or a configuration change wait.
     pub interrupt: Arc<Interrupt>,
 }
 
+/// A virtio device type, independent of the transport that puts it before the guest.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (26 for virtio-fs).
     fn device_type(&self) -> u32;
+    /// The feature bits the device offers; the driver acknowledges a subset.
     fn features(&self) -> u64;
     /// The largest size of each queue, one entry per queue.
     fn queue_max_sizes(&self) -> Vec<u16>;
     /// Read device-specific configuration; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Start serving the queues (the driver set DRIVER_OK). An error marks the device as
+    /// needing a reset.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stop using the queues and guest memory (the driver reset the device).
     fn reset(&mut self);

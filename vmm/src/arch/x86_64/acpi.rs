@@ -20,15 +20,21 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
 
+/// Why the ACPI tables could not be written.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum AcpiError {
+    /// The tables (more virtio-mmio devices or vCPUs make them longer) run past the BIOS
+    /// area they must stay in.
     #[error("ACPI tables ({size} bytes from {start:#x}) do not fit below {end:#x}")]
     TooBig { start: u64, size: u64, end: u64 },
+    /// A table could not be written to guest memory.
     #[error("cannot write ACPI table {table}: {source}")]
     Write {
         table: &'static str,
         source: vm_memory::GuestMemoryError,
     },
+    /// More vCPUs than 8-bit APIC ids.
     #[error("{count} vCPUs do not fit the MADT's 8-bit APIC ids")]
     TooManyVcpus { count: u32 },
 }

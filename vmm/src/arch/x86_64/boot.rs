@@ -12,45 +12,60 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Gues
 
 use super::layout;
 
+/// Why a kernel or initrd could not be loaded, or the zero page written.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum BootError {
+    /// The kernel file could not be opened.
     #[error("cannot open kernel {path}: {source}")]
     OpenKernel {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The file starts with neither the ELF magic nor a bzImage setup header.
     #[error("{path} is neither a vmlinux ELF nor a bzImage")]
     UnknownKernelFormat { path: PathBuf },
+    /// linux-loader could not load the image into guest memory.
     #[error("cannot load kernel {path}: {source}")]
     LoadKernel {
         path: PathBuf,
         source: loader::Error,
     },
+    /// The bzImage does not announce the 64-bit entry point (XLF_KERNEL_64), or is not
+    /// loaded high.
     #[error("bzImage {path} cannot be booted in 64-bit mode (too old, or a 32-bit kernel)")]
     BzImageNot64Bit { path: PathBuf },
+    /// An [`Initrd::File`] could not be read.
     #[error("cannot read initrd {initrd}: {source}")]
     ReadInitrd {
         initrd: String,
         source: std::io::Error,
     },
+    /// The initrd does not fit between the kernel's end and the top of low RAM.
     #[error(
         "initrd {initrd} ({size} bytes) does not fit in guest memory above the kernel; give the guest more memory"
     )]
     InitrdTooBig { initrd: String, size: u64 },
+    /// Copying the initrd into guest memory failed.
     #[error("cannot copy initrd {initrd} into guest memory: {source}")]
     LoadInitrd {
         initrd: String,
         source: vm_memory::GuestMemoryError,
     },
+    /// The command line has a character that is not printable ASCII, or is longer than
+    /// `max` bytes (with its NUL).
     #[error("kernel command line is invalid or longer than {max} bytes: {source}")]
     Cmdline {
         max: usize,
         source: linux_loader::cmdline::Error,
     },
+    /// The command line could not be written to guest memory.
     #[error("cannot write the kernel command line: {0}")]
     WriteCmdline(loader::Error),
+    /// getrandom(2) failed for the RNG seed passed in setup_data.
     #[error("cannot get random bytes for the guest's RNG seed: {0}")]
     RngSeed(std::io::Error),
+    /// A boot structure could not be written to guest memory.
     #[error("cannot write {what} to guest memory: {source}")]
     WriteMemory {
         what: &'static str,

@@ -23,7 +23,7 @@
 //! 0x1_0000_0000+- RAM above 4 GiB, if memory > 3 GiB -------+
 //! ```
 
-/// Where the 16-byte-aligned boot GDT lives (see [`super::regs`]).
+/// Where the 16-byte-aligned boot GDT lives (written by the vmm's `regs` module).
 pub const BOOT_GDT_START: u64 = 0x500;
 /// The boot IDT (empty: the kernel installs its own before enabling interrupts).
 pub const BOOT_IDT_START: u64 = 0x540;
@@ -42,7 +42,9 @@ pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Identity-mapping page tables for the 64-bit entry: one PML4, one PDPT, one PD of
 /// 2 MiB pages, which maps the first 1 GiB (all the early kernel touches).
 pub const PML4_START: u64 = 0x9000;
+/// The page-directory-pointer table, the PML4's only entry.
 pub const PDPT_START: u64 = 0xa000;
+/// The page directory of 2 MiB pages, the PDPT's only entry.
 pub const PD_START: u64 = 0xb000;
 
 /// The kernel command line, NUL-terminated.
@@ -67,6 +69,7 @@ pub const HIMEM_START: u64 = 0x10_0000;
 
 /// The hole below 4 GiB kept free of RAM for device MMIO.
 pub const MMIO32_HOLE_START: u64 = 0xc000_0000;
+/// End (exclusive) of the MMIO hole: 4 GiB.
 pub const MMIO32_HOLE_END: u64 = 1 << 32;
 
 /// virtio-mmio devices: one slot each, consecutive from here.
@@ -77,8 +80,9 @@ pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x1000;
 /// How many virtio-mmio slots there are: one per free IOAPIC line.
 pub const VIRTIO_MMIO_SLOTS: u64 = (VIRTIO_MMIO_LAST_IRQ - VIRTIO_MMIO_FIRST_IRQ + 1) as u64;
 
-/// The in-kernel IOAPIC and local APIC (fixed by KVM / the architecture).
+/// The in-kernel IOAPIC (fixed by KVM / the architecture).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// The local APIC (fixed by the architecture).
 pub const APIC_START: u64 = 0xfee0_0000;
 
 /// Three pages KVM needs for the real-mode TSS on Intel; inside the MMIO hole, above
@@ -95,6 +99,7 @@ pub const IOAPIC_PINS: u32 = 24;
 
 /// COM1 (16550 UART), 8 registers, interrupt line 4.
 pub const SERIAL_PORT: u16 = 0x3f8;
+/// COM1's interrupt line (ISA IRQ 4, wired 1:1 to the IOAPIC pin).
 pub const SERIAL_IRQ: u32 = 4;
 /// i8042 keyboard controller data port; its command port is at +4 (0x64).
 pub const I8042_DATA_PORT: u16 = 0x60;
@@ -109,12 +114,13 @@ pub const STATUS_PORT: u16 = 0x501;
 
 /// IOAPIC lines for virtio-mmio devices: everything above the legacy ISA lines we use.
 pub const VIRTIO_MMIO_FIRST_IRQ: u32 = 5;
+/// The last IOAPIC line for virtio-mmio devices (inclusive).
 pub const VIRTIO_MMIO_LAST_IRQ: u32 = IOAPIC_PINS - 1;
 
 /// Smallest guest we agree to boot: Linux needs some room beyond kernel and initrd.
 pub const MIN_MEMORY: u64 = 64 << 20;
 
-/// The guest-physical RAM ranges for `mem_size` bytes of memory.
+/// The guest-physical RAM ranges, as (start, length), for `mem_size` bytes of memory.
 pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO32_HOLE_START {
         vec![(0, mem_size)]
@@ -126,7 +132,8 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
-/// Guest-physical address of virtio-mmio slot `index`, and its interrupt line.
+/// Guest-physical address of virtio-mmio slot `index`, and its interrupt line; `None`
+/// past the last slot.
 pub fn virtio_mmio_slot(index: u64) -> Option<(u64, u32)> {
     (index < VIRTIO_MMIO_SLOTS).then(|| {
         (

@@ -1,8 +1,8 @@
 //! x86_64: memory layout, boot protocol, firmware tables and vCPU state.
 
-pub mod acpi;
-pub mod boot;
-pub mod cpuid;
+pub(crate) mod acpi;
+pub(crate) mod boot;
+pub(crate) mod cpuid;
 pub mod layout;
-pub mod mptable;
-pub mod regs;
+pub(crate) mod mptable;
+pub(crate) mod regs;

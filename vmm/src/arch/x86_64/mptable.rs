@@ -5,12 +5,17 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
 
+/// Why the MP table could not be written.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum MpTableError {
+    /// More vCPUs than 8-bit APIC ids.
     #[error("{count} vCPUs do not fit the MP table's 8-bit APIC ids")]
     TooManyVcpus { count: u32 },
+    /// The table for this many vCPUs runs into the ACPI tables' area.
     #[error("MP table ({size} bytes) does not fit between {start:#x} and {end:#x}")]
     TooBig { size: u64, start: u64, end: u64 },
+    /// The table could not be written to guest memory.
     #[error("cannot write the MP table: {0}")]
     Write(vm_memory::GuestMemoryError),
 }

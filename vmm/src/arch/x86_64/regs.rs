@@ -7,19 +7,24 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::layout;
 
+/// Why the boot vCPU's state (registers, GDT, page tables, MSRs) could not be set.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are named for what the messages say
 pub enum RegsError {
+    /// A boot structure (GDT, IDT, page table) could not be written to guest memory.
     #[error("writing the boot {what} to guest memory at {addr:#x}: {source}")]
     WriteMemory {
         what: &'static str,
         addr: u64,
         source: vm_memory::GuestMemoryError,
     },
+    /// A KVM ioctl that sets vCPU state failed.
     #[error("KVM {ioctl} failed: {source}")]
     Kvm {
         ioctl: &'static str,
         source: kvm_ioctls::Error,
     },
+    /// KVM_SET_MSRS set fewer MSRs than given.
     #[error("KVM accepted only {set} of {wanted} boot MSRs")]
     MsrsRejected { set: usize, wanted: usize },
 }
@@ -148,6 +153,7 @@ pub enum EntryMode {
     /// Linux 64-bit boot protocol: long mode, paging on, RSI = zero page.
     Linux64,
     /// Flat 32-bit protected mode without paging (tiny test guests).
+    #[cfg_attr(not(test), allow(dead_code))]
     Flat32,
 }
 
