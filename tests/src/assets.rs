@@ -285,11 +285,17 @@ pub fn build_tvix_boot_static() -> Result<PathBuf> {
 }
 
 /// Builds `bin` of `package` as a static binary and returns its path.
+fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
+    build_static_target(package, "--bin", bin, bin)
+}
+
+/// Builds target `name` (`kind`: `--bin` or `--example`) of `package` as a static binary
+/// and returns its path, `output` under the target directory's release folder.
 ///
 /// An explicit `--target` keeps the static RUSTFLAGS away from build scripts
 /// and proc macros, and keeps these artifacts apart from the normal ones, so
 /// neither build invalidates the other.
-fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
+fn build_static_target(package: &str, kind: &str, name: &str, output: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
@@ -298,8 +304,8 @@ fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
             "--release",
             "-p",
             package,
-            "--bin",
-            bin,
+            kind,
+            name,
             "--target",
             "x86_64-unknown-linux-gnu",
         ])
@@ -308,7 +314,7 @@ fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
     run(&mut cmd)?;
-    let path = static_path(bin);
+    let path = static_path(output);
     check_static(&path)?;
     Ok(path)
 }
@@ -316,26 +322,7 @@ fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
 /// Builds example `name` of the tvix-boot library (boot/examples) as a static binary,
 /// for the test host, and returns its path.
 pub fn build_static_example(name: &str) -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root())
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "tvix-boot",
-            "--example",
-            name,
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
-    run(&mut cmd)?;
-    let path = static_path(&format!("examples/{name}"));
-    check_static(&path)?;
-    Ok(path)
+    build_static_target("tvix-boot", "--example", name, &format!("examples/{name}"))
 }
 
 /// `pty-session` (tests/src/bin), static for the test host: it drives interactive
