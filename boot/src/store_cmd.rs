@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use thiserror::Error;
-use tvix_boot_devices::seccomp::SeccompError;
+use tvix_boot_devices::seccomp::{self, SeccompError, ThreadRole};
 use tvix_boot_store::binary_cache::{self, CacheError};
 use tvix_boot_store::import::{ImportError, import_path};
 use tvix_boot_store::local_nix::{self, LocalNixError};
@@ -436,6 +436,8 @@ fn serve_vhost_user(
             }
         })
         .map_err(CliError::Signals)?;
+    // From here on this thread only serves frontends (see devices::seccomp).
+    seccomp::apply_to_current_thread(ThreadRole::VhostUserFrontend)?;
     eprintln!(
         "tvix-boot: serving the store as vhost-user-fs on {} ({request_queues} request queues)",
         socket.display()

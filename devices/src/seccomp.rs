@@ -92,17 +92,22 @@ pub enum ThreadRole {
     DeviceIo,
     /// The store's I/O runtime (tokio workers and their blocking pool).
     StoreIo,
+    /// Serves a vhost-user frontend (another VMM) on its socket: accepts it, takes the
+    /// guest memory and eventfds it sends, starts the queue threads (which then take
+    /// [`ThreadRole::VirtioFs`]).
+    VhostUserFrontend,
     /// The thread that runs the VM: it starts the others, waits for the guest to stop and
     /// tears everything down. Its filter allows what every other role allows.
     EventLoop,
 }
 
 impl ThreadRole {
-    const ALL: [ThreadRole; 5] = [
+    const ALL: [ThreadRole; 6] = [
         ThreadRole::Vcpu,
         ThreadRole::VirtioFs,
         ThreadRole::DeviceIo,
         ThreadRole::StoreIo,
+        ThreadRole::VhostUserFrontend,
         ThreadRole::EventLoop,
     ];
 }
@@ -496,6 +501,16 @@ mod syscalls {
     /// std's connect with a timeout switches the socket to non-blocking and back.
     const NETWORK_IOCTLS: &[u64] = &[libc::FIONBIO];
 
+    /// A unix socket server that is passed descriptors (vhost-user).
+    const SOCKET_SERVER: &[i64] = &[
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_getsockopt,
+        libc::SYS_shutdown,
+    ];
+
     /// An async runtime's reactor and thread pool.
     const RUNTIME: &[i64] = &[
         libc::SYS_epoll_create1,
@@ -621,6 +636,16 @@ mod syscalls {
                     allow_ioctls(&mut rules, NETWORK_IOCTLS);
                 }
             }
+            ThreadRole::VhostUserFrontend => {
+                allow(&mut rules, STORE_FILES);
+                allow(&mut rules, RUNTIME);
+                allow(&mut rules, SOCKET_SERVER);
+                allow_threads(&mut rules);
+                if policy.network {
+                    allow(&mut rules, NETWORK);
+                    allow_ioctls(&mut rules, NETWORK_IOCTLS);
+                }
+            }
             ThreadRole::EventLoop => {
                 for other in ThreadRole::ALL {
                     if other != ThreadRole::EventLoop {
@@ -681,7 +706,7 @@ mod tests {
         eprintln!("{role:?} thread at work ({} bytes)", block.len());
         match role {
             ThreadRole::Vcpu => drop(vmm_sys_util::eventfd::EventFd::new(0).unwrap()),
-            ThreadRole::VirtioFs | ThreadRole::StoreIo => {
+            ThreadRole::VirtioFs | ThreadRole::StoreIo | ThreadRole::VhostUserFrontend => {
                 let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
                 assert!(!exe.is_empty());
             }
@@ -703,7 +728,7 @@ mod tests {
                 // SAFETY: closes only what socket returned.
                 unsafe { libc::close(fd) };
             }
-            ThreadRole::StoreIo => {
+            ThreadRole::StoreIo | ThreadRole::VhostUserFrontend => {
                 // Not via Command: posix_spawn blocks every signal around its clone, and
                 // a blocked SIGSYS kills without running the handler (so, no message).
                 let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
@@ -793,6 +818,7 @@ mod tests {
             (ThreadRole::VirtioFs, libc::SYS_socket),
             (ThreadRole::DeviceIo, libc::SYS_openat),
             (ThreadRole::StoreIo, libc::SYS_execve),
+            (ThreadRole::VhostUserFrontend, libc::SYS_execve),
             (ThreadRole::EventLoop, libc::SYS_clone),
         ];
         for (role, call) in expected {
