@@ -1,0 +1,667 @@
+//! BLAKE3 verified streaming: a blob's outboard, and reads checked against it.
+//!
+//! A blob's digest is the root of BLAKE3's own hash tree over its bytes. The outboard
+//! keeps the inner nodes of that tree down to groups of 16 KiB (the chunk groups of
+//! `bao-tree`), so any group can be checked against the digest alone, by hashing the group
+//! and the path of hash pairs from it up to the root: a reader can serve the first bytes of
+//! a large blob without hashing all of it first. The outboard is untrusted like the blob
+//! itself: a wrong hash pair fails the check just as a wrong byte does.
+//!
+//! `TreeHasher` hashes a blob as it streams by, group by group, and yields both the digest
+//! and the outboard, so writing a blob costs one pass of hashing as before. Verification is
+//! `bao_tree`'s (`encode_ranges_validated`); what is here only builds the tree, and is
+//! checked against `bao_tree`'s own builder in the tests.
+//!
+//! On disk an outboard is a 24-byte header (magic, group size, blob size) followed by the
+//! hash pairs in pre-order, the layout `bao_tree::io::outboard::PreOrderOutboard` reads:
+//! the pairs near the root, which every check needs, share the first pages of the file.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bao_tree::blake3;
+use bao_tree::io::outboard::{PreOrderMemOutboard, PreOrderOutboard};
+use bao_tree::io::sync::{OutboardMut, encode_ranges_validated};
+use bao_tree::iter::BaoChunk;
+use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+use blake3::hazmat::{HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use thiserror::Error;
+
+use crate::digest::B3Digest;
+
+/// Chunk groups of 2^4 BLAKE3 chunks, 16 KiB: the outboard is 64 bytes per group, 0.4 % of
+/// the blob (4 MiB for 1 GiB), and a check hashes at most 16 KiB more than was asked for.
+/// Smaller groups grow the outboard (1 KiB groups, plain bao: 6 %); larger ones make the
+/// first read of a small range hash more.
+pub const GROUP_CHUNK_LOG: u8 = 4;
+const BLOCK_SIZE: BlockSize = BlockSize::from_chunk_log(GROUP_CHUNK_LOG);
+pub const GROUP_BYTES: u64 = 1024 << GROUP_CHUNK_LOG;
+/// Blobs up to this size get no outboard: they are hashed whole before their first byte is
+/// served, which takes about as long as one cold read of an outboard and a group would
+/// (BLAKE3 hashes 1 MiB in well under a millisecond), and a store of many small files (most
+/// of a Nix store) is spared a second file per blob.
+pub const OUTBOARD_MIN_BLOB: u64 = 1 << 20;
+/// Most bytes one check reads into a host buffer; longer reads are checked piece by piece,
+/// so what a reader (a guest) asks for never sizes a buffer.
+const MAX_CHECK_SPAN: usize = 1 << 20;
+
+const MAGIC: [u8; 8] = *b"tvixbao1";
+pub const HEADER_LEN: u64 = 24;
+
+#[derive(Debug, Error)]
+pub enum OutboardError {
+    #[error(
+        "blob {digest}: bytes {start}..{end} do not match its digest (checked against its outboard)"
+    )]
+    Mismatch {
+        digest: B3Digest,
+        start: u64,
+        end: u64,
+    },
+    #[error("blob {digest}: the file ends before byte {end}")]
+    Truncated { digest: B3Digest, end: u64 },
+    #[error("blob {digest}: reading bytes {start}..{end} or its outboard: {source}")]
+    Io {
+        digest: B3Digest,
+        start: u64,
+        end: u64,
+        source: io::Error,
+    },
+    #[error("outboard {path} cannot be used: {reason}")]
+    Unusable { path: PathBuf, reason: String },
+    #[error("outboard {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+}
+
+/// Hashes a blob's bytes as they are written, one chunk group at a time, keeping each
+/// group's chaining value: at the end these give the digest (the same as
+/// `blake3::hash` of all the bytes) and, when wanted, the outboard. Holds 32 bytes per 16 KiB
+/// written (0.2 %) until then.
+pub struct TreeHasher {
+    /// The group being filled; its input offset is the group's start.
+    group: blake3::Hasher,
+    group_len: u64,
+    /// Chaining values of the groups before it, each hashed as a non-root subtree.
+    groups: Vec<blake3::Hash>,
+}
+
+impl Default for TreeHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TreeHasher {
+    pub fn new() -> Self {
+        Self {
+            group: blake3::Hasher::new(),
+            group_len: 0,
+            groups: Vec::new(),
+        }
+    }
+
+    /// Bytes hashed so far.
+    pub fn len(&self) -> u64 {
+        self.groups.len() as u64 * GROUP_BYTES + self.group_len
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            // A full group is closed only once more bytes come: if none do, and it is the
+            // first, it is the whole blob and must be finalized as the root instead.
+            if self.group_len == GROUP_BYTES {
+                self.groups
+                    .push(blake3::Hash::from(self.group.finalize_non_root()));
+                let mut next = blake3::Hasher::new();
+                next.set_input_offset(self.groups.len() as u64 * GROUP_BYTES);
+                self.group = next;
+                self.group_len = 0;
+            }
+            let take = data.len().min((GROUP_BYTES - self.group_len) as usize);
+            self.group.update(&data[..take]);
+            self.group_len += take as u64;
+            data = &data[take..];
+        }
+    }
+
+    /// The digest of everything hashed, and the outboard file's bytes (header included)
+    /// when `with_outboard` and the blob is large enough to have one.
+    pub fn finish(mut self, with_outboard: bool) -> (B3Digest, Option<Vec<u8>>) {
+        let size = self.len();
+        if self.groups.is_empty() {
+            // One group (or none): the tree is a single leaf, hashed as the root.
+            return (B3Digest::from(self.group.finalize()), None);
+        }
+        self.groups
+            .push(blake3::Hash::from(self.group.finalize_non_root()));
+        let tree = BaoTree::new(size, BLOCK_SIZE);
+        let with_outboard = with_outboard && size > OUTBOARD_MIN_BLOB;
+        let mut outboard = PreOrderMemOutboard {
+            root: blake3::Hash::from([0; 32]),
+            tree,
+            data: if with_outboard {
+                vec![0u8; usize::try_from(tree.outboard_size()).expect("outboard fits memory")]
+            } else {
+                Vec::new()
+            },
+        };
+        // The groups in order, combined the way bao_tree's own outboard builder combines
+        // them: its post-order walk yields each leaf, then each parent once its children
+        // are done.
+        let mut leaves = self.groups.into_iter();
+        let mut stack: Vec<blake3::Hash> = Vec::new();
+        for item in tree.post_order_chunks_iter() {
+            match item {
+                BaoChunk::Leaf { .. } => {
+                    stack.push(leaves.next().expect("one chaining value per group"));
+                }
+                BaoChunk::Parent { node, is_root, .. } => {
+                    let right = stack.pop().expect("a parent follows its two children");
+                    let left = stack.pop().expect("a parent follows its two children");
+                    if with_outboard {
+                        outboard
+                            .save(node, &(left, right))
+                            .expect("saving into memory of the outboard's size");
+                    }
+                    stack.push(if is_root {
+                        merge_subtrees_root(left.as_bytes(), right.as_bytes(), Mode::Hash)
+                    } else {
+                        blake3::Hash::from(merge_subtrees_non_root(
+                            left.as_bytes(),
+                            right.as_bytes(),
+                            Mode::Hash,
+                        ))
+                    });
+                }
+            }
+        }
+        debug_assert!(leaves.next().is_none() && stack.len() == 1);
+        let root = B3Digest::from(stack.pop().expect("the walk ends at the root"));
+        let file = with_outboard.then(|| {
+            let mut file = Vec::with_capacity(HEADER_LEN as usize + outboard.data.len());
+            file.extend_from_slice(&header(size));
+            file.extend_from_slice(&outboard.data);
+            file
+        });
+        (root, file)
+    }
+}
+
+fn header(size: u64) -> [u8; HEADER_LEN as usize] {
+    let mut header = [0u8; HEADER_LEN as usize];
+    header[..8].copy_from_slice(&MAGIC);
+    header[8] = GROUP_CHUNK_LOG;
+    header[16..].copy_from_slice(&size.to_le_bytes());
+    header
+}
+
+/// Where the outboard of the blob at `blob_path` lives: beside it, so it is written,
+/// renamed and flushed (`Store::sync`) with the blob's own directory.
+pub fn outboard_path(blob_path: &Path) -> PathBuf {
+    let mut path = blob_path.as_os_str().to_owned();
+    path.push(".outboard");
+    PathBuf::from(path)
+}
+
+/// An outboard file opened for checking reads of one blob against its digest.
+pub struct Outboard {
+    digest: B3Digest,
+    tree: BaoTree,
+    file: File,
+}
+
+/// The hash pairs of an outboard file, past its header, as `bao_tree` reads them.
+struct Pairs<'a>(&'a File);
+
+impl bao_tree::io::sync::ReadAt for Pairs<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let pos = pos
+            .checked_add(HEADER_LEN)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        FileExt::read_at(self.0, buf, pos)
+    }
+}
+
+/// Bytes of the blob read into a host buffer: `base` is the blob offset of `bytes[0]`.
+struct Window<'a> {
+    base: u64,
+    bytes: &'a [u8],
+}
+
+impl bao_tree::io::sync::ReadAt for Window<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        // bao_tree only asks for the groups it was given, which are all in the window;
+        // anything else is an error, not a panic.
+        let start = pos
+            .checked_sub(self.base)
+            .and_then(|s| usize::try_from(s).ok())
+            .filter(|&s| s <= self.bytes.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let n = buf.len().min(self.bytes.len() - start);
+        buf[..n].copy_from_slice(&self.bytes[start..start + n]);
+        Ok(n)
+    }
+}
+
+thread_local! {
+    /// Where reads that do not cover whole groups are checked: reused, so a stream of
+    /// small reads does not allocate each time. At most MAX_CHECK_SPAN + 2 groups.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Outboard {
+    /// The outboard at `path` for the blob `digest` of `size` bytes; `None` when there is
+    /// none. One made for another group size or another blob size, or cut short, is
+    /// `Unusable`: the caller treats it as missing.
+    pub fn open(path: &Path, digest: B3Digest, size: u64) -> Result<Option<Self>, OutboardError> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(OutboardError::Open {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let open_err = |source| OutboardError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let unusable = |reason: String| OutboardError::Unusable {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut found = [0u8; HEADER_LEN as usize];
+        match file.read_exact_at(&mut found, 0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(unusable("shorter than its header".into()));
+            }
+            Err(e) => return Err(open_err(e)),
+        }
+        if found != header(size) {
+            return Err(unusable(format!(
+                "its header does not describe a {size}-byte blob in {GROUP_BYTES}-byte groups"
+            )));
+        }
+        let tree = BaoTree::new(size, BLOCK_SIZE);
+        let len = file.metadata().map_err(open_err)?.len();
+        if len != HEADER_LEN + tree.outboard_size() {
+            return Err(unusable(format!(
+                "{len} bytes long instead of {}",
+                HEADER_LEN + tree.outboard_size()
+            )));
+        }
+        Ok(Some(Self { digest, tree, file }))
+    }
+
+    /// Fills `out` with the blob's bytes at `offset` from `data` (the blob's file), checked
+    /// against the digest. Only an Ok makes `out` usable: on error it may hold the bytes
+    /// that failed (whole groups are checked in place), so `out` must be memory the caller
+    /// alone sees, never guest memory. `offset..offset + out.len()` must lie within the blob.
+    pub fn read_verified(
+        &self,
+        data: &File,
+        out: &mut [u8],
+        offset: u64,
+    ) -> Result<(), OutboardError> {
+        let size = self.tree.size();
+        let end = offset
+            .checked_add(out.len() as u64)
+            .filter(|&end| end <= size);
+        if end.is_none() {
+            return Err(OutboardError::Truncated {
+                digest: self.digest,
+                end: offset.saturating_add(out.len() as u64),
+            });
+        }
+        for (i, piece) in out.chunks_mut(MAX_CHECK_SPAN).enumerate() {
+            self.read_piece(data, piece, offset + (i * MAX_CHECK_SPAN) as u64)?;
+        }
+        Ok(())
+    }
+
+    fn read_piece(&self, data: &File, out: &mut [u8], offset: u64) -> Result<(), OutboardError> {
+        let end = offset + out.len() as u64;
+        // The groups that hold the range: only whole groups can be checked.
+        let start = offset / GROUP_BYTES * GROUP_BYTES;
+        let group_end = end.div_ceil(GROUP_BYTES).saturating_mul(GROUP_BYTES);
+        let group_end = group_end.min(self.tree.size());
+        if start == offset && group_end == end {
+            // Whole groups: read and check them in `out` itself, which the caller only
+            // uses once this returned Ok.
+            return self.check(data, out, start);
+        }
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize((group_end - start) as usize, 0);
+            self.check(data, &mut scratch, start)?;
+            let from = (offset - start) as usize;
+            out.copy_from_slice(&scratch[from..from + out.len()]);
+            Ok(())
+        })
+    }
+
+    /// Reads the whole groups `window` covers at `start` and checks them.
+    fn check(&self, data: &File, window: &mut [u8], start: u64) -> Result<(), OutboardError> {
+        let end = start + window.len() as u64;
+        let io_err = |source| OutboardError::Io {
+            digest: self.digest,
+            start,
+            end,
+            source,
+        };
+        let mut done = 0;
+        while done < window.len() {
+            match data.read_at(&mut window[done..], start + done as u64) {
+                Ok(0) => {
+                    return Err(OutboardError::Truncated {
+                        digest: self.digest,
+                        end,
+                    });
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        let outboard = PreOrderOutboard {
+            root: blake3::Hash::from(*self.digest.as_bytes()),
+            tree: self.tree,
+            data: Pairs(&self.file),
+        };
+        let ranges = ChunkRanges::from(ChunkNum::full_chunks(start)..ChunkNum::chunks(end));
+        let bytes = Window {
+            base: start,
+            bytes: window,
+        };
+        match encode_ranges_validated(bytes, outboard, &ranges, io::sink()) {
+            Ok(()) => Ok(()),
+            Err(bao_tree::io::EncodeError::Io(e)) if e.kind() != io::ErrorKind::InvalidData => {
+                Err(io_err(e))
+            }
+            // A leaf or parent hash that does not match, or a hash pair the outboard does
+            // not have: either way these bytes are not the blob's.
+            Err(_) => Err(OutboardError::Mismatch {
+                digest: self.digest,
+                start,
+                end,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bao_tree::io::outboard::PreOrderMemOutboard;
+    use proptest::prelude::*;
+
+    fn data(size: usize, seed: u8) -> Vec<u8> {
+        (0..size)
+            .map(|i| (i as u8).wrapping_mul(31) ^ (i >> 9) as u8 ^ seed)
+            .collect()
+    }
+
+    fn hashed(data: &[u8], pieces: usize) -> (B3Digest, Option<Vec<u8>>) {
+        let mut hasher = TreeHasher::new();
+        for piece in data.chunks(pieces.max(1)) {
+            hasher.update(piece);
+        }
+        assert_eq!(hasher.len(), data.len() as u64);
+        hasher.finish(true)
+    }
+
+    /// The digest is the blob's BLAKE3 hash (the store's address), and the outboard is
+    /// byte for byte what bao_tree builds for the same bytes.
+    fn check_against_bao_tree(data: &[u8], pieces: usize) {
+        let (digest, file) = hashed(data, pieces);
+        assert_eq!(digest, B3Digest::of(data), "size {}", data.len());
+        let reference = PreOrderMemOutboard::create(data, BLOCK_SIZE);
+        assert_eq!(*digest.as_bytes(), *reference.root.as_bytes());
+        match file {
+            Some(file) => {
+                assert!(data.len() as u64 > OUTBOARD_MIN_BLOB);
+                assert_eq!(&file[..HEADER_LEN as usize], &header(data.len() as u64));
+                assert_eq!(&file[HEADER_LEN as usize..], &reference.data[..]);
+            }
+            None => assert!(data.len() as u64 <= OUTBOARD_MIN_BLOB),
+        }
+    }
+
+    #[test]
+    fn digest_and_outboard_match_blake3_and_bao_tree() {
+        let g = GROUP_BYTES as usize;
+        for size in [
+            0,
+            1,
+            1023,
+            1024,
+            1025,
+            g - 1,
+            g,
+            g + 1,
+            2 * g,
+            3 * g + 7,
+            OUTBOARD_MIN_BLOB as usize,
+            OUTBOARD_MIN_BLOB as usize + 1,
+            OUTBOARD_MIN_BLOB as usize + g,
+            5 * OUTBOARD_MIN_BLOB as usize + 3 * g + 1000,
+        ] {
+            let data = data(size, 7);
+            for pieces in [1, 1000, g, 65536, usize::MAX] {
+                check_against_bao_tree(&data, pieces);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn any_size_any_split(size in 0usize..(3 << 20), pieces in 1usize..100_000) {
+            check_against_bao_tree(&data(size, 3), pieces);
+        }
+    }
+
+    struct Blob {
+        _dir: tempfile::TempDir,
+        data: Vec<u8>,
+        digest: B3Digest,
+        file: File,
+        outboard_path: PathBuf,
+    }
+
+    fn blob(size: usize) -> Blob {
+        let dir = tempfile::tempdir().unwrap();
+        let data = data(size, 11);
+        let (digest, outboard) = hashed(&data, 1 << 16);
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &data).unwrap();
+        let outboard_path = outboard_path(&path);
+        std::fs::write(&outboard_path, outboard.unwrap()).unwrap();
+        Blob {
+            file: File::open(&path).unwrap(),
+            _dir: dir,
+            data,
+            digest,
+            outboard_path,
+        }
+    }
+
+    fn open(blob: &Blob) -> Outboard {
+        Outboard::open(&blob.outboard_path, blob.digest, blob.data.len() as u64)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn intact_blob_reads_right_at_any_alignment() {
+        let blob = blob(3 * OUTBOARD_MIN_BLOB as usize + 12345);
+        let outboard = open(&blob);
+        let size = blob.data.len();
+        let g = GROUP_BYTES as usize;
+        for (offset, len) in [
+            (0, 4096),
+            (0, g),
+            (g, 8 * g),
+            (1, 1),
+            (g - 1, 2),
+            (5 * g + 17, 3 * g),
+            (0, size),
+            (size - 1, 1),
+            (size - 12345, 12345),
+            (size - 20000, 20000),
+            (100, MAX_CHECK_SPAN + 2 * g + 5),
+        ] {
+            let mut out = vec![0u8; len];
+            outboard
+                .read_verified(&blob.file, &mut out, offset as u64)
+                .unwrap();
+            assert!(out == blob.data[offset..offset + len], "{offset}+{len}");
+        }
+        // Past the end is refused, not a panic.
+        let mut out = vec![0u8; 10];
+        assert!(
+            outboard
+                .read_verified(&blob.file, &mut out, size as u64 - 5)
+                .is_err()
+        );
+        assert!(
+            outboard
+                .read_verified(&blob.file, &mut out, u64::MAX - 3)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_flipped_byte_fails_its_group_only() {
+        let blob = blob(2 * OUTBOARD_MIN_BLOB as usize + 5000);
+        let flipped = OUTBOARD_MIN_BLOB as usize + 3 * GROUP_BYTES as usize + 100;
+        let mut bad = blob.data.clone();
+        bad[flipped] ^= 1;
+        let path = blob._dir.path().join("bad");
+        std::fs::write(&path, &bad).unwrap();
+        let file = File::open(&path).unwrap();
+        let outboard = open(&blob);
+        // The byte's group fails, whatever part of it is asked for, and nothing of a
+        // failed read is left in the output.
+        for (offset, len) in [
+            (flipped, 1),
+            (flipped - 50, 100),
+            (
+                flipped - flipped % GROUP_BYTES as usize,
+                GROUP_BYTES as usize,
+            ),
+            (flipped + 1, 10),
+            (0, blob.data.len()),
+        ] {
+            let mut out = vec![0xAAu8; len];
+            match outboard.read_verified(&file, &mut out, offset as u64) {
+                Err(OutboardError::Mismatch { digest, start, end }) => {
+                    assert_eq!(digest, blob.digest);
+                    assert!((start..end).contains(&(flipped as u64)));
+                }
+                other => panic!("{offset}+{len}: {other:?}"),
+            }
+            let start = offset - offset % GROUP_BYTES as usize;
+            if len < MAX_CHECK_SPAN && (start != offset || len % GROUP_BYTES as usize != 0) {
+                // Checked in the scratch buffer: the output was not touched.
+                assert!(out.iter().all(|&b| b == 0xAA));
+            }
+        }
+        // Groups before and after it read right.
+        for offset in [
+            0,
+            flipped - flipped % GROUP_BYTES as usize - 10,
+            flipped + 20000,
+        ] {
+            let mut out = vec![0u8; 10];
+            outboard
+                .read_verified(&file, &mut out, offset as u64)
+                .unwrap();
+            assert_eq!(out, &bad[offset..offset + 10]);
+        }
+    }
+
+    #[test]
+    fn an_outboard_for_other_bytes_fails() {
+        let blob = blob(2 * OUTBOARD_MIN_BLOB as usize);
+        // Same size, other content: its outboard's root is not this digest.
+        let other = data(blob.data.len(), 99);
+        let (_, other_outboard) = hashed(&other, 1 << 20);
+        std::fs::write(&blob.outboard_path, other_outboard.unwrap()).unwrap();
+        let outboard = open(&blob);
+        let mut out = vec![0u8; 4096];
+        assert!(matches!(
+            outboard.read_verified(&blob.file, &mut out, 0),
+            Err(OutboardError::Mismatch { .. })
+        ));
+
+        // One hash pair flipped (the last in pre-order: the lowest one on the right): the
+        // groups under it fail, the others still read right.
+        let (_, good) = hashed(&blob.data, 1 << 20);
+        let mut bytes = good.unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&blob.outboard_path, &bytes).unwrap();
+        let outboard = open(&blob);
+        let size = blob.data.len() as u64;
+        assert!(
+            outboard
+                .read_verified(&blob.file, &mut out, size - 4096)
+                .is_err()
+        );
+        outboard.read_verified(&blob.file, &mut out, 0).unwrap();
+        assert_eq!(out, &blob.data[..4096]);
+    }
+
+    #[test]
+    fn a_truncated_blob_fails() {
+        let blob = blob(2 * OUTBOARD_MIN_BLOB as usize);
+        let path = blob._dir.path().join("short");
+        std::fs::write(&path, &blob.data[..blob.data.len() - 100]).unwrap();
+        let file = File::open(&path).unwrap();
+        let outboard = open(&blob);
+        let mut out = vec![0u8; 4096];
+        let end = blob.data.len() as u64;
+        assert!(matches!(
+            outboard.read_verified(&file, &mut out, end - 4096),
+            Err(OutboardError::Truncated { .. })
+        ));
+        // The groups the file still holds whole are fine.
+        outboard.read_verified(&file, &mut out, 0).unwrap();
+    }
+
+    #[test]
+    fn unusable_outboards_are_named() {
+        let blob = blob(2 * OUTBOARD_MIN_BLOB as usize);
+        let size = blob.data.len() as u64;
+        // Another size than the blob's.
+        assert!(matches!(
+            Outboard::open(&blob.outboard_path, blob.digest, size + 1),
+            Err(OutboardError::Unusable { .. })
+        ));
+        // Cut short.
+        let bytes = std::fs::read(&blob.outboard_path).unwrap();
+        std::fs::write(&blob.outboard_path, &bytes[..bytes.len() - 64]).unwrap();
+        assert!(matches!(
+            Outboard::open(&blob.outboard_path, blob.digest, size),
+            Err(OutboardError::Unusable { .. })
+        ));
+        std::fs::write(&blob.outboard_path, &bytes[..10]).unwrap();
+        assert!(matches!(
+            Outboard::open(&blob.outboard_path, blob.digest, size),
+            Err(OutboardError::Unusable { .. })
+        ));
+        std::fs::remove_file(&blob.outboard_path).unwrap();
+        assert!(
+            Outboard::open(&blob.outboard_path, blob.digest, size)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
