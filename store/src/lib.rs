@@ -16,8 +16,6 @@ pub mod local_nix;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
-// Used by the blob service from the next change on.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod outboard;
 pub mod pathinfo;
 pub(crate) mod proto;

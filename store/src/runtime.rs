@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::OnceLock;
 
 use tokio::runtime::{Handle, Runtime};
+use tokio::sync::Semaphore;
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
@@ -59,4 +60,29 @@ where
     } else {
         runtime().block_on(future)
     }
+}
+
+/// Background work (hashing whole blobs) that may run at once: one per core of these
+/// machines. More would only share the same cores, with the guest's vCPUs among them;
+/// the rest wait their turn.
+const BACKGROUND_LIMIT: usize = 2;
+
+/// Run `work` on the runtime's blocking pool, at most `BACKGROUND_LIMIT` at a time: on
+/// threads named `store-io` like the runtime's own, so work that must not hold up a caller
+/// (hashing a whole blob behind a virtio-fs queue) runs in the same thread role as the
+/// store's other I/O. Works from any thread, inside a tokio runtime or not.
+pub(crate) fn spawn_background<F>(work: F)
+where
+    F: FnOnce() + Send + 'static,
+{
+    static PERMITS: Semaphore = Semaphore::const_new(BACKGROUND_LIMIT);
+    // Nothing waits on the task: `work` reports its own result.
+    drop(runtime().spawn(async move {
+        let _permit = PERMITS
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        // A panic in `work` is the blocking task's: it ends here, the permit is returned.
+        let _ = tokio::task::spawn_blocking(work).await;
+    }));
 }

@@ -1,6 +1,11 @@
-//! Lets fuse-backend-rs copy blob bytes straight into the reply buffers — guest memory for
-//! virtio-fs — with no buffer of ours in between.
+//! Lets fuse-backend-rs copy blob bytes into the reply buffers — guest memory for
+//! virtio-fs. A blob whose every byte was checked is read straight into them, with no
+//! buffer of ours in between. One that is still being checked (a large blob whose
+//! whole-blob hash has not finished) is read into a host buffer, checked range by range,
+//! and only then copied: whatever lands in guest memory is served, even if the reply
+//! then says error.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
 
@@ -10,6 +15,15 @@ use tvix_boot_store::blobservice::BlobReader;
 
 /// Most iovecs one preadv takes (Linux's UIO_MAXIOV).
 const MAX_IOVECS: usize = 1024;
+/// Most bytes one checked read goes through the host buffer with; the rest of a longer
+/// request is asked for again (FUSE reads are at most 1 MiB anyway). A guest's descriptor
+/// lengths never size the buffer.
+const MAX_CHECKED_READ: usize = 1 << 20;
+
+thread_local! {
+    /// The host buffer of checked reads, one per queue thread, kept between reads.
+    static CHECKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 pub(crate) struct BlobSource<'a>(pub &'a dyn BlobReader);
 
@@ -69,9 +83,7 @@ impl FileReadWriteVolatile for BlobSource<'_> {
             };
         }
         let Some(bytes) = blob.as_bytes() else {
-            return Err(io::Error::other(
-                "blob is neither a local file nor in memory",
-            ));
+            return checked_read(blob, bufs, offset);
         };
         let mut position = offset as usize;
         let mut copied = 0;
@@ -91,4 +103,43 @@ impl FileReadWriteVolatile for BlobSource<'_> {
     fn write_at_volatile(&mut self, _slice: FileVolatileSlice, _offset: u64) -> io::Result<usize> {
         Err(read_only())
     }
+}
+
+/// Reads through `BlobReader::read_at`, which returns only checked bytes, into the host
+/// buffer, and copies them into `bufs` once it returned them.
+fn checked_read(
+    blob: &dyn BlobReader,
+    bufs: &[FileVolatileSlice],
+    offset: u64,
+) -> io::Result<usize> {
+    let wanted = bufs
+        .iter()
+        .fold(0usize, |total, b| total.saturating_add(b.len()))
+        .min(MAX_CHECKED_READ);
+    CHECKED.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        if buffer.len() < wanted {
+            buffer.resize(wanted, 0);
+        }
+        let got = blob.read_at(&mut buffer[..wanted], offset).map_err(|e| {
+            if e.raw_os_error().is_some() {
+                return e;
+            }
+            // A range that failed its check (or a blob found corrupt): EIO, as for any
+            // unreadable file; the log says which bytes.
+            tracing::warn!(offset, error = %e, "blob read failed");
+            io::Error::from_raw_os_error(libc::EIO)
+        })?;
+        let mut copied = 0;
+        for buf in bufs {
+            if copied == got {
+                break;
+            }
+            let n = buf.len().min(got - copied);
+            buf.as_volatile_slice()
+                .copy_from(&buffer[copied..copied + n]);
+            copied += n;
+        }
+        Ok(copied)
+    })
 }

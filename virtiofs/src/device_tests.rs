@@ -540,3 +540,109 @@ fn config_space_holds_tag_and_queue_count() {
     );
     assert_eq!(device.queue_max_sizes(), vec![QUEUE_SIZE; 4]);
 }
+
+/// A large blob in a file-backed store is served before it was hashed whole, each range
+/// checked against its outboard: a damaged range gets EIO, and none of its bytes reach
+/// guest memory.
+#[test]
+fn a_damaged_range_of_a_large_blob_fails_and_leaves_guest_memory_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = tvix_boot_store::StoreAddrs::in_directory(&dir.path().join("data"));
+    let root = dir.path().join("tree");
+    std::fs::create_dir(&root).unwrap();
+    let big: Vec<u8> = (0..(4 << 20) + 3)
+        .map(|i: u32| (i.wrapping_mul(29) >> 2) as u8)
+        .collect();
+    std::fs::write(root.join("big"), &big).unwrap();
+    let store = Store::open(&addrs).unwrap();
+    let info = tvix_boot_store::import::import_path(&store, &root, &mut |_| {}).unwrap();
+    drop(store);
+    // One byte flipped on disk after the import.
+    let hex = tvix_boot_store::B3Digest::of(&big).to_hex();
+    let blob = dir.path().join("data/blobs").join(&hex[..2]).join(&hex);
+    let damaged = (3 << 20) + 100;
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[damaged] ^= 0x10;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    let memory = memory();
+    let mut h = Harness::new(&memory, Store::open(&addrs).unwrap());
+    h.init();
+    let basename = info.store_path.to_basename();
+    let (out, body) = h.call(Opcode::Lookup, ROOT, &cstr(&basename), 4096);
+    assert_eq!(out.error, 0);
+    let tree = EntryOut::from_slice(&body[..std::mem::size_of::<EntryOut>()])
+        .unwrap()
+        .nodeid;
+    let (out, body) = h.call(Opcode::Lookup, tree, &cstr("big"), 4096);
+    assert_eq!(out.error, 0);
+    let node = EntryOut::from_slice(&body[..std::mem::size_of::<EntryOut>()])
+        .unwrap()
+        .nodeid;
+    let open = OpenIn {
+        flags: libc::O_RDONLY as u32,
+        fuse_flags: 0,
+    };
+    let (out, body) = h.call(Opcode::Open, node, open.as_slice(), 4096);
+    assert_eq!(out.error, 0, "the damage is not found at open");
+    let fh = OpenOut::from_slice(&body[..std::mem::size_of::<OpenOut>()])
+        .unwrap()
+        .fh;
+
+    // A read into `pages` page-sized descriptors that hold a canary beforehand.
+    let read = |h: &mut Harness, offset: u64, pages: usize| {
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + std::mem::size_of::<ReadIn>()) as u32,
+            opcode: Opcode::Read as u32,
+            unique: 7,
+            nodeid: node,
+            ..Default::default()
+        };
+        let mut request = header.as_slice().to_vec();
+        let body = ReadIn {
+            fh,
+            offset,
+            size: (pages * 4096) as u32,
+            ..Default::default()
+        };
+        request.extend_from_slice(body.as_slice());
+        let mut sizes = vec![std::mem::size_of::<OutHeader>() as u32];
+        sizes.extend(std::iter::repeat_n(4096u32, pages));
+        let buffers = h.offer_request(&request, &sizes);
+        for addr in &buffers[1..] {
+            h.memory
+                .write_slice(&[0xA5u8; 4096], GuestAddress(*addr))
+                .unwrap();
+        }
+        h.process();
+        let out: OutHeader = h.memory.read_obj(GuestAddress(buffers[0])).unwrap();
+        let mut data = Vec::new();
+        for addr in &buffers[1..] {
+            let mut page = vec![0u8; 4096];
+            h.memory.read_slice(&mut page, GuestAddress(*addr)).unwrap();
+            data.extend_from_slice(&page);
+        }
+        (out, data)
+    };
+
+    // Before the damage: served, right.
+    let (out, data) = read(&mut h, 5, 64);
+    assert_eq!(out.error, 0);
+    assert!(
+        data == big[5..5 + 64 * 4096],
+        "wrong bytes before the damage"
+    );
+    // The damaged range, as the kernel asks for it (1 MiB at once): EIO, and not one byte
+    // of the reply buffers was written.
+    let (out, data) = read(&mut h, 3 << 20, 256);
+    assert_eq!(out.error, -libc::EIO);
+    assert!(
+        data.iter().all(|&b| b == 0xA5),
+        "bytes reached guest memory"
+    );
+    // After it: served, right.
+    let (out, data) = read(&mut h, (4 << 20) - 4096, 1);
+    assert_eq!(out.error, 0);
+    assert_eq!(out.len as usize, std::mem::size_of::<OutHeader>() + 4096);
+    assert!(data == big[(4 << 20) - 4096..4 << 20]);
+}

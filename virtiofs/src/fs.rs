@@ -369,7 +369,7 @@ impl StoreFs {
     }
 
     /// The open blob `digest`, shared with every other handle of it; opened (outside the
-    /// cache's lock: a first open may verify a large blob) when the cache has none.
+    /// cache's lock: a first open may hash a blob whole) when the cache has none.
     fn blob(&self, digest: &B3Digest, size: u64) -> io::Result<Arc<dyn BlobReader>> {
         if let Some(blob) = self
             .open_blobs
@@ -625,8 +625,9 @@ impl FileSystem for StoreFs {
                 ..
             } => return Err(errno(libc::ELOOP)),
         };
-        // Opened (and so checked) now, so a missing or damaged blob fails the open, not a
-        // later read.
+        // Opened now, so a missing blob, or a damaged one that is checked whole before it
+        // is served, fails the open rather than a later read. A large blob with an outboard
+        // opens at once; a damaged range of it fails the read that asks for it.
         self.blob(&digest, size)?;
         let handle = self.new_handle();
         let mut open_files = self.open_files.write().expect("handle table poisoned");
