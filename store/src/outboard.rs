@@ -17,16 +17,18 @@
 //! the pairs near the root, which every check needs, share the first pages of the file.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use bao_tree::blake3;
-use bao_tree::io::outboard::{PreOrderMemOutboard, PreOrderOutboard};
+use bao_tree::io::outboard::PreOrderMemOutboard;
 use bao_tree::io::sync::{OutboardMut, encode_ranges_validated};
 use bao_tree::iter::BaoChunk;
-use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges, TreeNode};
 use blake3::hazmat::{HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
 use thiserror::Error;
 
@@ -50,6 +52,12 @@ const MAX_CHECK_SPAN: usize = 1 << 20;
 
 const MAGIC: [u8; 8] = *b"tvixbao1";
 pub const HEADER_LEN: u64 = 24;
+/// Hash pairs are read from the outboard file a page at a time and kept: a check needs the
+/// pairs on the path from the root to its groups (about 20 for a 128 KiB read of a GiB),
+/// and the next read's path is mostly the same. Past this many pages (1 MiB, the outboard
+/// of 256 MiB) the kept pages are dropped and read again as needed.
+const PAIR_PAGE: u64 = 4096;
+const MAX_PAIR_PAGES: usize = 256;
 
 #[derive(Debug, Error)]
 pub enum OutboardError {
@@ -211,17 +219,54 @@ pub struct Outboard {
     digest: B3Digest,
     tree: BaoTree,
     file: File,
+    /// Pages of hash pairs read so far, by page number (from the end of the header).
+    pages: Mutex<HashMap<u64, Box<[u8]>>>,
 }
 
-/// The hash pairs of an outboard file, past its header, as `bao_tree` reads them.
-struct Pairs<'a>(&'a File);
+/// The outboard as `bao_tree` reads it: the pre-order layout of `PreOrderOutboard`, through
+/// the page cache above.
+impl bao_tree::io::sync::Outboard for &Outboard {
+    fn root(&self) -> blake3::Hash {
+        blake3::Hash::from(*self.digest.as_bytes())
+    }
 
-impl bao_tree::io::sync::ReadAt for Pairs<'_> {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let pos = pos
-            .checked_add(HEADER_LEN)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        FileExt::read_at(self.0, buf, pos)
+    fn tree(&self) -> BaoTree {
+        self.tree
+    }
+
+    fn load(&self, node: TreeNode) -> io::Result<Option<(blake3::Hash, blake3::Hash)>> {
+        // Nodes below the group level are not kept: bao_tree hashes those itself.
+        let Some(index) = self.tree.pre_order_offset(node) else {
+            return Ok(None);
+        };
+        let offset = index * 64;
+        let (page, within) = (offset / PAIR_PAGE, (offset % PAIR_PAGE) as usize);
+        let mut pages = self.pages.lock().expect("outboard pages poisoned");
+        if !pages.contains_key(&page) {
+            if pages.len() >= MAX_PAIR_PAGES {
+                pages.clear();
+            }
+            // The file was as long as the tree needs when opened; if it shrank since, the
+            // missing pairs read as zeros, which match no hash.
+            let mut bytes = vec![0u8; PAIR_PAGE as usize];
+            let mut done = 0;
+            while done < bytes.len() {
+                match self.file.read_at(
+                    &mut bytes[done..],
+                    HEADER_LEN + page * PAIR_PAGE + done as u64,
+                ) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            pages.insert(page, bytes.into_boxed_slice());
+        }
+        let pair = &pages[&page][within..within + 64];
+        let half =
+            |bytes: &[u8]| blake3::Hash::from(<[u8; 32]>::try_from(bytes).expect("32 bytes"));
+        Ok(Some((half(&pair[..32]), half(&pair[32..]))))
     }
 }
 
@@ -296,7 +341,12 @@ impl Outboard {
                 HEADER_LEN + tree.outboard_size()
             )));
         }
-        Ok(Some(Self { digest, tree, file }))
+        Ok(Some(Self {
+            digest,
+            tree,
+            file,
+            pages: Mutex::new(HashMap::new()),
+        }))
     }
 
     /// Fills `out` with the blob's bytes at `offset` from `data` (the blob's file), checked
@@ -369,17 +419,12 @@ impl Outboard {
                 Err(e) => return Err(io_err(e)),
             }
         }
-        let outboard = PreOrderOutboard {
-            root: blake3::Hash::from(*self.digest.as_bytes()),
-            tree: self.tree,
-            data: Pairs(&self.file),
-        };
         let ranges = ChunkRanges::from(ChunkNum::full_chunks(start)..ChunkNum::chunks(end));
         let bytes = Window {
             base: start,
             bytes: window,
         };
-        match encode_ranges_validated(bytes, outboard, &ranges, io::sink()) {
+        match encode_ranges_validated(bytes, self, &ranges, io::sink()) {
             Ok(()) => Ok(()),
             Err(bao_tree::io::EncodeError::Io(e)) if e.kind() != io::ErrorKind::InvalidData => {
                 Err(io_err(e))
