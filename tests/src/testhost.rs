@@ -216,6 +216,33 @@ impl TestHostBuilder {
         self
     }
 
+    /// tvix-boot built static once per test process ([`assets::tvix_boot_static_once`],
+    /// or `$TVIX_BOOT_BIN`); panics with the reason when it cannot be had.
+    pub fn with_static_tvix_boot(self) -> Self {
+        let path = assets::tvix_boot_static_once()
+            .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"));
+        self.tvix_boot(path)
+    }
+
+    /// For tests: builds the test host, runs `script` in it with `files`, prints what it
+    /// printed, and panics if it could not be run or ran past `timeout`.
+    pub fn run_checked(
+        self,
+        script: &str,
+        files: &[GuestFile],
+        timeout: Duration,
+    ) -> TestHostOutput {
+        let out = self
+            .build()
+            .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
+            .run(script, files, timeout)
+            .unwrap_or_else(|e| panic!("test host run failed: {e}"));
+        eprintln!("{out}");
+        assert!(!out.timed_out, "timed out: {out}");
+        out
+    }
+
+    /// Builds the test host as configured.
     pub fn build(self) -> Result<TestHost> {
         let qemu = qemu::find_qemu()?;
         let kernel = TestHostKernel::find_or_fetch()?;

@@ -50,16 +50,12 @@ echo "inodes-at-end=$(sed -n 's/.*store file system: \([0-9]*\) inodes still hel
 "#;
 
 fn in_test_host() -> TestHostOutput {
-    let tvix_boot = assets::tvix_boot_static_once()
-        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"));
     let open_many =
         assets::open_many_static_once().unwrap_or_else(|e| panic!("cannot build open-many: {e}"));
-    let out = TestHost::builder()
-        .tvix_boot(tvix_boot)
+    TestHost::builder()
+        .with_static_tvix_boot()
         .memory_mib(2048)
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
-        .run(
+        .run_checked(
             &SCRIPT
                 .replace("{kernel}", GUEST_KERNEL)
                 .replace("{opens}", &OPENS.to_string())
@@ -68,10 +64,6 @@ fn in_test_host() -> TestHostOutput {
             &[GuestFile::host("/bin/open-many", open_many, 0o755)],
             TIMEOUT,
         )
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
-    assert!(!out.timed_out, "timed out: {out}");
-    out
 }
 
 fn number(out: &TestHostOutput, key: &str) -> u64 {

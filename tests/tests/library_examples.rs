@@ -25,8 +25,6 @@ done
 
 #[test]
 fn the_library_examples_run_and_check_out() {
-    let tvix_boot = assets::tvix_boot_static_once()
-        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"));
     let files: Vec<GuestFile> = EXAMPLES
         .iter()
         .map(|name| {
@@ -36,14 +34,9 @@ fn the_library_examples_run_and_check_out() {
         })
         .collect();
     let out = TestHost::builder()
-        .tvix_boot(tvix_boot)
+        .with_static_tvix_boot()
         .memory_mib(2048)
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
-        .run(&SCRIPT.replace("{kernel}", GUEST_KERNEL), &files, TIMEOUT)
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
-    assert!(!out.timed_out, "timed out: {out}");
+        .run_checked(&SCRIPT.replace("{kernel}", GUEST_KERNEL), &files, TIMEOUT);
     for name in EXAMPLES {
         assert!(
             out.serial.contains(&format!("{name}-status=0")),

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use tvix_boot_tests::tree::last_value;
-use tvix_boot_tests::{GUEST_KERNEL, TestHost, TestHostOutput, assets};
+use tvix_boot_tests::{GUEST_KERNEL, TestHost, TestHostOutput};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -108,24 +108,16 @@ echo "nofilter-out=$(cat /tmp/nofilter.out)"
 "#;
 
 fn in_test_host() -> TestHostOutput {
-    let tvix_boot = assets::tvix_boot_static_once()
-        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"));
-    let out = TestHost::builder()
-        .tvix_boot(tvix_boot)
+    TestHost::builder()
+        .with_static_tvix_boot()
         .memory_mib(2048)
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
-        .run(
+        .run_checked(
             &SCRIPT
                 .replace("{kernel}", GUEST_KERNEL)
                 .replace("{make_bytes}", MAKE_BYTES),
             &[],
             TIMEOUT,
         )
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
-    assert!(!out.timed_out, "timed out: {out}");
-    out
 }
 
 /// The value of `key=` at the start of a line (the last such line).

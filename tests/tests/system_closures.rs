@@ -48,15 +48,9 @@ fn closure_into_store(tvix_boot: &Path, work: &Path, path: &str) -> Vec<GuestFil
 fn in_test_host(tvix_boot: &Path, script: &str, files: &[GuestFile]) -> TestHostOutput {
     let script =
         format!("export XDG_DATA_HOME=/input/data TVIX_BOOT_KERNEL={GUEST_KERNEL}\n{script}");
-    let out = TestHost::builder()
+    TestHost::builder()
         .tvix_boot(tvix_boot)
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
-        .run(&script, files, TIMEOUT)
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
-    assert!(!out.timed_out, "timed out: {out}");
-    out
+        .run_checked(&script, files, TIMEOUT)
 }
 
 #[test]

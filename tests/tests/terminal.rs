@@ -47,8 +47,6 @@ echo sigterm-end
 "#;
 
 fn in_test_host() -> TestHostOutput {
-    let tvix_boot = assets::tvix_boot_static_once()
-        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"));
     let pty_session = assets::pty_session_static_once()
         .unwrap_or_else(|e| panic!("cannot build pty-session: {e}"));
     let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
@@ -56,24 +54,16 @@ fn in_test_host() -> TestHostOutput {
     let panic_initrd = Initramfs::busybox_init(&busybox, "echo guest-init-exits\nexit 1")
         .unwrap_or_else(|e| panic!("initrd: {e}"))
         .finish();
-    let out = TestHost::builder()
-        .tvix_boot(tvix_boot)
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
-        .run(
-            &SCRIPT
-                .replace("{kernel}", GUEST_KERNEL)
-                .replace("{panic_initrd}", PANIC_INITRD),
-            &[
-                GuestFile::host("/bin/pty-session", pty_session, 0o755),
-                GuestFile::bytes(PANIC_INITRD, panic_initrd, 0o644),
-            ],
-            TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
-    assert!(!out.timed_out, "timed out: {out}");
-    out
+    TestHost::builder().with_static_tvix_boot().run_checked(
+        &SCRIPT
+            .replace("{kernel}", GUEST_KERNEL)
+            .replace("{panic_initrd}", PANIC_INITRD),
+        &[
+            GuestFile::host("/bin/pty-session", pty_session, 0o755),
+            GuestFile::bytes(PANIC_INITRD, panic_initrd, 0o644),
+        ],
+        TIMEOUT,
+    )
 }
 
 fn section<'a>(out: &'a TestHostOutput, name: &str) -> &'a str {

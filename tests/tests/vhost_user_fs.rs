@@ -59,8 +59,6 @@ sed 's/^/backend-log /' /run/backend.log
 
 #[test]
 fn qemu_guest_reads_an_imported_tree_through_the_vhost_user_backend() {
-    let tvix_boot = assets::tvix_boot_static_once()
-        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"));
     let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
     let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
     let initrd = Initramfs::busybox_init(&busybox, &format!("{LIST_TREE}{GUEST_INIT}"))
@@ -79,14 +77,9 @@ fn qemu_guest_reads_an_imported_tree_through_the_vhost_user_backend() {
         .replace("{initrd}", GUEST_INITRD)
         .replace("tvix-boot ", &format!("{TVIX_BOOT} "));
     let out = TestHost::builder()
-        .tvix_boot(tvix_boot)
+        .with_static_tvix_boot()
         .memory_mib(2048)
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
-        .run(&script, &files, TIMEOUT)
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
-    assert!(!out.timed_out, "timed out: {out}");
+        .run_checked(&script, &files, TIMEOUT);
     assert_eq!(out.exit_code, Some(0), "{out}");
     let serial = &out.serial;
     assert!(!serial.contains("guest-mount-failed"), "{out}");
