@@ -1,6 +1,9 @@
 //! virtio-fs inside a guest, three stacks side by side:
 //!
-//! - `tvix-boot`: tvix-boot's own in-process virtio-fs device serving the store;
+//! - `tvix-boot`: tvix-boot's own in-process virtio-fs device serving the store, a thread
+//!   per queue;
+//! - `tvix-boot/event-loop`: the same device with its queues served on the VM's event
+//!   loop (`--virtiofs-queues event-loop`), to weigh the two;
 //! - `qemu+tvix-vhost-user`: QEMU microvm with vhost-user-fs-device, served by
 //!   `tvix-boot store virtiofs` from the same store;
 //! - `qemu+virtiofsd`: the reference stack, QEMU microvm + virtiofsd serving a plain
@@ -32,7 +35,12 @@ use tvix_boot_benches::median;
 use tvix_boot_tests::{GuestFile, Initramfs, TVIX_BOOT, TestHost, assets, qemu};
 
 const RUNS: usize = 3;
-const BACKENDS: [&str; 3] = ["tvix-boot", "qemu+tvix-vhost-user", "qemu+virtiofsd"];
+const BACKENDS: [&str; 4] = [
+    "tvix-boot",
+    "tvix-boot/event-loop",
+    "qemu+tvix-vhost-user",
+    "qemu+virtiofsd",
+];
 const LARGE_FILE_MIB: u64 = 128;
 const FILES: u64 = 10_000;
 const GUEST_INITRD: &str = "/guest/initrd.cpio";
@@ -96,6 +104,8 @@ while [ $run -lt {runs} ]; do
   run=$((run + 1))
   echo "bench-backend tvix-boot"
   tvix-boot --kernel {bzimage} --initrd {initrd} --cpus 1 --memory 512M --cmdline "bench.path=$P bench.python=$PY"
+  echo "bench-backend tvix-boot/event-loop"
+  tvix-boot --kernel {bzimage} --initrd {initrd} --cpus 1 --memory 512M --virtiofs-queues event-loop --cmdline "bench.path=$P bench.python=$PY"
   echo "bench-backend qemu+tvix-vhost-user"
   rm -f /tmp/tvix.sock
   tvix-boot store virtiofs --socket /tmp/tvix.sock --threads 1 --once 2>/dev/null &

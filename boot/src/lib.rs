@@ -25,6 +25,7 @@
 mod guest_mode;
 mod initrd;
 mod microvm;
+mod window_size;
 
 pub use guest_mode::GuestModeError;
 pub use initrd::InitrdError;
@@ -37,3 +38,5 @@ pub use tvix_boot_devices::seccomp;
 /// The content-addressed store a VM serves at /nix/store.
 pub use tvix_boot_store as store;
 pub use tvix_boot_store::{Store, StoreAddrs};
+pub use tvix_boot_virtiofs::QueueService;
+pub use window_size::block_window_size_signal;

@@ -10,7 +10,6 @@ mod mode;
 mod sandbox;
 mod store_cmd;
 mod vm;
-mod window_size;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +45,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    // Before any thread starts: a VM that follows the terminal's size reads SIGWINCH
+    // from a signalfd, which only sees signals no thread takes.
+    if let Err(e) = tvix_boot::block_window_size_signal() {
+        tracing::warn!("the guest console will not follow the terminal's size: {e}");
+    }
     startup::mark_at("main entered", entered);
     startup::mark("logging set up");
     let cli = Cli::parse();

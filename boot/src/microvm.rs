@@ -12,17 +12,18 @@ use std::time::{Duration, Instant};
 use tvix_boot_devices::GuestExit;
 use tvix_boot_devices::exit::ExitNotifier;
 use tvix_boot_devices::virtio::VirtioDevice;
-use tvix_boot_devices::virtio::console::{PortEnd, PortSpec, VirtioConsole};
+use tvix_boot_devices::virtio::console::{ConsoleError, PortEnd, PortSpec, VirtioConsole};
 use tvix_boot_init::protocol::{
     CONTROL_PORT, DEFAULT_SHELL, KEY_CONTROL_PORT, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode,
     STATUS_INIT_FAILED, STDERR_PORT, STDIN_PORT, STDOUT_PORT, STOP_REQUEST, WINSIZE_PORT,
 };
 use tvix_boot_store::{Store, StoreAddrs, StoreError};
-use tvix_boot_virtiofs::{StoreFs, StoreFsOptions, VirtioFs};
+use tvix_boot_virtiofs::{QueueService, StoreFs, StoreFsOptions, VirtioFs};
 use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError, startup};
 
 use crate::guest_mode::{self, GuestModeError};
 use crate::initrd::{self, HOST_BUSYBOX, InitrdError, ProgramSetup};
+use crate::window_size::WindowSizeFollower;
 
 /// The virtio-fs tag the guest mounts at /nix/store.
 const STORE_TAG: &str = "tvix";
@@ -77,6 +78,9 @@ pub enum MicroVmError {
          not a --run): they cannot also be piped or redirected"
     )]
     StreamsWithConsole,
+    /// The program's streams could not be set up as console ports.
+    #[error("{0}")]
+    Console(ConsoleError),
     /// The thread that runs the VM could not be started.
     #[error("cannot start the VM's thread: {0}")]
     Thread(std::io::Error),
@@ -162,6 +166,8 @@ pub struct MicroVm {
     stderr: Option<Stdio>,
     console_stdio: bool,
     terminal_sizes: Option<OwnedFd>,
+    follow_terminal_size: bool,
+    virtiofs_queues: QueueService,
     env: Vec<(String, String)>,
     workdir: Option<String>,
     console_log: Option<Box<dyn Write + Send>>,
@@ -184,6 +190,8 @@ impl MicroVm {
             stderr: None,
             console_stdio: false,
             terminal_sizes: None,
+            follow_terminal_size: false,
+            virtiofs_queues: QueueService::Threads,
             env: Vec::new(),
             workdir: None,
             console_log: None,
@@ -318,6 +326,23 @@ impl MicroVm {
         self
     }
 
+    /// Where the store's virtio-fs queues are served: a thread per queue (the default)
+    /// or the VM's event loop. See [`QueueService`].
+    pub fn virtiofs_queues(mut self, service: QueueService) -> Self {
+        self.virtiofs_queues = service;
+        self
+    }
+
+    /// With [`Self::console_stdio`] and stdin a terminal: the guest console follows the
+    /// terminal's size, read at start and after each SIGWINCH (from a signalfd in the
+    /// VM's event loop). SIGWINCH must be blocked in every thread of the process for the
+    /// signalfd to see it: call [`crate::block_window_size_signal`] first thing in
+    /// `main`. Ignored when [`Self::terminal_sizes`] gives the sizes.
+    pub fn follow_terminal_size(mut self, on: bool) -> Self {
+        self.follow_terminal_size = on;
+        self
+    }
+
     /// Sets `key=value` in the program's environment (`run`, `shell`). It starts with
     /// `PATH=/bin:/sbin` and `HOME=/` (and `TERM` from this process when the console is
     /// its terminal).
@@ -432,6 +457,17 @@ impl MicroVm {
             ports.push(port(STDOUT_PORT, PortEnd::Output(stdout.guests)));
             ports.push(port(STDERR_PORT, PortEnd::Output(stderr.guests)));
         }
+        let mut size_follower = None;
+        if self.terminal_sizes.is_none()
+            && self.follow_terminal_size
+            && self.console_stdio
+            && program.is_some()
+            && let Some((sizes, follower)) =
+                WindowSizeFollower::start().map_err(MicroVmError::Stdio)?
+        {
+            self.terminal_sizes = Some(sizes);
+            size_follower = Some(follower);
+        }
         if let Some(sizes) = self
             .terminal_sizes
             .filter(|_| self.console_stdio && program.is_some())
@@ -479,9 +515,16 @@ impl MicroVm {
             console,
         };
         let mut vm = Vm::new(config)?;
-        vm.add_virtio_device(store_device(store, u16::from(self.cpus)))?;
+        if let Some(follower) = size_follower {
+            vm.add_subscriber(Box::new(follower));
+        }
+        vm.add_virtio_device(store_device(
+            store,
+            u16::from(self.cpus),
+            self.virtiofs_queues,
+        ))?;
         if !ports.is_empty() {
-            let device = VirtioConsole::new(ports).expect("the ports list is not empty");
+            let device = VirtioConsole::new(ports).map_err(MicroVmError::Console)?;
             vm.add_virtio_device(Box::new(device))?;
         }
         let exit = vm.exit_notifier();
@@ -740,7 +783,11 @@ pub(crate) fn program_env(
 
 /// The guest's /nix/store: the store as a virtio-fs device with tag `tvix`, one request
 /// queue per vCPU. The root is listable, so `tvix.find` and `ls /nix/store` work.
-fn store_device(store: Arc<Store>, request_queues: u16) -> Box<dyn VirtioDevice> {
+fn store_device(
+    store: Arc<Store>,
+    request_queues: u16,
+    service: QueueService,
+) -> Box<dyn VirtioDevice> {
     let fs = StoreFs::new(
         store,
         StoreFsOptions {
@@ -749,7 +796,9 @@ fn store_device(store: Arc<Store>, request_queues: u16) -> Box<dyn VirtioDevice>
         },
     );
     Box::new(
-        VirtioFs::new(fs, STORE_TAG, request_queues).expect("the tag and queue count are valid"),
+        VirtioFs::new(fs, STORE_TAG, request_queues)
+            .expect("the tag and queue count are valid")
+            .with_queue_service(service),
     )
 }
 

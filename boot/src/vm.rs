@@ -9,14 +9,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tvix_boot::seccomp::SeccompError;
-use tvix_boot::{ExitStatus, MicroVm, MicroVmError};
+use tvix_boot::{ExitStatus, MicroVm, MicroVmError, QueueService};
 use tvix_boot_init::protocol::{Cmdline, Mode};
 
 use crate::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
 use crate::mode::{ModeArgs, ModeArgsError};
 use crate::sandbox::SeccompArgs;
 use crate::store_cmd::StoreAddrArgs;
-use crate::window_size::WindowSizeForwarder;
 
 /// Exit status when the guest kernel panicked (VMM errors exit with 1).
 const GUEST_PANIC_STATUS: u8 = 2;
@@ -87,6 +86,11 @@ pub struct VmArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<Duration>,
 
+    /// Where the store's virtio-fs queues are served: a thread per queue, or the VM's
+    /// event loop (for comparing the two; threads serve parallel requests in parallel).
+    #[arg(long, value_name = "WHERE", default_value = "threads", value_parser = parse_queue_service)]
+    virtiofs_queues: QueueService,
+
     #[command(flatten)]
     seccomp: SeccompArgs,
 
@@ -109,8 +113,6 @@ pub enum VmCmdError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot forward the terminal's size to the guest: {0}")]
-    WindowSize(std::io::Error),
     #[error(
         "--console-log is for --run with separate program streams (stdin or stdout not a \
          terminal, or -T); here the console is the terminal"
@@ -226,6 +228,7 @@ fn boot(
     if let Some(timeout) = args.timeout {
         vm = vm.timeout(timeout);
     }
+    vm = vm.virtiofs_queues(args.virtiofs_queues);
     for (key, value) in args.env {
         vm = vm.env(key, value);
     }
@@ -246,21 +249,19 @@ fn boot(
         console_tail = Some(tail);
         vm = vm.console_log(log);
     }
-    // With the terminal, the guest's console follows its size.
-    let forwarder = if has_a_program && !stdio_ports {
-        match WindowSizeForwarder::start().map_err(VmCmdError::WindowSize)? {
-            Some((sizes, forwarder)) => {
-                vm = vm.terminal_sizes(sizes);
-                Some(forwarder)
-            }
-            None => None,
-        }
-    } else {
-        None
-    };
+    // With the terminal, the guest's console follows its size (main blocked SIGWINCH).
+    vm = vm.follow_terminal_size(has_a_program && !stdio_ports);
     let status = vm.start()?.wait()?;
-    drop(forwarder);
     Ok((status, console_tail))
+}
+
+/// `threads` or `event-loop` for `--virtiofs-queues`.
+fn parse_queue_service(text: &str) -> Result<QueueService, String> {
+    match text {
+        "threads" => Ok(QueueService::Threads),
+        "event-loop" => Ok(QueueService::EventLoop),
+        _ => Err(format!("{text:?}: expected threads or event-loop")),
+    }
 }
 
 /// `KEY=VALUE` for `--env`.

@@ -2,63 +2,106 @@
 //! written as a `ROWS COLS` line on a virtio-console port at once and after every
 //! SIGWINCH; the guest init applies each line to the console (see the init's
 //! `follow_window_size`), which signals SIGWINCH to the program.
+//!
+//! SIGWINCH is read from a signalfd by a subscriber of the VM's event loop. A signalfd
+//! only sees signals that no thread takes: every thread of the process must block
+//! SIGWINCH ([`block_window_size_signal`], before any thread starts).
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use signal_hook::consts::SIGWINCH;
-use signal_hook::iterator::{Handle, Signals};
-use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
+use tvix_boot_devices::event_loop::{EventOps, EventSet, Events, MutEventSubscriber};
 
-/// Forwards size changes until dropped.
-pub struct WindowSizeForwarder {
-    signals: Handle,
-    thread: Option<RoleThread<()>>,
+/// Blocks SIGWINCH in the calling thread and every thread it starts from now on, so that
+/// a VM following the terminal's size ([`crate::MicroVm::follow_terminal_size`]) sees it.
+/// Call it first thing in `main`: a thread started before keeps taking the signal. For
+/// programs that own the terminal; a library does not change signal handling by itself.
+pub fn block_window_size_signal() -> io::Result<()> {
+    let set = sigwinch_set();
+    // SAFETY: `set` is a valid, initialised sigset; the old mask is not asked for.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
 }
 
-impl WindowSizeForwarder {
+fn sigwinch_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use and
+    // sigaddset adds a valid signal number.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGWINCH);
+        set
+    }
+}
+
+/// Writes the terminal's size to the guest's size port after each SIGWINCH.
+pub(crate) struct WindowSizeFollower {
+    signals: File,
+    sizes: File,
+    last: (u16, u16),
+}
+
+impl WindowSizeFollower {
     /// The read end for the guest's size port (its first line already written) and the
-    /// forwarder that feeds it; `None` when stdin is not a terminal.
-    pub fn start() -> io::Result<Option<(OwnedFd, Self)>> {
+    /// subscriber that feeds it; `None` when stdin is not a terminal.
+    pub(crate) fn start() -> io::Result<Option<(OwnedFd, Self)>> {
         let Some(size) = terminal_size() else {
             return Ok(None);
         };
         let (reader, mut writer) = pipe()?;
         write_size(&mut writer, size)?;
-        let mut signals = Signals::new([SIGWINCH])?;
-        let handle = signals.handle();
-        let thread = seccomp::spawn(ThreadRole::DeviceIo, "window-size".to_owned(), move || {
-            for _ in signals.forever() {
-                let Some(size) = terminal_size() else {
-                    continue;
-                };
-                if write_size(&mut writer, size).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(io::Error::other)?;
+        let set = sigwinch_set();
+        // SAFETY: `set` is a valid sigset; -1 asks for a new signalfd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
+        let signals = unsafe { File::from_raw_fd(fd) };
         Ok(Some((
             reader,
             Self {
-                signals: handle,
-                thread: Some(thread),
+                signals,
+                sizes: writer,
+                last: size,
             },
         )))
     }
 }
 
-impl Drop for WindowSizeForwarder {
-    fn drop(&mut self) {
-        self.signals.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+impl MutEventSubscriber for WindowSizeFollower {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
+            tracing::warn!("the guest console will not follow the terminal's size: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        // Take every queued SIGWINCH; only the size now matters.
+        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+        while io::Read::read(&mut self.signals, &mut info).is_ok_and(|n| n == info.len()) {}
+        let Some(size) = terminal_size() else {
+            return;
+        };
+        if size == self.last {
+            return;
+        }
+        self.last = size;
+        if let Err(e) = write_size(&mut self.sizes, size) {
+            // The guest stopped reading (or its pipe is full of sizes it never took).
+            tracing::debug!("terminal size not passed on: {e}");
+            if e.kind() != io::ErrorKind::WouldBlock {
+                let _ = ops.remove(Events::new(&self.signals, EventSet::IN));
+            }
         }
     }
 }
 
-/// (read end, write end), both close-on-exec.
+/// (read end, non-blocking write end), both close-on-exec.
 fn pipe() -> io::Result<(OwnedFd, File)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
@@ -66,11 +109,20 @@ fn pipe() -> io::Result<(OwnedFd, File)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: pipe2 succeeded: two fresh descriptors that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers.
+    unsafe {
+        let fd = writer.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((reader, writer))
 }
 
 fn write_size(writer: &mut File, (rows, cols): (u16, u16)) -> io::Result<()> {
-    writeln!(writer, "{rows} {cols}")
+    writer.write_all(format!("{rows} {cols}\n").as_bytes())
 }
 
 /// Rows and columns of the terminal on stdin.

@@ -1,12 +1,17 @@
 //! How devices (and vCPUs) tell the VMM that the guest wants to stop, and how the host
-//! stops it (a deadline, or at once).
+//! stops it (a deadline, or at once). The VM's event loop watches all of it through an
+//! [`ExitWatcher`].
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 /// Why the VM stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,12 +32,17 @@ struct Inner {
     reason: Mutex<Option<GuestExit>>,
     /// When the host stops the guest if it has not stopped by then, and with which reason.
     deadline: Mutex<Option<(Instant, GuestExit)>>,
+    /// Set by every request and wake-up, before `wake` is signalled: the VM is ending.
+    woken: AtomicBool,
+    /// The host asked to stop without waiting, after the guest's own request too: output
+    /// still waiting for its host reader is abandoned.
+    forced: AtomicBool,
     wake: EventFd,
     /// Apart from `wake`, so a new deadline never hides a wake-up.
     deadline_changed: EventFd,
 }
 
-/// Records the first exit request and wakes whoever waits for it.
+/// Records the first exit request and wakes the VM's event loop (see [`ExitWatcher`]).
 ///
 /// Cheap to clone; every clone refers to the same request.
 #[derive(Clone)]
@@ -47,7 +57,9 @@ impl ExitNotifier {
             inner: Arc::new(Inner {
                 reason: Mutex::new(None),
                 deadline: Mutex::new(None),
-                wake: EventFd::new(0)?,
+                woken: AtomicBool::new(false),
+                forced: AtomicBool::new(false),
+                wake: EventFd::new(libc::EFD_NONBLOCK)?,
                 deadline_changed: EventFd::new(libc::EFD_NONBLOCK)?,
             }),
         })
@@ -61,13 +73,28 @@ impl ExitNotifier {
             *reason = Some(why);
         }
         drop(reason);
+        if why == GuestExit::Killed {
+            self.inner.forced.store(true, Ordering::Release);
+        }
         self.wake();
     }
 
-    /// Wakes the waiter without a guest request (e.g. a vCPU failed).
+    /// Wakes the event loop without a guest request (e.g. a vCPU failed): the VM ends.
     pub fn wake(&self) {
+        self.inner.woken.store(true, Ordering::Release);
         // Cannot fail short of counter overflow, which would still leave it readable.
         let _ = self.inner.wake.write(1);
+    }
+
+    /// Whether the VM is ending: a request, a wake-up, or a deadline that passed.
+    pub fn woken(&self) -> bool {
+        self.inner.woken.load(Ordering::Acquire)
+    }
+
+    /// Whether the host asked to stop at once ([`GuestExit::Killed`]), even after the
+    /// guest's own request.
+    pub fn forced(&self) -> bool {
+        self.inner.forced.load(Ordering::Acquire)
     }
 
     /// The request recorded so far, if any.
@@ -87,52 +114,84 @@ impl ExitNotifier {
             *deadline = Some((at, why));
         }
         drop(deadline);
-        // The waiter recomputes how long to sleep. Cannot fail short of overflow.
+        // The watcher re-arms its timer. Cannot fail short of overflow.
         let _ = self.inner.deadline_changed.write(1);
     }
 
-    /// Blocks until [`request`](Self::request) or [`wake`](Self::wake) is called, or the
-    /// deadline passes (which then is the request).
-    pub fn wait(&self) -> io::Result<()> {
-        loop {
-            let deadline = *self
-                .inner
-                .deadline
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let timeout_ms = match deadline {
-                None => -1,
-                Some((at, why)) => {
-                    let left = at.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        self.request(why);
-                        return self.inner.wake.read().map(drop);
-                    }
-                    // Rounded up, so the deadline has passed when poll returns.
-                    i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
-                }
-            };
-            let mut pollfds =
-                [&self.inner.wake, &self.inner.deadline_changed].map(|fd| libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            // SAFETY: a valid array of two pollfds that outlives the call.
-            let ready = unsafe { libc::poll(pollfds.as_mut_ptr(), 2, timeout_ms) };
-            if ready < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+    /// The event-loop side: drains the wake-ups and turns the deadline into a timerfd.
+    pub fn watcher(&self) -> io::Result<ExitWatcher> {
+        Ok(ExitWatcher {
+            notifier: self.clone(),
+            timer: TimerFd::new()?,
+        })
+    }
+}
+
+/// Subscriber for the VM's event loop: consumes wake-ups (whoever runs the loop checks
+/// [`ExitNotifier::woken`] after each round) and requests the deadline's exit when its
+/// timer fires.
+pub struct ExitWatcher {
+    notifier: ExitNotifier,
+    timer: TimerFd,
+}
+
+const WAKE: u32 = 0;
+const DEADLINE_CHANGED: u32 = 1;
+const DEADLINE_PASSED: u32 = 2;
+
+impl ExitWatcher {
+    fn arm(&mut self) {
+        let deadline = *self
+            .notifier
+            .inner
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some((at, why)) = deadline else {
+            return;
+        };
+        let left = at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.notifier.request(why);
+            return;
+        }
+        if let Err(e) = self.timer.reset(left, None) {
+            // Without the timer the deadline cannot be kept: stop now rather than never.
+            tracing::warn!("cannot arm the VM's deadline timer, stopping now: {e}");
+            self.notifier.request(why);
+        }
+    }
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        let inner = &self.notifier.inner;
+        for (fd, token) in [
+            (inner.wake.as_raw_fd(), WAKE),
+            (inner.deadline_changed.as_raw_fd(), DEADLINE_CHANGED),
+            (self.timer.as_raw_fd(), DEADLINE_PASSED),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                tracing::error!("cannot watch the VM's exit events, stopping it: {e}");
+                self.notifier.request(GuestExit::Killed);
             }
-            if pollfds[0].revents != 0 {
-                return self.inner.wake.read().map(drop);
+        }
+        self.arm();
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            WAKE => {
+                let _ = self.notifier.inner.wake.read();
             }
-            if pollfds[1].revents != 0 {
-                // Nonblocking: another waiter may have taken it.
-                let _ = self.inner.deadline_changed.read();
+            DEADLINE_CHANGED => {
+                let _ = self.notifier.inner.deadline_changed.read();
+                self.arm();
+            }
+            _ => {
+                // The timer is readable once it expired; reading cannot block then.
+                let _ = self.timer.wait();
+                self.arm();
             }
         }
     }
@@ -141,6 +200,14 @@ impl ExitNotifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event_loop::EventLoop;
+
+    /// Runs an event loop with only the watcher until the VM would end.
+    fn wait(notifier: &ExitNotifier) {
+        let mut event_loop = EventLoop::new().unwrap();
+        event_loop.add(Box::new(notifier.watcher().unwrap()));
+        event_loop.run_until(|| notifier.woken()).unwrap();
+    }
 
     #[test]
     fn first_request_wins_and_wakes() {
@@ -148,8 +215,9 @@ mod tests {
         assert_eq!(notifier.reason(), None);
         notifier.request(GuestExit::Panic);
         notifier.request(GuestExit::Reset);
-        notifier.wait().unwrap();
+        wait(&notifier);
         assert_eq!(notifier.reason(), Some(GuestExit::Panic));
+        assert!(!notifier.forced());
     }
 
     #[test]
@@ -164,9 +232,27 @@ mod tests {
             start + std::time::Duration::from_millis(50),
             GuestExit::Killed,
         );
-        notifier.wait().unwrap();
+        wait(&notifier);
         assert_eq!(notifier.reason(), Some(GuestExit::Killed));
+        assert!(notifier.forced());
         assert!(start.elapsed() >= std::time::Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_deadline_set_while_the_loop_runs_is_kept() {
+        let notifier = ExitNotifier::new().unwrap();
+        let start = Instant::now();
+        let host = notifier.clone();
+        let thread = std::thread::spawn(move || {
+            host.set_deadline(
+                Instant::now() + std::time::Duration::from_millis(30),
+                GuestExit::TimedOut,
+            )
+        });
+        wait(&notifier);
+        thread.join().unwrap();
+        assert_eq!(notifier.reason(), Some(GuestExit::TimedOut));
+        assert!(start.elapsed() >= std::time::Duration::from_millis(30));
     }
 
     #[test]
@@ -178,8 +264,17 @@ mod tests {
         );
         let guest = notifier.clone();
         let thread = std::thread::spawn(move || guest.request(GuestExit::PowerOff));
-        notifier.wait().unwrap();
+        wait(&notifier);
         thread.join().unwrap();
         assert_eq!(notifier.reason(), Some(GuestExit::PowerOff));
+    }
+
+    #[test]
+    fn a_kill_after_the_guest_stopped_is_still_seen() {
+        let notifier = ExitNotifier::new().unwrap();
+        notifier.request(GuestExit::PowerOff);
+        notifier.request(GuestExit::Killed);
+        assert_eq!(notifier.reason(), Some(GuestExit::PowerOff));
+        assert!(notifier.forced());
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod acpi_sleep;
 pub mod bus;
+pub mod event_loop;
 pub mod exit;
 pub mod i8042;
 pub mod pvpanic;

@@ -88,24 +88,23 @@ pub enum ThreadRole {
     /// (substitute) a path and write it, so it reads and writes store files, and when
     /// [`Policy::network`] is set, talks to binary caches.
     VirtioFs,
-    /// Moves bytes between a console's queues or the serial port and host descriptors.
-    DeviceIo,
     /// The store's I/O runtime (tokio workers and their blocking pool).
     StoreIo,
     /// Serves a vhost-user frontend (another VMM) on its socket: accepts it, takes the
     /// guest memory and eventfds it sends, starts the queue threads (which then take
     /// [`ThreadRole::VirtioFs`]).
     VhostUserFrontend,
-    /// The thread that runs the VM: it starts the others, waits for the guest to stop and
-    /// tears everything down. Its filter allows what every other role allows.
+    /// The thread that runs the VM and its event loop (see [`crate::event_loop`]): it
+    /// starts the others, moves bytes between the consoles and host descriptors, keeps
+    /// the timers, waits for the guest to stop and tears everything down. Its filter
+    /// allows what every other role allows, and timers.
     EventLoop,
 }
 
 impl ThreadRole {
-    const ALL: [ThreadRole; 6] = [
+    const ALL: [ThreadRole; 5] = [
         ThreadRole::Vcpu,
         ThreadRole::VirtioFs,
-        ThreadRole::DeviceIo,
         ThreadRole::StoreIo,
         ThreadRole::VhostUserFrontend,
         ThreadRole::EventLoop,
@@ -626,7 +625,6 @@ mod syscalls {
                     allow_ioctls(&mut rules, NETWORK_IOCTLS);
                 }
             }
-            ThreadRole::DeviceIo => {}
             ThreadRole::StoreIo => {
                 allow(&mut rules, STORE_FILES);
                 allow(&mut rules, RUNTIME);
@@ -655,6 +653,12 @@ mod syscalls {
                     }
                 }
                 allow_threads(&mut rules);
+                // Timers of its subscribers (the serial console's flush timer, the VM's
+                // deadline), which may also be made on this thread.
+                allow(
+                    &mut rules,
+                    &[libc::SYS_timerfd_create, libc::SYS_timerfd_settime],
+                );
             }
         }
         rules
@@ -710,15 +714,21 @@ mod tests {
                 let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
                 assert!(!exe.is_empty());
             }
-            ThreadRole::DeviceIo => {}
-            ThreadRole::EventLoop => std::thread::spawn(|| 1).join().map(drop).unwrap(),
+            ThreadRole::EventLoop => {
+                std::thread::spawn(|| 1).join().map(drop).unwrap();
+                let mut timer = vmm_sys_util::timerfd::TimerFd::new().unwrap();
+                timer
+                    .reset(std::time::Duration::from_millis(1), None)
+                    .unwrap();
+                timer.wait().unwrap();
+            }
         }
     }
 
     /// A call outside `role`'s filter.
     fn forbidden_call(role: ThreadRole) {
         match role {
-            ThreadRole::Vcpu | ThreadRole::DeviceIo => {
+            ThreadRole::Vcpu => {
                 let _ = std::fs::File::open("/dev/null");
             }
             ThreadRole::VirtioFs => {
@@ -816,7 +826,6 @@ mod tests {
         let expected = [
             (ThreadRole::Vcpu, libc::SYS_openat),
             (ThreadRole::VirtioFs, libc::SYS_socket),
-            (ThreadRole::DeviceIo, libc::SYS_openat),
             (ThreadRole::StoreIo, libc::SYS_execve),
             (ThreadRole::VhostUserFrontend, libc::SYS_execve),
             (ThreadRole::EventLoop, libc::SYS_clone),

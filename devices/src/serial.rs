@@ -4,16 +4,19 @@
 //! transmit-holding-register-empty (THRE) interrupt, so without one only the first
 //! character of each write would ever appear.
 
-use crate::seccomp::{self, RoleThread, SeccompError, ThreadRole};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::event_loop::Watch;
 
 use crate::bus::{BusDevice, lock};
 
@@ -49,6 +52,8 @@ pub struct ConsoleOutput {
     out: Box<dyn Write + Send>,
     /// Bytes not written out yet (see the `Write` impl).
     pending: Vec<u8>,
+    /// Signalled when bytes start waiting, for [`SerialIo`]'s flush timer.
+    waiting: Option<EventFd>,
 }
 
 impl ConsoleOutput {
@@ -57,6 +62,7 @@ impl ConsoleOutput {
         Self {
             out,
             pending: Vec::with_capacity(FLUSH_THRESHOLD),
+            waiting: None,
         }
     }
 }
@@ -80,14 +86,18 @@ impl ConsoleOutput {
 /// The guest sends one byte per I/O exit. Passing each straight to a write(2) costs a
 /// system call and, with a pipe, a reader wake-up per byte, which made boot with a
 /// chatty kernel several times slower. Bytes are therefore batched: written out at
-/// each newline, when `FLUSH_THRESHOLD` (4 KiB) are pending, and by
-/// [`spawn_console_io`] at least every [`FLUSH_INTERVAL`] (for prompts and echoed
-/// keystrokes, which end without a newline).
+/// each newline, when `FLUSH_THRESHOLD` (4 KiB) are pending, and by [`SerialIo`]
+/// [`FLUSH_INTERVAL`] after bytes started waiting (prompts and echoed keystrokes end
+/// without a newline).
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let was_empty = self.pending.is_empty();
         self.pending.extend_from_slice(buf);
         if buf.contains(&b'\n') || self.pending.len() >= FLUSH_THRESHOLD {
             self.flush_pending()?;
+        } else if was_empty && let Some(waiting) = &self.waiting {
+            // Cannot fail short of counter overflow, which leaves it readable anyway.
+            let _ = waiting.write(1);
         }
         Ok(buf.len())
     }
@@ -101,6 +111,7 @@ impl Write for ConsoleOutput {
 }
 
 /// Register offsets and bits the console watches (16550 data sheet).
+const REG_DATA: u64 = 0;
 const REG_IER: u8 = 1;
 const REG_LCR: u8 = 3;
 const REG_MCR: u8 = 4;
@@ -119,16 +130,28 @@ pub struct SerialConsole {
     lcr: u8,
     ier: u8,
     mcr: u8,
+    /// Signalled when the guest made room for input the host holds back (see
+    /// [`SerialConsole::queue_input`]).
+    room: Option<EventFd>,
+    /// The host holds input back: signal `room` once the guest drained the FIFO or
+    /// started listening.
+    input_waiting: bool,
+    /// The receive FIFO's capacity when empty.
+    fifo_size: usize,
 }
 
 impl SerialConsole {
     /// A UART in its reset state that raises `irq` and writes to `out`.
     pub fn new(irq: IrqTrigger, out: ConsoleOutput) -> Self {
+        let uart = Serial::new(irq, out);
         Self {
-            uart: Serial::new(irq, out),
+            fifo_size: uart.fifo_capacity(),
+            uart,
             lcr: 0,
             ier: 0,
             mcr: 0,
+            room: None,
+            input_waiting: false,
         }
     }
 
@@ -152,21 +175,40 @@ impl SerialConsole {
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
-    /// Nothing is queued until the guest listens for input (see `accepts_input`).
+    /// Nothing is queued until the guest listens for input (see `accepts_input`). When
+    /// not everything fits, the room eventfd (see [`SerialIo`]) is signalled once the
+    /// guest has read the FIFO empty or starts listening.
     pub fn queue_input(&mut self, bytes: &[u8]) -> usize {
-        if !self.accepts_input() {
-            return 0;
-        }
-        let room = self.uart.fifo_capacity().min(bytes.len());
-        if room == 0 {
-            return 0;
-        }
-        self.uart
-            .enqueue_raw_bytes(&bytes[..room])
-            .unwrap_or_else(|e| {
-                tracing::warn!("serial: could not queue input: {e:?}");
+        let queued = if !self.accepts_input() {
+            0
+        } else {
+            let room = self.uart.fifo_capacity().min(bytes.len());
+            if room == 0 {
                 0
-            })
+            } else {
+                self.uart
+                    .enqueue_raw_bytes(&bytes[..room])
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("serial: could not queue input: {e:?}");
+                        0
+                    })
+            }
+        };
+        self.input_waiting = queued < bytes.len();
+        queued
+    }
+
+    /// Tells the host side there is room for the input it holds back, if it does and
+    /// there is.
+    fn signal_room(&mut self) {
+        if self.input_waiting
+            && self.accepts_input()
+            && self.uart.fifo_capacity() == self.fifo_size
+            && let Some(room) = &self.room
+        {
+            self.input_waiting = false;
+            let _ = room.write(1);
+        }
     }
 }
 
@@ -174,6 +216,9 @@ impl BusDevice for SerialConsole {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = u8::try_from(offset).map_or(0, |o| self.uart.read(o));
         data.fill(value);
+        if offset == REG_DATA && self.lcr & LCR_DLAB == 0 {
+            self.signal_room();
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -190,90 +235,171 @@ impl BusDevice for SerialConsole {
             // Losing console output (host stdout closed) must not kill the guest.
             tracing::debug!("serial: write to register {offset}: {e:?}");
         }
+        if matches!(offset, REG_IER | REG_MCR) {
+            self.signal_room();
+        }
     }
 }
 
-/// The console's host-side thread: flushes buffered output at least every
-/// [`FLUSH_INTERVAL`] and, with `forward_stdin`, passes the host's stdin to the guest's
-/// COM1 (until stdin ends). Runs until `stop` is set.
-pub fn spawn_console_io(
+/// The console's host side, a subscriber of the VM's event loop: writes out output
+/// [`FLUSH_INTERVAL`] after it started waiting (a timerfd armed by an eventfd the
+/// output signals), and with stdin forwarded, passes the host's stdin to the guest's
+/// COM1 as the guest makes room (an eventfd the UART signals) until stdin ends.
+pub struct SerialIo {
     console: Arc<Mutex<SerialConsole>>,
-    stop: Arc<AtomicBool>,
-    forward_stdin: bool,
-) -> Result<RoleThread<()>, SeccompError> {
-    seccomp::spawn(ThreadRole::DeviceIo, "serial-console".into(), move || {
-        if forward_stdin {
-            let stdin = io::stdin();
-            if let Err(e) = forward_input(&stdin, &console, &stop) {
-                tracing::warn!("serial: reading stdin: {e}");
-            }
-        }
-        // Input ended (or there is none): keep the output flowing.
-        while !stop.load(Ordering::Relaxed) {
-            lock(&console).flush_output();
-            std::thread::sleep(FLUSH_INTERVAL);
-        }
-    })
+    output_waiting: EventFd,
+    flush_timer: TimerFd,
+    flush_armed: bool,
+    room: EventFd,
+    input: Option<SerialInput>,
 }
 
-/// Forwards `input` to the guest until `stop` is set or input ends; flushes console
-/// output on the way (see [`spawn_console_io`]).
-fn forward_input(
-    input: &impl AsRawFd,
-    console: &Mutex<SerialConsole>,
-    stop: &AtomicBool,
-) -> io::Result<()> {
-    let poll_timeout_ms = FLUSH_INTERVAL.as_millis() as i32;
-    let fd = input.as_raw_fd();
-    let mut buf = [0u8; 64];
-    // Bytes read but not yet taken by the guest: buf[start..end].
-    let (mut start, mut end) = (0, 0);
-    while !stop.load(Ordering::Relaxed) {
-        lock(console).flush_output();
-        if start < end {
-            start += lock(console).queue_input(&buf[start..end]);
-            if start < end {
-                // The guest has not drained its FIFO yet.
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            continue;
+/// The host's stdin on its way to the guest.
+struct SerialInput {
+    /// Read only when epoll says it is readable, unless it cannot be waited on (a regular
+    /// file, /dev/null: always ready); so it may stay a blocking descriptor.
+    fd: OwnedFd,
+    pollable: bool,
+    watch: Watch,
+    buf: [u8; 64],
+    /// Bytes read but not yet taken by the guest: `buf[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+const OUTPUT_WAITING: u32 = 0;
+const FLUSH_TIMER: u32 = 1;
+const ROOM: u32 = 2;
+const STDIN: u32 = 3;
+
+impl SerialIo {
+    /// The host side of `console`; what is read from `input` (the process's stdin, say)
+    /// goes to the guest. Wires its eventfds into the console.
+    pub fn new(console: Arc<Mutex<SerialConsole>>, input: Option<OwnedFd>) -> io::Result<Self> {
+        let output_waiting = EventFd::new(libc::EFD_NONBLOCK)?;
+        let room = EventFd::new(libc::EFD_NONBLOCK)?;
+        {
+            let mut uart = lock(&console);
+            uart.uart.writer_mut().waiting = Some(output_waiting.try_clone()?);
+            uart.room = Some(room.try_clone()?);
         }
-        let mut pollfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
+        let input = match input {
+            Some(fd) => Some(SerialInput {
+                pollable: crate::event_loop::pollable(fd.as_raw_fd())?,
+                watch: Watch::new(&fd, STDIN, EventSet::IN),
+                fd,
+                buf: [0; 64],
+                start: 0,
+                end: 0,
+            }),
+            None => None,
         };
-        // SAFETY: `pollfd` is a valid, exclusively borrowed array of one pollfd for the
-        // duration of the call.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, poll_timeout_ms) };
-        if ready < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if ready == 0 {
-            continue;
-        }
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes and `fd` stays open
-        // for as long as `input` is borrowed.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        match n {
-            0 => return Ok(()), // end of input
-            n if n < 0 => {
-                let err = io::Error::last_os_error();
-                if !matches!(
-                    err.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                ) {
-                    return Err(err);
+        Ok(Self {
+            console,
+            output_waiting,
+            flush_timer: TimerFd::new()?,
+            flush_armed: false,
+            room,
+            input,
+        })
+    }
+
+    /// Moves input along: what is held back into the FIFO, then more from the host while
+    /// the guest takes it. Watches stdin only when there is nothing held back.
+    fn pump_input(&mut self, ops: &mut EventOps, readable: bool) {
+        let Some(input) = &mut self.input else {
+            return;
+        };
+        let mut readable = readable || !input.pollable;
+        loop {
+            if input.start < input.end {
+                input.start += lock(&self.console).queue_input(&input.buf[input.start..input.end]);
+                if input.start < input.end {
+                    // The guest has not drained its FIFO yet: wait for `room`.
+                    input.watch.set(ops, false);
+                    return;
                 }
             }
-            n => (start, end) = (0, n as usize),
+            if !readable {
+                input.watch.set(ops, true);
+                return;
+            }
+            // SAFETY: `buf` is valid for writes of its length; the fd is owned by `input`.
+            let n = unsafe {
+                libc::read(
+                    input.fd.as_raw_fd(),
+                    input.buf.as_mut_ptr().cast(),
+                    input.buf.len(),
+                )
+            };
+            match n {
+                0 => break,
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::Interrupted => continue,
+                        io::ErrorKind::WouldBlock => {
+                            input.watch.set(ops, true);
+                            return;
+                        }
+                        _ => {
+                            tracing::warn!("serial: reading stdin: {e}");
+                            break;
+                        }
+                    }
+                }
+                n => (input.start, input.end) = (0, n as usize),
+            }
+            // One read per readiness for pipes and terminals; files are read on.
+            readable = !input.pollable;
+        }
+        // End of input (or an error): stop watching it for good.
+        input.watch.set(ops, false);
+        self.input = None;
+    }
+}
+
+impl MutEventSubscriber for SerialIo {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, token) in [
+            (self.output_waiting.as_raw_fd(), OUTPUT_WAITING),
+            (self.flush_timer.as_raw_fd(), FLUSH_TIMER),
+            (self.room.as_raw_fd(), ROOM),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                tracing::warn!("serial: cannot watch the console's events: {e}");
+            }
+        }
+        self.pump_input(ops, false);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            OUTPUT_WAITING => {
+                let _ = self.output_waiting.read();
+                if !self.flush_armed {
+                    match self.flush_timer.reset(FLUSH_INTERVAL, None) {
+                        Ok(()) => self.flush_armed = true,
+                        Err(e) => {
+                            tracing::debug!("serial: cannot arm the flush timer: {e}");
+                            lock(&self.console).flush_output();
+                        }
+                    }
+                }
+            }
+            FLUSH_TIMER => {
+                // Readable once expired; the read cannot block.
+                let _ = self.flush_timer.wait();
+                self.flush_armed = false;
+                lock(&self.console).flush_output();
+            }
+            ROOM => {
+                let _ = self.room.read();
+                self.pump_input(ops, false);
+            }
+            _ => self.pump_input(ops, true),
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -393,16 +519,36 @@ mod tests {
     }
 
     #[test]
-    fn stdin_forwarding_stops_at_end_of_input() {
+    fn input_waits_for_room_and_stops_at_end_of_input() {
         let (mut uart, _, _) = console();
         open_port(&mut uart);
-        let uart = Mutex::new(uart);
+        let uart = Arc::new(Mutex::new(uart));
         let (reader, mut writer) = std::io::pipe().unwrap();
-        writer.write_all(b"x").unwrap();
+        // More than the FIFO holds, so the rest waits for the guest to read.
+        let text: Vec<u8> = (0..100u8).map(|i| b'a' + i % 26).collect();
+        writer.write_all(&text).unwrap();
         drop(writer);
-        forward_input(&reader, &uart, &AtomicBool::new(false)).unwrap();
-        let mut byte = [0];
-        uart.lock().unwrap().read(THR, &mut byte);
-        assert_eq!(byte, [b'x']);
+        let mut event_loop = crate::event_loop::EventLoop::new().unwrap();
+        let io = SerialIo::new(uart.clone(), Some(reader.into())).unwrap();
+        event_loop.add(Box::new(io));
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            // The guest reads whatever the FIFO holds (as its interrupt handler would).
+            loop {
+                let mut lsr = [0];
+                uart.lock().unwrap().read(LSR, &mut lsr);
+                if lsr[0] & LSR_DATA_READY == 0 {
+                    break;
+                }
+                let mut byte = [0];
+                uart.lock().unwrap().read(THR, &mut byte);
+                got.push(byte[0]);
+            }
+            if got.len() == text.len() {
+                break;
+            }
+            event_loop.run_once(1000).unwrap();
+        }
+        assert_eq!(got, text);
     }
 }

@@ -29,6 +29,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
+use tvix_boot_devices::event_loop::EventLoop;
 use tvix_boot_devices::virtio::console::fuzzing::ConsoleQueues;
 use tvix_boot_devices::virtio::console::{PortEnd, PortSpec, VirtioConsole};
 use tvix_boot_devices::virtio::{Activation, Interrupt, VIRTIO_F_VERSION_1};
@@ -219,6 +220,8 @@ impl Harness {
             interrupt: Arc::new(Interrupt::new(
                 EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd"),
             )),
+            // Nothing is handed to it: the passes run on this thread.
+            event_loop: EventLoop::new().expect("an event loop").handle(),
         };
         let device = ConsoleQueues::new(&mut console, activation).expect("activation");
         Self {

@@ -23,6 +23,7 @@
 use std::sync::{Arc, Mutex};
 
 use tvix_boot_devices::BusDevice;
+use tvix_boot_devices::event_loop::EventLoop;
 use tvix_boot_devices::virtio::mmio::MmioTransport;
 use tvix_boot_devices::virtio::{ActivateError, Activation, Interrupt, VirtioDevice};
 use virtio_bindings::virtio_config::{
@@ -240,7 +241,8 @@ impl Harness {
             .collect();
         let memory = GuestMemoryMmap::from_ranges(&regions).expect("guest memory");
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd");
-        let transport = MmioTransport::new(Box::new(probe), memory, irqfd);
+        let event_loop = EventLoop::new().expect("an event loop");
+        let transport = MmioTransport::new(Box::new(probe), memory, irqfd, event_loop.handle());
         let valid = sizes.iter().all(|s| s.is_power_of_two() && *s <= 32768);
         assert_eq!(
             transport.is_ok(),

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use tvix_boot_devices::event_loop::{EventOps, EventSet, Events, MutEventSubscriber};
 use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
 use tvix_boot_devices::virtio::{
     ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -36,13 +37,30 @@ pub enum DeviceError {
 }
 
 /// The in-process virtio-fs device: a [`VirtioDevice`] serving a [`StoreFs`], to put on a
-/// virtio-mmio transport. Each queue gets a thread when the driver activates the device.
+/// virtio-mmio transport. Each queue gets a thread when the driver activates the device
+/// (or, with [`QueueService::EventLoop`], all are served on the VM's event loop).
 pub struct VirtioFs {
     config: [u8; TAG_LEN + 4],
     request_queues: u16,
     server: Arc<Server<StoreFs>>,
+    service: QueueService,
     workers: Vec<(EventFd, RoleThread<()>)>,
+    /// Stops the event-loop subscriber of the current activation.
+    subscriber_stop: Option<EventFd>,
     requests: RequestCounters,
+}
+
+/// Where the queues are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueService {
+    /// A thread per queue, woken by the queue's ioeventfd: requests on different queues
+    /// run in parallel, and a request that waits for the store (a cold disk, a binary
+    /// cache) holds up only its own queue.
+    #[default]
+    Threads,
+    /// Every queue on the VM's event loop thread, beside the consoles: no threads of the
+    /// device's own. Kept to measure the two against each other.
+    EventLoop,
 }
 
 /// How many requests each queue has answered (queue 0 is the high-priority queue): how
@@ -97,9 +115,17 @@ impl VirtioFs {
             config,
             request_queues,
             server: Arc::new(Server::new(fs)),
+            service: QueueService::Threads,
             workers: Vec::new(),
+            subscriber_stop: None,
             requests: RequestCounters::new(1 + usize::from(request_queues)),
         })
+    }
+
+    /// Where the queues are served; threads unless said otherwise.
+    pub fn with_queue_service(mut self, service: QueueService) -> Self {
+        self.service = service;
+        self
     }
 
     /// Requests answered per queue since the device was created.
@@ -108,6 +134,9 @@ impl VirtioFs {
     }
 
     fn stop_workers(&mut self) {
+        if let Some(stop) = self.subscriber_stop.take() {
+            let _ = stop.write(1);
+        }
         if self.workers.is_empty() {
             return;
         }
@@ -159,11 +188,44 @@ impl VirtioDevice for VirtioFs {
             });
         }
         self.stop_workers();
+        let spawn_err = |source| ActivateError::Spawn {
+            device: "virtio-fs",
+            source,
+        };
+        if self.service == QueueService::EventLoop {
+            let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_err)?;
+            let workers = activation
+                .queues
+                .into_iter()
+                .enumerate()
+                .map(|(index, (queue, notify))| {
+                    Ok(QueueWorker {
+                        memory: activation.memory.clone(),
+                        queue,
+                        notify,
+                        stop: stop.try_clone()?,
+                        interrupt: activation.interrupt.clone(),
+                        server: self.server.clone(),
+                        requests: self.requests.clone(),
+                        index,
+                    })
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(spawn_err)?;
+            activation
+                .event_loop
+                .add(Box::new(QueueSubscriber {
+                    workers,
+                    stop: stop.try_clone().map_err(spawn_err)?,
+                }))
+                .map_err(|source| ActivateError::EventLoop {
+                    device: "virtio-fs",
+                    source,
+                })?;
+            self.subscriber_stop = Some(stop);
+            return Ok(());
+        }
         for (index, (queue, notify)) in activation.queues.into_iter().enumerate() {
-            let spawn_err = |source| ActivateError::Spawn {
-                device: "virtio-fs",
-                source,
-            };
             let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_err)?;
             let worker = QueueWorker {
                 memory: activation.memory.clone(),
@@ -239,6 +301,63 @@ impl QueueWorker {
             self.interrupt.signal_used_queue();
         }
         Ok(())
+    }
+}
+
+/// Every queue of one activation on the VM's event loop ([`QueueService::EventLoop`]).
+struct QueueSubscriber {
+    workers: Vec<QueueWorker>,
+    stop: EventFd,
+}
+
+/// The token of the stop eventfd; queue `i` has token `i`.
+const STOP_TOKEN: u32 = u32::MAX;
+
+impl MutEventSubscriber for QueueSubscriber {
+    fn init(&mut self, ops: &mut EventOps) {
+        let watches = self
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.notify.as_raw_fd(), i as u32))
+            .chain([(self.stop.as_raw_fd(), STOP_TOKEN)]);
+        for (fd, token) in watches {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                tracing::warn!("virtio-fs: cannot watch a queue: {e}");
+            }
+        }
+        // The driver may have queued requests before the loop took the device over.
+        for i in 0..self.workers.len() {
+            self.serve(i, ops);
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.data() == STOP_TOKEN {
+            for worker in &self.workers {
+                let _ = ops.remove(Events::new(&worker.notify, EventSet::IN));
+            }
+            let _ = ops.remove(Events::new(&self.stop, EventSet::IN));
+            self.workers.clear();
+            return;
+        }
+        let index = events.data() as usize;
+        if let Some(worker) = self.workers.get(index) {
+            let _ = worker.notify.read();
+            self.serve(index, ops);
+        }
+    }
+}
+
+impl QueueSubscriber {
+    fn serve(&mut self, index: usize, ops: &mut EventOps) {
+        let Some(worker) = self.workers.get_mut(index) else {
+            return;
+        };
+        if let Err(e) = worker.process_queue() {
+            tracing::warn!(error = %e, "virtio-fs: queue broken, no longer served");
+            let _ = ops.remove(Events::new(&worker.notify, EventSet::IN));
+        }
     }
 }
 

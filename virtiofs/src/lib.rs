@@ -15,5 +15,5 @@ pub mod vhost_user;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 
-pub use device::VirtioFs;
+pub use device::{QueueService, VirtioFs};
 pub use fs::{StoreFs, StoreFsOptions};

@@ -1,6 +1,7 @@
 //! The VM: KVM setup, guest memory, devices, boot and the run/stop lifecycle.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,8 @@ use tvix_boot_devices::pvpanic::PvPanic;
 use tvix_boot_devices::seccomp::{self, ThreadRole};
 
 use crate::startup;
-use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole};
+use tvix_boot_devices::event_loop::{EventLoop, EventLoopError, EventLoopHandle, Subscriber};
+use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole, SerialIo};
 use tvix_boot_devices::status_port::{self, GuestStatus, StatusPort};
 use tvix_boot_devices::terminal::RawTerminal;
 use tvix_boot_devices::virtio::VirtioDevice;
@@ -98,18 +100,21 @@ pub enum VmError {
     /// The host terminal could not be put in raw mode.
     #[error("cannot set up the terminal: {0}")]
     Terminal(std::io::Error),
-    /// The serial console's I/O thread could not be started.
-    #[error("cannot start the console thread: {0}")]
-    ConsoleThread(tvix_boot_devices::seccomp::SeccompError),
+    /// The VM's event loop could not be created or failed.
+    #[error("{0}")]
+    EventLoop(#[from] EventLoopError),
+    /// The host side of the serial console or the exit watcher could not be set up.
+    #[error("cannot set up the {what}: {source}")]
+    HostIo {
+        what: &'static str,
+        source: std::io::Error,
+    },
     /// The event-loop seccomp filter could not be installed on the thread that runs the VM.
     #[error("{0}")]
     Seccomp(tvix_boot_devices::seccomp::SeccompError),
     /// [`Vm::run`] on a VM without a guest; [`Vm::new`] always loads one.
     #[error("no guest was loaded into the VM")]
     NothingToBoot,
-    /// Waiting on the [`ExitNotifier`] failed.
-    #[error("waiting for the guest to stop: {0}")]
-    Wait(std::io::Error),
 }
 
 fn kvm_error(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -196,6 +201,9 @@ pub struct Vm {
     entry: Option<BootEntry>,
     /// When KVM setup began, for the start-up time logged by `run`.
     created_at: Instant,
+    /// Runs the host side of the devices (everything but vCPUs and virtio-fs queue
+    /// workers) on the thread that calls [`run`](Self::run).
+    event_loop: EventLoop,
 }
 
 impl Vm {
@@ -342,6 +350,7 @@ impl Vm {
             virtio_mmio: Vec::new(),
             entry: None,
             created_at,
+            event_loop: EventLoop::new()?,
         })
     }
 
@@ -401,9 +410,15 @@ impl Vm {
         device: Box<dyn VirtioDevice>,
     ) -> Result<MmioSlot, VmError> {
         let memory = self.memory.clone();
+        let event_loop = self.event_loop.handle();
         let mut transport = None;
         let slot = self.add_virtio_mmio_device(|_slot, irq| {
-            let shared = Arc::new(Mutex::new(MmioTransport::new(device, memory, irq)?));
+            let shared = Arc::new(Mutex::new(MmioTransport::new(
+                device,
+                memory,
+                irq,
+                event_loop.clone(),
+            )?));
             transport = Some(shared.clone());
             Ok(shared)
         })?;
@@ -416,6 +431,17 @@ impl Vm {
                 .map_err(kvm_error("KVM_IOEVENTFD"))?;
         }
         Ok(slot)
+    }
+
+    /// Adds a subscriber to the VM's event loop (e.g. one that follows a signalfd); it
+    /// runs on the thread that calls [`run`](Self::run).
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.event_loop.add(subscriber);
+    }
+
+    /// Adds subscribers to the VM's event loop from other threads, also while it runs.
+    pub fn event_loop(&self) -> EventLoopHandle {
+        self.event_loop.handle()
     }
 
     /// Writes boot tables, starts the vCPUs and waits until the guest powers off,
@@ -433,14 +459,31 @@ impl Vm {
         } else {
             None
         };
-        // Set-up is done: from here on this thread only runs the VM. Every thread it
-        // starts narrows this filter to its own role (see devices::seccomp).
+        let stdin = if self.stdio {
+            let stdin = std::io::stdin().as_fd().try_clone_to_owned();
+            Some(stdin.map_err(|source| VmError::HostIo {
+                what: "console input",
+                source,
+            })?)
+        } else {
+            None
+        };
+        let serial_io =
+            SerialIo::new(self.serial.clone(), stdin).map_err(|source| VmError::HostIo {
+                what: "serial console",
+                source,
+            })?;
+        self.event_loop.add(Box::new(serial_io));
+        let exit_watcher = self.exit.watcher().map_err(|source| VmError::HostIo {
+            what: "exit watcher",
+            source,
+        })?;
+        self.event_loop.add(Box::new(exit_watcher));
+
+        // Set-up is done: from here on this thread only runs the VM's event loop. Every
+        // thread it starts narrows this filter to its own role (see devices::seccomp).
         seccomp::apply_to_current_thread(ThreadRole::EventLoop).map_err(VmError::Seccomp)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let console_thread =
-            serial::spawn_console_io(self.serial.clone(), stop.clone(), self.stdio)
-                .map_err(VmError::ConsoleThread)?;
-
         let ctx = VcpuContext {
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
@@ -463,14 +506,21 @@ impl Vm {
                 "guest started: {:?} after KVM setup began",
                 self.created_at.elapsed()
             );
-            // Woken by a device's exit request or by a vCPU thread ending.
-            result = self.exit.wait().map_err(VmError::Wait);
+            // Until a device's exit request, a deadline, or a vCPU thread ending.
+            let exit = self.exit.clone();
+            result = self
+                .event_loop
+                .run_until(|| exit.woken())
+                .map_err(VmError::from);
         }
 
         stop.store(true, Ordering::Release);
         let vcpu_result = vcpu::stop_all(threads);
-        if console_thread.join().is_none() {
-            tracing::warn!("the console thread panicked");
+        // What the guest wrote before it stopped still goes out, unless the host asked to
+        // stop at once.
+        let exit = self.exit.clone();
+        if let Err(e) = self.event_loop.drain(|| exit.forced()) {
+            tracing::warn!("output after the guest stopped may be lost: {e}");
         }
         // The guest's last words (e.g. a panic message) may still be buffered.
         tvix_boot_devices::bus::lock(&self.serial).flush_output();

@@ -9,29 +9,30 @@
 //! reader went away) the device closes the host side, which the guest sees as POLLHUP.
 //! The guest finds ports by name (`/sys/class/virtio-ports/vport*/name`).
 //!
-//! Threads: one serves the control queues (the driver's port handshake, and the messages
-//! the device sends), one per port serves its data queue. Every thread sleeps in poll(2)
-//! on its queue's notify eventfd, its host descriptor and a stop eventfd.
+//! No threads of its own: each activation is one subscriber of the VM's event loop
+//! (see [`crate::event_loop`]), woken by the queues' notify eventfds and, while there is
+//! something to move, by its host descriptors' readiness. Host descriptors are
+//! non-blocking (see [`HostFd`]), so a slow reader or writer never holds the loop up.
 //!
 //! The Linux driver drops data that arrives on a port the guest has not opened, so an
 //! input port sends nothing before the driver reports the guest side open.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
     VirtioDevice, pop_chain,
 };
-use crate::bus::lock;
-use crate::seccomp::{self, RoleThread, ThreadRole};
+use crate::event_loop::{HostFd, PendingOutput, Watch};
 
 const VIRTIO_ID_CONSOLE: u32 = 3;
 /// The device has more than one port and a control queue pair (virtio 1.2, 5.3.3).
@@ -68,6 +69,14 @@ pub enum ConsoleError {
     /// A console without ports.
     #[error("virtio-console needs at least one port")]
     NoPorts,
+    /// A port's host descriptor could not be made ready for the event loop.
+    #[error("virtio-console port {name:?}: cannot prepare its host descriptor: {source}")]
+    HostEnd {
+        /// The port's name.
+        name: String,
+        /// What failed.
+        source: io::Error,
+    },
 }
 
 /// Which way a port carries bytes, and the host end.
@@ -97,7 +106,7 @@ impl PortSpec {
     }
 }
 
-/// What the control thread knows about one port.
+/// What the device knows about one port.
 #[derive(Default)]
 struct PortState {
     /// The driver said the guest side is open (a process opened the port).
@@ -108,8 +117,7 @@ struct PortState {
     host_closed: bool,
 }
 
-/// Messages for the driver, and the per-port state they depend on, shared between the
-/// control thread (which owns the control queues) and the port threads.
+/// Messages for the driver, and the per-port state they depend on.
 struct Control {
     ports: Vec<PortState>,
     names: Vec<String>,
@@ -202,62 +210,55 @@ impl Control {
     }
 }
 
-/// Shared by every thread of one activation.
-struct Shared {
-    memory: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    control: Mutex<Control>,
-    /// Wakes the control thread to send what is in the outbox.
-    control_wake: EventFd,
-    /// Per port: wakes an input port's thread when the guest opens the port.
-    opened: Vec<EventFd>,
-}
-
-impl Shared {
-    fn close_host_side(&self, port: usize) {
-        lock(&self.control).close_host_side(port);
-        let _ = self.control_wake.write(1);
-    }
-
-    fn guest_open(&self, port: usize) -> bool {
-        lock(&self.control).ports[port].guest_open
-    }
-}
-
 /// The virtio-console device: a [`VirtioDevice`] to put on a
 /// [`MmioTransport`](super::mmio::MmioTransport), its ports numbered in the order given.
 pub struct VirtioConsole {
     names: Vec<String>,
-    /// Host ends, handed to the port threads at activation (a reset-and-reactivate by
-    /// the driver finds them gone: streams are not replayed).
-    ends: Vec<Option<PortEnd>>,
-    workers: Vec<(EventFd, RoleThread<()>)>,
+    /// Host ends, handed to the activation's subscriber (a reset-and-reactivate by the
+    /// driver finds them gone: streams are not replayed).
+    ends: Vec<Option<HostEnd>>,
+    /// Stops the current activation's subscriber.
+    stop: Option<EventFd>,
+}
+
+/// A port's host end, ready for the event loop.
+enum HostEnd {
+    Input(HostFd),
+    Output(HostFd),
 }
 
 impl VirtioConsole {
-    /// A console with `ports`; at least one ([`ConsoleError::NoPorts`]). Their threads start
-    /// when the driver activates the device.
+    /// A console with `ports`; at least one ([`ConsoleError::NoPorts`]). Their host ends
+    /// are made non-blocking here (see [`HostFd::new`]); the I/O starts when the driver
+    /// activates the device.
     pub fn new(ports: Vec<PortSpec>) -> Result<Self, ConsoleError> {
         if ports.is_empty() {
             return Err(ConsoleError::NoPorts);
         }
-        let (names, ends) = ports.into_iter().map(|p| (p.name, Some(p.end))).unzip();
+        let mut names = Vec::with_capacity(ports.len());
+        let mut ends = Vec::with_capacity(ports.len());
+        for port in ports {
+            let end = match port.end {
+                PortEnd::Input(fd) => HostFd::new(fd, false).map(HostEnd::Input),
+                PortEnd::Output(fd) => HostFd::new(fd, true).map(HostEnd::Output),
+            }
+            .map_err(|source| ConsoleError::HostEnd {
+                name: port.name.clone(),
+                source,
+            })?;
+            names.push(port.name);
+            ends.push(Some(end));
+        }
         Ok(Self {
             names,
             ends,
-            workers: Vec::new(),
+            stop: None,
         })
     }
 
-    /// Stops every thread; output ports first write out what the guest has queued.
-    fn stop_workers(&mut self) {
-        for (stop, _) in &self.workers {
+    fn stop_activation(&mut self) {
+        if let Some(stop) = self.stop.take() {
             let _ = stop.write(1);
-        }
-        for (_, worker) in self.workers.drain(..) {
-            if worker.join().is_none() {
-                tracing::warn!("virtio-console: a port thread panicked");
-            }
         }
     }
 
@@ -265,9 +266,9 @@ impl VirtioConsole {
         2 + 2 * self.names.len()
     }
 
-    /// The threads' work for one activation, before any thread runs (the fuzz targets run
-    /// it on their own thread instead). Takes the ports' host ends.
-    fn workers(&mut self, activation: Activation) -> Result<Workers, ActivateError> {
+    /// The work of one activation, not yet handed to the event loop (the fuzz targets
+    /// drive it on their own thread instead). Takes the ports' host ends.
+    fn ports(&mut self, activation: Activation) -> Result<Ports, ActivateError> {
         let expected = self.queue_count();
         if activation.queues.len() != expected {
             return Err(ActivateError::QueueCount {
@@ -276,40 +277,36 @@ impl VirtioConsole {
                 actual: activation.queues.len(),
             });
         }
-        let eventfd = || {
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| ActivateError::Spawn {
-                device: "virtio-console",
-                source,
-            })
-        };
         let mut queues: Vec<Option<(Queue, EventFd)>> =
             activation.queues.into_iter().map(Some).collect();
-        let shared = Arc::new(Shared {
-            memory: activation.memory,
-            interrupt: activation.interrupt,
-            control: Mutex::new(Control {
-                ports: self.names.iter().map(|_| PortState::default()).collect(),
-                names: self.names.clone(),
-                outbox: VecDeque::new(),
-            }),
-            control_wake: eventfd()?,
-            opened: (0..self.names.len())
-                .map(|_| eventfd())
-                .collect::<Result<_, _>>()?,
-        });
-
         let (rx, rx_event) = queues[CONTROL_RX].take().expect("counted above");
         let (tx, tx_event) = queues[CONTROL_TX].take().expect("counted above");
-        let mut workers = Workers {
-            control: ControlWorker {
-                shared: shared.clone(),
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| ActivateError::Spawn {
+            device: "virtio-console",
+            source,
+        })?;
+        let mut ports = Ports {
+            ctx: Context {
+                memory: activation.memory,
+                interrupt: activation.interrupt,
+                control: Control {
+                    ports: self.names.iter().map(|_| PortState::default()).collect(),
+                    names: self.names.clone(),
+                    outbox: VecDeque::new(),
+                },
+                pending_output: activation.event_loop.pending_output(),
+            },
+            control: ControlQueues {
                 rx,
                 rx_event,
                 tx,
                 tx_event,
+                broken: false,
             },
             inputs: Vec::new(),
             outputs: Vec::new(),
+            stop,
+            stopped: false,
         };
         for port in 0..self.names.len() {
             let rx = port_rx_queue(port);
@@ -320,43 +317,45 @@ impl VirtioConsole {
                         "virtio-console: reactivated; the port's stream is gone"
                     );
                 }
-                Some(PortEnd::Input(fd)) => {
+                Some(HostEnd::Input(host)) => {
                     let (queue, event) = queues[rx].take().expect("counted above");
-                    workers.inputs.push(InputPort {
+                    let index = ports.inputs.len();
+                    ports.inputs.push(InputPort {
                         port,
-                        shared: shared.clone(),
                         queue,
+                        watch: Watch::new(&host, Source::InputHost(index).token(), EventSet::IN),
                         event,
-                        host: File::from(fd),
+                        host: Some(host),
+                        chunk: vec![0; INPUT_CHUNK],
+                        start: 0,
+                        end: 0,
+                        broken: false,
                     });
                 }
-                Some(PortEnd::Output(fd)) => {
+                Some(HostEnd::Output(host)) => {
                     let (queue, event) = queues[rx + 1].take().expect("counted above");
-                    workers.outputs.push(OutputPort {
+                    let index = ports.outputs.len();
+                    ports.outputs.push(OutputPort {
                         port,
-                        shared: shared.clone(),
                         queue,
+                        watch: Watch::new(&host, Source::OutputHost(index).token(), EventSet::OUT),
                         event,
-                        host: Some(File::from(fd)),
+                        host: Some(host),
+                        pending: Vec::new(),
+                        start: 0,
+                        counted: None,
+                        broken: false,
                     });
                 }
             }
         }
-        Ok(workers)
+        Ok(ports)
     }
-}
-
-/// What the threads of one activation serve: the control queues, and one data queue per
-/// port that still has its host end.
-struct Workers {
-    control: ControlWorker,
-    inputs: Vec<InputPort>,
-    outputs: Vec<OutputPort>,
 }
 
 impl Drop for VirtioConsole {
     fn drop(&mut self) {
-        self.stop_workers();
+        self.stop_activation();
     }
 }
 
@@ -396,82 +395,28 @@ impl VirtioDevice for VirtioConsole {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let workers = self.workers(activation)?;
-        self.stop_workers();
-        let spawn_err = |source| ActivateError::Spawn {
-            device: "virtio-console",
-            source,
-        };
-        let mut spawn = |name: String, work: Box<dyn FnOnce(EventFd) + Send>| {
-            let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_err)?;
-            let thread_stop = stop.try_clone().map_err(spawn_err)?;
-            let handle = seccomp::spawn(ThreadRole::DeviceIo, name, move || work(thread_stop))
-                .map_err(|source| ActivateError::Thread {
-                    device: "virtio-console",
-                    source,
-                })?;
-            self.workers.push((stop, handle));
-            Ok::<(), ActivateError>(())
-        };
-        let control = workers.control;
-        spawn(
-            "virtio-console-control".to_owned(),
-            Box::new(move |stop| control.run(&stop)),
-        )?;
-        for input in workers.inputs {
-            spawn(
-                format!("virtio-console-in{}", input.port),
-                Box::new(move |stop| input.run(&stop)),
-            )?;
-        }
-        for output in workers.outputs {
-            spawn(
-                format!("virtio-console-out{}", output.port),
-                Box::new(move |stop| output.run(&stop)),
-            )?;
-        }
+        let event_loop = activation.event_loop.clone();
+        let ports = self.ports(activation)?;
+        self.stop_activation();
+        let stop = ports
+            .stop
+            .try_clone()
+            .map_err(|source| ActivateError::Spawn {
+                device: "virtio-console",
+                source,
+            })?;
+        event_loop
+            .add(Box::new(ports))
+            .map_err(|source| ActivateError::EventLoop {
+                device: "virtio-console",
+                source,
+            })?;
+        self.stop = Some(stop);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_workers();
-    }
-}
-
-/// Why a thread woke up.
-#[derive(PartialEq)]
-enum Wake {
-    Stop,
-    /// The descriptor at this index in the list passed to `wait`.
-    Ready(usize),
-}
-
-/// Sleeps until `stop` or one of `fds` is readable (or hung up).
-fn wait(stop: &EventFd, fds: &[RawFd]) -> io::Result<Wake> {
-    let mut pollfds: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
-        .chain(fds.iter().copied())
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: `pollfds` is a valid array of pollfd structs that outlives the call.
-        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if pollfds[0].revents != 0 {
-            return Ok(Wake::Stop);
-        }
-        if let Some(i) = pollfds[1..].iter().position(|p| p.revents != 0) {
-            return Ok(Wake::Ready(i));
-        }
+        self.stop_activation();
     }
 }
 
@@ -530,8 +475,194 @@ fn add_used(queue: &mut Queue, memory: &GuestMemoryMmap, head: u16, len: usize) 
     }
 }
 
-struct ControlWorker {
-    shared: Arc<Shared>,
+/// What every queue of one activation works with besides the queue itself.
+struct Context {
+    memory: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    control: Control,
+    pending_output: PendingOutput,
+}
+
+/// Where an event comes from; its token is the event's data.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Source {
+    Stop,
+    ControlTx,
+    ControlRx,
+    /// The data queue / the host end of `inputs[i]` or `outputs[i]`.
+    InputQueue(usize),
+    InputHost(usize),
+    OutputQueue(usize),
+    OutputHost(usize),
+}
+
+impl Source {
+    fn token(self) -> u32 {
+        let (kind, index) = match self {
+            Source::Stop => (0, 0),
+            Source::ControlTx => (1, 0),
+            Source::ControlRx => (2, 0),
+            Source::InputQueue(i) => (3, i),
+            Source::InputHost(i) => (4, i),
+            Source::OutputQueue(i) => (5, i),
+            Source::OutputHost(i) => (6, i),
+        };
+        // At most a few ports (their names go in a 12-byte config's count).
+        kind | (index as u32) << 3
+    }
+
+    fn from_token(token: u32) -> Option<Self> {
+        let index = (token >> 3) as usize;
+        Some(match token & 7 {
+            0 => Source::Stop,
+            1 => Source::ControlTx,
+            2 => Source::ControlRx,
+            3 => Source::InputQueue(index),
+            4 => Source::InputHost(index),
+            5 => Source::OutputQueue(index),
+            6 => Source::OutputHost(index),
+            _ => return None,
+        })
+    }
+}
+
+/// One activation: the control queues and the data queue of every port that still has
+/// its host end. A subscriber of the VM's event loop; every queue and host end is
+/// served on the loop's thread.
+struct Ports {
+    ctx: Context,
+    control: ControlQueues,
+    inputs: Vec<InputPort>,
+    outputs: Vec<OutputPort>,
+    /// Signalled when the driver resets the device (or the device goes away).
+    stop: EventFd,
+    /// Stopped: nothing watched any more, host ends closed.
+    stopped: bool,
+}
+
+impl Ports {
+    /// After any event: the driver's control messages, inputs the guest opened, messages
+    /// for the driver.
+    fn serve_control(&mut self) {
+        let _ = self.control.tx_event.read();
+        let _ = self.control.rx_event.read();
+        match self.control.serve(&mut self.ctx) {
+            Ok(opened) => {
+                for port in opened {
+                    if let Some(input) = self.inputs.iter_mut().find(|i| i.port == port) {
+                        input.pump(&mut self.ctx, false);
+                    }
+                }
+                // An input that ended at once (empty) closed its host side in `pump`.
+                if !self.ctx.control.outbox.is_empty()
+                    && let Err(e) = self.control.serve(&mut self.ctx)
+                {
+                    tracing::warn!(error = %e, "virtio-console: control queue broken");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "virtio-console: control queue broken"),
+        }
+    }
+
+    /// Registers the host ends that have something to wait for, and only those (a
+    /// readable input whose bytes the guest cannot take yet would wake the loop for
+    /// nothing, over and over).
+    fn update_watches(&mut self, ops: &mut EventOps) {
+        for input in &mut self.inputs {
+            let on = input.waits_for_host(&self.ctx.control);
+            input.watch.set(ops, on);
+        }
+        for output in &mut self.outputs {
+            let on = output.waits_for_host();
+            output.watch.set(ops, on);
+        }
+    }
+
+    fn shut_down(&mut self, ops: &mut EventOps) {
+        let _ = ops.remove(Events::new(&self.stop, EventSet::IN));
+        for event in [&self.control.tx_event, &self.control.rx_event]
+            .into_iter()
+            .chain(self.inputs.iter().map(|i| &i.event))
+            .chain(self.outputs.iter().map(|o| &o.event))
+        {
+            let _ = ops.remove(Events::new(event, EventSet::IN));
+        }
+        for input in &mut self.inputs {
+            input.watch.set(ops, false);
+        }
+        for output in &mut self.outputs {
+            output.watch.set(ops, false);
+        }
+        // Closes the host ends.
+        self.inputs.clear();
+        self.outputs.clear();
+        self.stopped = true;
+    }
+}
+
+impl MutEventSubscriber for Ports {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: &EventFd, source: Source| {
+            if let Err(e) = ops.add(Events::with_data(fd, source.token(), EventSet::IN)) {
+                tracing::warn!(?source, "virtio-console: cannot watch a queue: {e}");
+            }
+        };
+        add(&self.stop, Source::Stop);
+        add(&self.control.tx_event, Source::ControlTx);
+        add(&self.control.rx_event, Source::ControlRx);
+        for (i, input) in self.inputs.iter().enumerate() {
+            add(&input.event, Source::InputQueue(i));
+        }
+        for (i, output) in self.outputs.iter().enumerate() {
+            add(&output.event, Source::OutputQueue(i));
+        }
+        // The driver may have queued messages before the loop took the device over.
+        self.serve_control();
+        for output in &mut self.outputs {
+            output.drain(&mut self.ctx);
+        }
+        self.update_watches(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.stopped {
+            return;
+        }
+        match Source::from_token(events.data()) {
+            Some(Source::Stop) => {
+                self.shut_down(ops);
+                return;
+            }
+            Some(Source::ControlTx | Source::ControlRx) | None => {}
+            Some(Source::InputQueue(i)) => {
+                if let Some(input) = self.inputs.get_mut(i) {
+                    let _ = input.event.read();
+                    input.pump(&mut self.ctx, false);
+                }
+            }
+            Some(Source::InputHost(i)) => {
+                if let Some(input) = self.inputs.get_mut(i) {
+                    input.pump(&mut self.ctx, true);
+                }
+            }
+            Some(Source::OutputQueue(i)) => {
+                if let Some(output) = self.outputs.get_mut(i) {
+                    let _ = output.event.read();
+                    output.drain(&mut self.ctx);
+                }
+            }
+            Some(Source::OutputHost(i)) => {
+                if let Some(output) = self.outputs.get_mut(i) {
+                    output.drain(&mut self.ctx);
+                }
+            }
+        }
+        self.serve_control();
+        self.update_watches(ops);
+    }
+}
+
+struct ControlQueues {
     /// Device to driver: the driver posts empty buffers, we fill them with messages.
     rx: Queue,
     /// The driver posted more buffers: messages waiting in the outbox can go.
@@ -539,235 +670,280 @@ struct ControlWorker {
     /// Driver to device.
     tx: Queue,
     tx_event: EventFd,
+    /// A queue broke; nothing more is served on either.
+    broken: bool,
 }
 
-impl ControlWorker {
-    fn run(mut self, stop: &EventFd) {
-        loop {
-            let _ = self.tx_event.read();
-            let _ = self.rx_event.read();
-            let _ = self.shared.control_wake.read();
-            if let Err(e) = self.serve() {
-                tracing::warn!(error = %e, "virtio-console: control queue broken");
-                return;
-            }
-            match wait(
-                stop,
-                &[
-                    self.tx_event.as_raw_fd(),
-                    self.rx_event.as_raw_fd(),
-                    self.shared.control_wake.as_raw_fd(),
-                ],
-            ) {
-                Ok(Wake::Ready(_)) => {}
-                Ok(Wake::Stop) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "virtio-console: cannot wait for the driver");
-                    return;
-                }
-            }
+impl ControlQueues {
+    /// Reads the driver's messages, then sends what is in the outbox while there are
+    /// buffers for it. Returns the ports the guest opened.
+    fn serve(&mut self, ctx: &mut Context) -> Result<Vec<usize>, virtio_queue::Error> {
+        if self.broken {
+            return Ok(Vec::new());
         }
+        let result = self.serve_queues(ctx);
+        self.broken = result.is_err();
+        result
     }
 
-    /// Reads the driver's messages, then sends what is in the outbox while there are
-    /// buffers for it.
-    fn serve(&mut self) -> Result<(), virtio_queue::Error> {
-        let memory = &self.shared.memory;
+    fn serve_queues(&mut self, ctx: &mut Context) -> Result<Vec<usize>, virtio_queue::Error> {
+        let memory = &ctx.memory;
+        let mut opened = Vec::new();
         let mut used_tx = false;
         while let Some(chain) = pop_chain(&mut self.tx, memory)? {
             let head = chain.head_index();
             if let Some(message) = read_chain(memory, chain)
-                && let Some(port) = lock(&self.shared.control).handle(&message)
+                && let Some(port) = ctx.control.handle(&message)
             {
-                let _ = self.shared.opened[port].write(1);
+                opened.push(port);
             }
             used_tx |= add_used(&mut self.tx, memory, head, 0);
         }
         let mut used_rx = false;
-        let mut control = lock(&self.shared.control);
-        while !control.outbox.is_empty() {
+        while !ctx.control.outbox.is_empty() {
             let Some(chain) = pop_chain(&mut self.rx, memory)? else {
                 break;
             };
             let head = chain.head_index();
-            let message = control.outbox.pop_front().expect("not empty");
+            let message = ctx.control.outbox.pop_front().expect("not empty");
             let written = write_chain(memory, chain, &message);
             if written < message.len() {
                 tracing::warn!("virtio-console: control buffer too small, message dropped");
             }
             used_rx |= add_used(&mut self.rx, memory, head, written);
         }
-        drop(control);
         if (used_tx && self.tx.needs_notification(memory)?)
             || (used_rx && self.rx.needs_notification(memory)?)
         {
-            self.shared.interrupt.signal_used_queue();
+            ctx.interrupt.signal_used_queue();
         }
-        Ok(())
+        Ok(opened)
     }
 }
 
 /// Host to guest.
 struct InputPort {
     port: usize,
-    shared: Arc<Shared>,
     queue: Queue,
     event: EventFd,
-    host: File,
+    /// `None` once the host end reached end of file (or failed).
+    host: Option<HostFd>,
+    watch: Watch,
+    /// Bytes read from the host; `chunk[start..end]` are not in the guest yet.
+    chunk: Vec<u8>,
+    start: usize,
+    end: usize,
+    broken: bool,
 }
 
 impl InputPort {
-    fn run(mut self, stop: &EventFd) {
-        // Nothing before the guest opens the port: the driver would throw it away.
-        while !self.shared.guest_open(self.port) {
-            match wait(stop, &[self.shared.opened[self.port].as_raw_fd()]) {
-                Ok(Wake::Ready(_)) => {
-                    let _ = self.shared.opened[self.port].read();
-                }
-                _ => return,
-            }
+    fn waits_for_host(&self, control: &Control) -> bool {
+        control.ports[self.port].guest_open
+            && !self.broken
+            && self.start == self.end
+            && self.host.as_ref().is_some_and(HostFd::pollable)
+    }
+
+    /// Moves input along: what was read into the guest's buffers, then more from the
+    /// host while the guest has buffers for it. `readable`: epoll said the host end is.
+    /// Nothing moves before the guest opens the port: the driver would drop it.
+    fn pump(&mut self, ctx: &mut Context, mut readable: bool) {
+        if self.broken || !ctx.control.ports[self.port].guest_open {
+            return;
         }
-        let mut chunk = vec![0u8; INPUT_CHUNK];
         loop {
-            match wait(stop, &[self.host.as_raw_fd()]) {
-                Ok(Wake::Ready(_)) => {}
-                Ok(Wake::Stop) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "virtio-console: cannot wait for input");
-                    return;
+            if self.start < self.end {
+                match fill_buffers(&mut self.queue, ctx, &self.chunk[self.start..self.end]) {
+                    Ok(n) => self.start += n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "virtio-console: input queue broken");
+                        self.broken = true;
+                        return;
+                    }
+                }
+                if self.start < self.end {
+                    return; // waits for buffers
                 }
             }
-            let n = match self.host.read(&mut chunk) {
+            let Some(host) = &self.host else {
+                return;
+            };
+            if host.pollable() && !readable {
+                return; // waits for the host
+            }
+            match host.file().read(&mut self.chunk) {
                 Ok(0) => break,
-                Ok(n) => n,
+                Ok(n) => (self.start, self.end) = (0, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "virtio-console: reading input failed");
                     break;
                 }
-            };
-            if !self.deliver(&chunk[..n], stop) {
-                return;
             }
+            // One read per readiness: a terminal or pipe says again when it has more.
+            readable = false;
         }
-        self.shared.close_host_side(self.port);
+        self.host = None;
+        ctx.control.close_host_side(self.port);
     }
+}
 
-    /// Puts `data` into the guest's buffers, waiting for buffers as needed; one
-    /// interrupt per batch of buffers filled, not per buffer. Returns false when told to
-    /// stop (or the queue broke) first.
-    fn deliver(&mut self, mut data: &[u8], stop: &EventFd) -> bool {
-        let memory = &self.shared.memory;
+/// Puts `data` into the guest's buffers on `queue` as far as they go; returns how many
+/// bytes went in. One interrupt per batch of buffers filled, not per buffer. Asks for a
+/// notification when the buffers run out first.
+fn fill_buffers(
+    queue: &mut Queue,
+    ctx: &Context,
+    mut data: &[u8],
+) -> Result<usize, virtio_queue::Error> {
+    let memory = &ctx.memory;
+    let total = data.len();
+    loop {
+        let mut used = false;
         while !data.is_empty() {
-            let _ = self.event.read();
-            let mut used = false;
-            while !data.is_empty() {
-                let chain = match pop_chain(&mut self.queue, memory) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "virtio-console: input queue broken");
-                        return false;
-                    }
-                };
-                let head = chain.head_index();
-                let written = write_chain(memory, chain, data);
-                data = &data[written..];
-                used |= add_used(&mut self.queue, memory, head, written);
-            }
-            if used {
-                match self.queue.needs_notification(memory) {
-                    Ok(true) => self.shared.interrupt.signal_used_queue(),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "virtio-console: input queue broken");
-                        return false;
-                    }
-                }
-            }
-            if data.is_empty() {
+            let Some(chain) = pop_chain(queue, memory)? else {
                 break;
-            }
-            // Out of buffers: ask to be notified, and look again (the driver may have
-            // posted some in between) before sleeping.
-            match self.queue.enable_notification(memory) {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "virtio-console: input queue broken");
-                    return false;
-                }
-            }
-            match wait(stop, &[self.event.as_raw_fd()]) {
-                Ok(Wake::Ready(_)) => continue,
-                _ => return false,
-            }
+            };
+            let head = chain.head_index();
+            let written = write_chain(memory, chain, data);
+            data = &data[written..];
+            used |= add_used(queue, memory, head, written);
         }
-        true
+        if used && queue.needs_notification(memory)? {
+            ctx.interrupt.signal_used_queue();
+        }
+        // Out of buffers: ask to be notified, and look again (the driver may have posted
+        // some in between) before waiting.
+        if data.is_empty() || !queue.enable_notification(memory)? {
+            return Ok(total - data.len());
+        }
     }
 }
 
 /// Guest to host.
 struct OutputPort {
     port: usize,
-    shared: Arc<Shared>,
     queue: Queue,
     event: EventFd,
     /// `None` once the host side broke: later output is taken and dropped.
-    host: Option<File>,
+    host: Option<HostFd>,
+    watch: Watch,
+    /// Taken from the guest, not yet taken by the host: `pending[start..]`. While any is
+    /// left no more buffers are taken, so a slow host reader holds the guest's writer
+    /// back (flow control), as a local pipe would.
+    pending: Vec<u8>,
+    start: usize,
+    /// Counted in the VM's pending output while bytes wait.
+    counted: Option<PendingOutput>,
+    broken: bool,
 }
 
 impl OutputPort {
-    fn run(mut self, stop: &EventFd) {
-        loop {
-            let _ = self.event.read();
-            if let Err(e) = self.drain() {
-                tracing::warn!(error = %e, "virtio-console: output queue broken");
-                return;
+    fn waits_for_host(&self) -> bool {
+        !self.broken && self.has_pending() && self.host.as_ref().is_some_and(HostFd::pollable)
+    }
+
+    fn has_pending(&self) -> bool {
+        self.start < self.pending.len()
+    }
+
+    /// Writes out what is pending, then takes the guest's buffers and writes them out,
+    /// until the guest has no more or the host takes no more.
+    fn drain(&mut self, ctx: &mut Context) {
+        if self.broken {
+            return;
+        }
+        if let Err(e) = self.drain_queue(ctx) {
+            tracing::warn!(error = %e, "virtio-console: output queue broken");
+            self.broken = true;
+        }
+        match (self.has_pending(), &self.counted) {
+            (true, None) => {
+                ctx.pending_output.add();
+                self.counted = Some(ctx.pending_output.clone());
             }
-            match wait(stop, &[self.event.as_raw_fd()]) {
-                Ok(Wake::Ready(_)) => {}
-                Ok(Wake::Stop) => {
-                    // What the guest wrote before it stopped still goes out.
-                    let _ = self.drain();
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "virtio-console: cannot wait for output");
-                    return;
-                }
+            (false, Some(counted)) => {
+                counted.remove();
+                self.counted = None;
             }
+            _ => {}
         }
     }
 
-    fn drain(&mut self) -> Result<(), virtio_queue::Error> {
-        let memory = &self.shared.memory;
+    fn drain_queue(&mut self, ctx: &mut Context) -> Result<(), virtio_queue::Error> {
+        let Context {
+            memory,
+            interrupt,
+            control,
+            ..
+        } = ctx;
         loop {
+            self.write_pending(control);
+            if self.has_pending() {
+                return Ok(());
+            }
             self.queue.disable_notification(memory)?;
             let mut used = false;
-            while let Some(chain) = pop_chain(&mut self.queue, memory)? {
+            while !self.has_pending() {
+                let Some(chain) = pop_chain(&mut self.queue, memory)? else {
+                    break;
+                };
                 let head = chain.head_index();
-                // The host write happens before the buffer goes back, so a full host pipe
-                // holds the guest's writer back (flow control), as a local pipe would.
-                if let Some(bytes) = read_chain(memory, chain)
-                    && let Some(host) = &mut self.host
-                    && let Err(e) = host.write_all(&bytes)
-                {
-                    if e.kind() != io::ErrorKind::BrokenPipe {
-                        tracing::warn!(error = %e, "virtio-console: writing output failed");
-                    }
-                    self.host = None;
-                    self.shared.close_host_side(self.port);
+                if let Some(bytes) = read_chain(memory, chain) {
+                    (self.pending, self.start) = (bytes, 0);
                 }
                 used |= add_used(&mut self.queue, memory, head, 0);
+                self.write_pending(control);
             }
             if used && self.queue.needs_notification(memory)? {
-                self.shared.interrupt.signal_used_queue();
+                interrupt.signal_used_queue();
+            }
+            if self.has_pending() {
+                // Notifications stay off: the host's readiness brings us back.
+                return Ok(());
             }
             if !self.queue.enable_notification(memory)? {
                 return Ok(());
             }
+        }
+    }
+
+    /// Writes `pending[start..]` to the host as far as it takes it without blocking.
+    fn write_pending(&mut self, control: &mut Control) {
+        while self.has_pending() {
+            let Some(host) = &self.host else {
+                self.pending.clear();
+                self.start = 0;
+                return;
+            };
+            match host.file().write(&self.pending[self.start..]) {
+                Ok(0) => {
+                    tracing::warn!("virtio-console: the host end takes no output");
+                    self.host = None;
+                    control.close_host_side(self.port);
+                }
+                Ok(n) => self.start += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::BrokenPipe {
+                        tracing::warn!(error = %e, "virtio-console: writing output failed");
+                    }
+                    self.host = None;
+                    control.close_host_side(self.port);
+                }
+            }
+        }
+        self.pending.clear();
+        self.start = 0;
+    }
+}
+
+impl Drop for OutputPort {
+    fn drop(&mut self) {
+        if let Some(counted) = self.counted.take() {
+            counted.remove();
         }
     }
 }
@@ -779,6 +955,7 @@ pub mod fuzzing;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     fn control(ports: usize) -> Control {
         Control {
@@ -873,7 +1050,7 @@ mod tests {
         assert!(!c.ports[0].ready && !c.ports[0].guest_open);
     }
 
-    /// Runs `f` on a thread; a worker that spins instead of giving up on a broken queue
+    /// Runs `f` on a thread; a pass that spins instead of giving up on a broken queue
     /// fails the test rather than hanging it.
     fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -881,7 +1058,31 @@ mod tests {
             let _ = tx.send(f());
         });
         rx.recv_timeout(std::time::Duration::from_secs(10))
-            .expect("the worker spins on a broken queue")
+            .expect("the pass spins on a broken queue")
+    }
+
+    fn context(memory: &GuestMemoryMmap, ports: usize) -> Context {
+        Context {
+            memory: memory.clone(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            control: control(ports),
+            pending_output: PendingOutput::default(),
+        }
+    }
+
+    fn output_port(queue: Queue, host: File) -> OutputPort {
+        let host = HostFd::new(host.into(), true).unwrap();
+        OutputPort {
+            port: 0,
+            queue,
+            event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            watch: Watch::new(&host, Source::OutputHost(0).token(), EventSet::OUT),
+            host: Some(host),
+            pending: Vec::new(),
+            start: 0,
+            counted: None,
+            broken: false,
+        }
     }
 
     #[test]
@@ -890,14 +1091,6 @@ mod tests {
         use vm_memory::GuestAddress;
 
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let shared = Arc::new(Shared {
-            memory: memory.clone(),
-            interrupt: Arc::new(Interrupt::new(eventfd())),
-            control: Mutex::new(control(1)),
-            control_wake: eventfd(),
-            opened: vec![eventfd()],
-        });
         // Each queue holds 16 chains; the driver's available index says 1000 are waiting,
         // so none can be taken, and "is there more?" is always yes.
         let overfull = |base: u64| {
@@ -907,36 +1100,94 @@ mod tests {
         };
         let null = || File::options().write(true).open("/dev/null").unwrap();
 
-        let mut output = OutputPort {
-            port: 0,
-            shared: shared.clone(),
-            queue: overfull(0),
-            event: eventfd(),
-            host: Some(null()),
-        };
-        assert!(within_seconds(move || output.drain().is_err()));
+        let mut ctx = context(&memory, 1);
+        let mut output = output_port(overfull(0), null());
+        assert!(within_seconds(move || output
+            .drain_queue(&mut ctx)
+            .is_err()));
 
-        let mut input = InputPort {
-            port: 0,
-            shared: shared.clone(),
-            queue: overfull(0x1_0000),
-            event: eventfd(),
-            host: null(),
-        };
-        let stop = eventfd();
-        stop.write(1).unwrap();
-        assert!(!within_seconds(move || input.deliver(b"data", &stop)));
+        let ctx = context(&memory, 1);
+        let mut queue = overfull(0x1_0000);
+        assert!(within_seconds(move || fill_buffers(
+            &mut queue, &ctx, b"data"
+        )
+        .is_err()));
 
         // Control: messages wait to go out, but neither queue can be served.
-        lock(&shared.control).handle(&control_message(0, event::DEVICE_READY, 1, &[]));
-        let mut control = ControlWorker {
-            shared,
+        let mut ctx = context(&memory, 1);
+        ctx.control
+            .handle(&control_message(0, event::DEVICE_READY, 1, &[]));
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut control = ControlQueues {
             rx: overfull(0x2_0000),
             rx_event: eventfd(),
             tx: overfull(0x3_0000),
             tx_event: eventfd(),
+            broken: false,
         };
-        assert!(within_seconds(move || control.serve().is_err()));
+        assert!(within_seconds(move || {
+            let first = control.serve(&mut ctx).is_err();
+            // Broken stays broken: nothing more is served, nothing spins.
+            first
+                && control
+                    .serve(&mut ctx)
+                    .is_ok_and(|opened| opened.is_empty())
+        }));
+    }
+
+    #[test]
+    fn a_slow_host_reader_holds_output_back_and_is_counted() {
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::GuestAddress;
+
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mock = MockSplitQueue::create(&memory, GuestAddress(0), 16);
+        // Four 64 KiB buffers: more than a pipe holds.
+        const LEN: u32 = 64 << 10;
+        for i in 0..4u16 {
+            let addr = 0x10000 + u64::from(i) * u64::from(LEN);
+            memory
+                .write_slice(&vec![i as u8 + 1; LEN as usize], GuestAddress(addr))
+                .unwrap();
+            let desc = virtio_queue::desc::split::Descriptor::new(addr, LEN, 0, 0);
+            mock.desc_table()
+                .store(i, virtio_queue::desc::RawDescriptor::from(desc))
+                .unwrap();
+            mock.avail().ring().ref_at(i.into()).unwrap().store(i);
+        }
+        mock.avail().idx().store(4);
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let mut ctx = context(&memory, 1);
+        let pending = ctx.pending_output.clone();
+        let mut port = output_port(
+            mock.create_queue().unwrap(),
+            File::from(OwnedFd::from(writer)),
+        );
+        port.drain(&mut ctx);
+        assert!(port.has_pending(), "the pipe is full: bytes wait");
+        assert!(port.waits_for_host());
+        assert_eq!(pending.count(), 1);
+        assert!(
+            mock.used().idx().load() < 4,
+            "no more buffers taken while bytes wait"
+        );
+        // The reader drains the pipe as the port writes on.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < 4 * LEN as usize {
+            let n = reader.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            port.drain(&mut ctx);
+        }
+        assert_eq!(mock.used().idx().load(), 4);
+        assert!(!port.has_pending());
+        assert_eq!(pending.count(), 0);
+        for (i, chunk) in got.chunks(LEN as usize).enumerate() {
+            assert!(
+                chunk.iter().all(|&b| b == i as u8 + 1),
+                "buffer {i} in order"
+            );
+        }
     }
 
     #[test]
@@ -1029,21 +1280,8 @@ mod tests {
         mock.avail().idx().store(1);
 
         let out = tempfile::tempfile().unwrap();
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut port = OutputPort {
-            port: 0,
-            shared: Arc::new(Shared {
-                memory: memory.clone(),
-                interrupt: Arc::new(Interrupt::new(eventfd())),
-                control: Mutex::new(control(1)),
-                control_wake: eventfd(),
-                opened: vec![eventfd()],
-            }),
-            queue: mock.create_queue().unwrap(),
-            event: eventfd(),
-            host: Some(out.try_clone().unwrap()),
-        };
-        port.drain().unwrap();
+        let mut port = output_port(mock.create_queue().unwrap(), out.try_clone().unwrap());
+        port.drain_queue(&mut context(&memory, 1)).unwrap();
         assert_eq!(mock.used().idx().load(), 1, "the buffer went back");
         let mut written = Vec::new();
         let mut out = out;

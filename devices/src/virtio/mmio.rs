@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
+use crate::event_loop::EventLoopHandle;
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -40,6 +41,7 @@ pub struct MmioTransport {
     queue_select: u32,
     status: u32,
     activated: bool,
+    event_loop: EventLoopHandle,
 }
 
 /// Why a transport could not be set up for a device.
@@ -60,11 +62,13 @@ pub enum MmioError {
 
 impl MmioTransport {
     /// A transport for `device` in guest `memory`, raising its interrupt through `irqfd` (an
-    /// eventfd registered with KVM as an irqfd). Queues get the sizes the device asks for.
+    /// eventfd registered with KVM as an irqfd). Queues get the sizes the device asks for;
+    /// the device's host-side I/O may join the VM's `event_loop` when activated.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         memory: GuestMemoryMmap,
         irqfd: EventFd,
+        event_loop: EventLoopHandle,
     ) -> Result<Self, MmioError> {
         let mut queues = Vec::new();
         let mut queue_events = Vec::new();
@@ -76,6 +80,7 @@ impl MmioTransport {
             device,
             memory,
             interrupt: Arc::new(Interrupt::new(irqfd)),
+            event_loop,
             queues,
             queue_events,
             device_features_select: 0,
@@ -284,6 +289,7 @@ impl MmioTransport {
             features: self.driver_features,
             queues,
             interrupt: self.interrupt.clone(),
+            event_loop: self.event_loop.clone(),
         };
         match self.device.activate(activation) {
             Ok(()) => self.activated = true,
@@ -402,7 +408,13 @@ mod tests {
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let device = Box::new(FakeDevice(recorded.clone()));
         (
-            MmioTransport::new(device, memory, EventFd::new(0).unwrap()).unwrap(),
+            MmioTransport::new(
+                device,
+                memory,
+                EventFd::new(0).unwrap(),
+                crate::event_loop::EventLoop::new().unwrap().handle(),
+            )
+            .unwrap(),
             recorded,
         )
     }

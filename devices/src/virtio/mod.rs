@@ -16,6 +16,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::event_loop::{EventLoopError, EventLoopHandle};
+
 /// Feature bits every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// The driver may chain descriptors through indirect tables (virtio 1.2, 2.7.5.3).
@@ -40,6 +42,12 @@ pub enum ActivateError {
     Thread {
         device: &'static str,
         source: crate::seccomp::SeccompError,
+    },
+    /// The device's subscriber could not be handed to the VM's event loop.
+    #[error("cannot hand the {device} device to the event loop: {source}")]
+    EventLoop {
+        device: &'static str,
+        source: EventLoopError,
     },
     /// The driver enabled fewer or more queues than the device works with.
     #[error("the {device} device expects {expected} queues, the driver set up {actual}")]
@@ -116,6 +124,8 @@ pub struct Activation {
     pub queues: Vec<(Queue, EventFd)>,
     /// Raises the device's interrupt when used buffers or a configuration change wait.
     pub interrupt: Arc<Interrupt>,
+    /// The VM's event loop, for devices whose host-side I/O runs there.
+    pub event_loop: EventLoopHandle,
 }
 
 /// A virtio device type, independent of the transport that puts it before the guest.
