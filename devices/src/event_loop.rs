@@ -282,6 +282,11 @@ impl Watch {
         }
     }
 
+    /// Whether the descriptor is registered.
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
     /// Registers or unregisters the descriptor to match `on`.
     pub fn set(&mut self, ops: &mut EventOps, on: bool) {
         if self.on == on {

@@ -326,6 +326,7 @@ impl VirtioConsole {
                         watch: Watch::new(&host, Source::InputHost(index).token(), EventSet::IN),
                         event,
                         host: Some(host),
+                        retired: None,
                         chunk: vec![0; INPUT_CHUNK],
                         start: 0,
                         end: 0,
@@ -341,6 +342,7 @@ impl VirtioConsole {
                         watch: Watch::new(&host, Source::OutputHost(index).token(), EventSet::OUT),
                         event,
                         host: Some(host),
+                        retired: None,
                         pending: Vec::new(),
                         start: 0,
                         counted: None,
@@ -571,10 +573,16 @@ impl Ports {
         for input in &mut self.inputs {
             let on = input.waits_for_host(&self.ctx.control);
             input.watch.set(ops, on);
+            if !input.watch.is_on() {
+                input.retired = None;
+            }
         }
         for output in &mut self.outputs {
             let on = output.waits_for_host();
             output.watch.set(ops, on);
+            if !output.watch.is_on() {
+                output.retired = None;
+            }
         }
     }
 
@@ -728,6 +736,9 @@ struct InputPort {
     event: EventFd,
     /// `None` once the host end reached end of file (or failed).
     host: Option<HostFd>,
+    /// The host end after that, kept open until it is no longer watched: the loop knows
+    /// descriptors by number, and a closed number may come back for another one.
+    retired: Option<HostFd>,
     watch: Watch,
     /// Bytes read from the host; `chunk[start..end]` are not in the guest yet.
     chunk: Vec<u8>,
@@ -784,7 +795,7 @@ impl InputPort {
             // One read per readiness: a terminal or pipe says again when it has more.
             readable = false;
         }
-        self.host = None;
+        self.retired = self.host.take();
         ctx.control.close_host_side(self.port);
     }
 }
@@ -828,6 +839,9 @@ struct OutputPort {
     event: EventFd,
     /// `None` once the host side broke: later output is taken and dropped.
     host: Option<HostFd>,
+    /// The host end after that, kept open until it is no longer watched (see
+    /// `InputPort::retired`).
+    retired: Option<HostFd>,
     watch: Watch,
     /// Taken from the guest, not yet taken by the host: `pending[start..]`. While any is
     /// left no more buffers are taken, so a slow host reader holds the guest's writer
@@ -920,7 +934,7 @@ impl OutputPort {
             match host.file().write(&self.pending[self.start..]) {
                 Ok(0) => {
                     tracing::warn!("virtio-console: the host end takes no output");
-                    self.host = None;
+                    self.retired = self.host.take();
                     control.close_host_side(self.port);
                 }
                 Ok(n) => self.start += n,
@@ -930,7 +944,7 @@ impl OutputPort {
                     if e.kind() != io::ErrorKind::BrokenPipe {
                         tracing::warn!(error = %e, "virtio-console: writing output failed");
                     }
-                    self.host = None;
+                    self.retired = self.host.take();
                     control.close_host_side(self.port);
                 }
             }
@@ -1078,6 +1092,7 @@ mod tests {
             event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             watch: Watch::new(&host, Source::OutputHost(0).token(), EventSet::OUT),
             host: Some(host),
+            retired: None,
             pending: Vec::new(),
             start: 0,
             counted: None,

@@ -55,7 +55,7 @@ impl ConsoleQueues {
     pub fn end_input(&mut self, port: usize) {
         let ports = &mut self.ports;
         if let Some(input) = ports.inputs.iter_mut().find(|i| i.port == port) {
-            input.host = None;
+            input.retired = input.host.take();
             ports.ctx.control.close_host_side(port);
         }
     }
