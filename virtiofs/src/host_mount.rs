@@ -143,6 +143,14 @@ fn serve(
             // The file system was unmounted (by us or from outside), or we were woken to exit.
             Ok(None) => return Ok(()),
             Err(_) if stopping.load(Ordering::SeqCst) => return Ok(()),
+            // EPOLLERR on /dev/fuse: the kernel closed the connection, which is how the
+            // threads that did not read the unmount themselves learn of it. fuse-backend-rs
+            // tells it apart from other failures only by this message.
+            Err(fuse_backend_rs::transport::Error::SessionFailure(reason))
+                if reason == "epoll error" =>
+            {
+                return Ok(());
+            }
             Err(e) => {
                 return Err(MountError::Serve {
                     path: path.to_owned(),

@@ -460,11 +460,17 @@ impl Vm {
             None
         };
         let stdin = if self.stdio {
-            let stdin = std::io::stdin().as_fd().try_clone_to_owned();
-            Some(stdin.map_err(|source| VmError::HostIo {
-                what: "console input",
-                source,
-            })?)
+            match std::io::stdin().as_fd().try_clone_to_owned() {
+                Ok(stdin) => Some(stdin),
+                // No stdin at all: a console without input.
+                Err(e) if e.raw_os_error() == Some(libc::EBADF) => None,
+                Err(source) => {
+                    return Err(VmError::HostIo {
+                        what: "console input",
+                        source,
+                    });
+                }
+            }
         } else {
             None
         };
