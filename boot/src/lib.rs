@@ -23,11 +23,12 @@
 #![warn(missing_docs)]
 
 mod guest_mode;
+mod host_signals;
 mod initrd;
 mod microvm;
-mod window_size;
 
 pub use guest_mode::GuestModeError;
+pub use host_signals::{FORWARDED_SIGNALS, block_signals};
 pub use initrd::InitrdError;
 pub use microvm::{
     DEFAULT_CMDLINE, DEFAULT_STOP_GRACE, ExitStatus, MicroVm, MicroVmError, RunningVm, Stdio,
@@ -39,4 +40,3 @@ pub use tvix_boot_devices::seccomp;
 pub use tvix_boot_store as store;
 pub use tvix_boot_store::{Store, StoreAddrs};
 pub use tvix_boot_virtiofs::QueueService;
-pub use window_size::block_window_size_signal;

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 
     // Before any thread starts: a VM that follows the terminal's size reads SIGWINCH
     // from a signalfd, which only sees signals no thread takes.
-    if let Err(e) = tvix_boot::block_window_size_signal() {
+    if let Err(e) = tvix_boot::block_signals(&[libc::SIGWINCH]) {
         tracing::warn!("the guest console will not follow the terminal's size: {e}");
     }
     startup::mark_at("main entered", entered);

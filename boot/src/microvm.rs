@@ -14,16 +14,16 @@ use tvix_boot_devices::exit::ExitNotifier;
 use tvix_boot_devices::virtio::VirtioDevice;
 use tvix_boot_devices::virtio::console::{ConsoleError, PortEnd, PortSpec, VirtioConsole};
 use tvix_boot_init::protocol::{
-    CONTROL_PORT, DEFAULT_SHELL, KEY_CONTROL_PORT, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode,
-    STATUS_INIT_FAILED, STDERR_PORT, STDIN_PORT, STDOUT_PORT, STOP_REQUEST, WINSIZE_PORT,
+    CONTROL_PORT, DEFAULT_SHELL, HostRequest, KEY_CONTROL_PORT, KEY_STDIO_PORTS, KEY_WINSIZE_PORT,
+    Mode, STATUS_INIT_FAILED, STDERR_PORT, STDIN_PORT, STDOUT_PORT, WINSIZE_PORT,
 };
 use tvix_boot_store::{Store, StoreAddrs, StoreError};
 use tvix_boot_virtiofs::{QueueService, StoreFs, StoreFsOptions, VirtioFs};
 use tvix_boot_vmm::{Console, Initrd, Vm, VmConfig, VmError, startup};
 
 use crate::guest_mode::{self, GuestModeError};
+use crate::host_signals::{HostSignals, TerminalSizes};
 use crate::initrd::{self, HOST_BUSYBOX, InitrdError, ProgramSetup};
-use crate::window_size::WindowSizeFollower;
 
 /// The virtio-fs tag the guest mounts at /nix/store.
 const STORE_TAG: &str = "tvix";
@@ -167,6 +167,7 @@ pub struct MicroVm {
     console_stdio: bool,
     terminal_sizes: Option<OwnedFd>,
     follow_terminal_size: bool,
+    forward_signals: bool,
     virtiofs_queues: QueueService,
     env: Vec<(String, String)>,
     workdir: Option<String>,
@@ -191,6 +192,7 @@ impl MicroVm {
             console_stdio: false,
             terminal_sizes: None,
             follow_terminal_size: false,
+            forward_signals: false,
             virtiofs_queues: QueueService::Threads,
             env: Vec::new(),
             workdir: None,
@@ -336,10 +338,22 @@ impl MicroVm {
     /// With [`Self::console_stdio`] and stdin a terminal: the guest console follows the
     /// terminal's size, read at start and after each SIGWINCH (from a signalfd in the
     /// VM's event loop). SIGWINCH must be blocked in every thread of the process for the
-    /// signalfd to see it: call [`crate::block_window_size_signal`] first thing in
-    /// `main`. Ignored when [`Self::terminal_sizes`] gives the sizes.
+    /// signalfd to see it: call [`crate::block_signals`] first thing in `main`. Ignored
+    /// when [`Self::terminal_sizes`] gives the sizes.
     pub fn follow_terminal_size(mut self, on: bool) -> Self {
         self.follow_terminal_size = on;
+        self
+    }
+
+    /// SIGTERM, SIGHUP, SIGINT and SIGQUIT sent to this process go to the guest's program
+    /// (see [`VmStopper::signal`]), read from a signalfd in the VM's event loop; SIGTERM
+    /// and SIGHUP also stop the VM after the stop grace time, should the guest not end
+    /// by then. For a process that stands for its guest program, like the CLI. The
+    /// signals must be blocked in every thread ([`crate::block_signals`] with
+    /// [`crate::FORWARDED_SIGNALS`], before any thread starts). Only for guests that run
+    /// a program under tvix-boot's init (run, shell, find).
+    pub fn forward_signals(mut self, on: bool) -> Self {
+        self.forward_signals = on;
         self
     }
 
@@ -457,16 +471,15 @@ impl MicroVm {
             ports.push(port(STDOUT_PORT, PortEnd::Output(stdout.guests)));
             ports.push(port(STDERR_PORT, PortEnd::Output(stderr.guests)));
         }
-        let mut size_follower = None;
+        let mut terminal_sizes = None;
         if self.terminal_sizes.is_none()
             && self.follow_terminal_size
             && self.console_stdio
             && program.is_some()
-            && let Some((sizes, follower)) =
-                WindowSizeFollower::start().map_err(MicroVmError::Stdio)?
+            && let Some((port_end, sizes)) = TerminalSizes::start().map_err(MicroVmError::Stdio)?
         {
-            self.terminal_sizes = Some(sizes);
-            size_follower = Some(follower);
+            self.terminal_sizes = Some(port_end);
+            terminal_sizes = Some(sizes);
         }
         if let Some(sizes) = self
             .terminal_sizes
@@ -515,9 +528,6 @@ impl MicroVm {
             console,
         };
         let mut vm = Vm::new(config)?;
-        if let Some(follower) = size_follower {
-            vm.add_subscriber(Box::new(follower));
-        }
         vm.add_virtio_device(store_device(
             store,
             u16::from(self.cpus),
@@ -530,6 +540,17 @@ impl MicroVm {
         let exit = vm.exit_notifier();
         if let Some(timeout) = self.timeout {
             exit.set_deadline(started_at + timeout, GuestExit::TimedOut);
+        }
+        let stopper = VmStopper {
+            exit,
+            control: control.map(Arc::new),
+            grace: self.stop_grace,
+        };
+        // Signals go to the program only if there is one to take them.
+        let forward = (self.forward_signals && stopper.control.is_some()).then(|| stopper.clone());
+        if terminal_sizes.is_some() || forward.is_some() {
+            let signals = HostSignals::new(terminal_sizes, forward).map_err(MicroVmError::Stdio)?;
+            vm.add_subscriber(Box::new(signals));
         }
         let status = vm.guest_status();
         let expects_status = matches!(
@@ -547,11 +568,7 @@ impl MicroVm {
             stdin: handles.stdin,
             stdout: handles.stdout,
             stderr: handles.stderr,
-            stopper: VmStopper {
-                exit,
-                control: control.map(Arc::new),
-                grace: self.stop_grace,
-            },
+            stopper,
             thread: Some(thread),
             status: None,
         })
@@ -580,6 +597,10 @@ pub enum ExitStatus {
     TimedOut,
     /// [`VmStopper::kill`], or a [`VmStopper::stop`] whose grace ran out, stopped the VM.
     Killed,
+    /// With [`MicroVm::forward_signals`]: this process got the signal (SIGTERM or
+    /// SIGHUP), passed it to the program, and the guest had not ended when the grace
+    /// time ran out. A process standing for its program dies of that signal now.
+    HostSignal(i32),
 }
 
 impl ExitStatus {
@@ -588,6 +609,7 @@ impl ExitStatus {
             GuestExit::Panic => Self::Panicked,
             GuestExit::TimedOut => Self::TimedOut,
             GuestExit::Killed => Self::Killed,
+            GuestExit::HostSignal(signal) => Self::HostSignal(signal),
             GuestExit::PowerOff | GuestExit::Reset => match reported {
                 Some(STATUS_INIT_FAILED) => Self::InitFailed,
                 Some(status) => {
@@ -645,6 +667,11 @@ impl RunningVm {
         self.stopper.kill();
     }
 
+    /// Sends `signal` to the guest's program; see [`VmStopper::signal`].
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        self.stopper.signal(signal)
+    }
+
     /// A handle that stops this VM from elsewhere (another thread, a signal watcher).
     pub fn stopper(&self) -> VmStopper {
         self.stopper.clone()
@@ -674,17 +701,44 @@ impl VmStopper {
     /// Asks the guest to stop (tvix-boot's init ends the program with SIGTERM, reports
     /// its status and powers off), and stops the VM without it after the grace time.
     pub fn stop(&self) {
-        if let Some(control) = &self.control {
-            // Non-blocking: a guest that reads nothing cannot hold the caller up.
-            let _ = (&**control).write_all(format!("{STOP_REQUEST}\n").as_bytes());
+        let _ = self.request(HostRequest::Stop);
+        self.stop_after_grace(GuestExit::Killed);
+    }
+
+    /// Sends `signal` (1 to 64) to the guest's program, as a host would to a process:
+    /// tvix-boot's init sends it to every process but itself; the program handles it or
+    /// dies of it, and [`RunningVm::wait`] reports what it did. Only guests that run a
+    /// program under tvix-boot's init (run, shell, find) can be signalled; for others,
+    /// and for a number out of range, an `InvalidInput` or `Unsupported` error.
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        if !(1..=64).contains(&signal) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{signal} is not a signal number (1 to 64)"),
+            ));
         }
-        self.exit
-            .set_deadline(Instant::now() + self.grace, GuestExit::Killed);
+        self.request(HostRequest::Signal(signal))
+    }
+
+    fn request(&self, request: HostRequest) -> std::io::Result<()> {
+        let Some(control) = &self.control else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this guest has no program to pass requests to (init or a custom initrd)",
+            ));
+        };
+        // Non-blocking: a guest that reads nothing cannot hold the caller up.
+        (&**control).write_all(format!("{}\n", request.to_line()).as_bytes())
     }
 
     /// Stops the VM now.
     pub fn kill(&self) {
         self.exit.request(GuestExit::Killed);
+    }
+
+    /// Stops the VM after the grace time unless it ends before, with `why`.
+    pub(crate) fn stop_after_grace(&self, why: GuestExit) {
+        self.exit.set_deadline(Instant::now() + self.grace, why);
     }
 }
 
@@ -899,6 +953,10 @@ mod tests {
         assert_eq!(
             ExitStatus::from_guest(GuestExit::Killed, Some(0), true),
             Killed
+        );
+        assert_eq!(
+            ExitStatus::from_guest(GuestExit::HostSignal(15), Some(0), true),
+            HostSignal(15)
         );
     }
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tvix_boot::seccomp::SeccompError;
-use tvix_boot::{ExitStatus, MicroVm, MicroVmError, QueueService};
+use tvix_boot::{DEFAULT_STOP_GRACE, ExitStatus, MicroVm, MicroVmError, QueueService};
 use tvix_boot_init::protocol::{Cmdline, Mode};
 
 use crate::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
@@ -113,6 +113,8 @@ pub enum VmCmdError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot take over the signals for the guest: {0}")]
+    Signals(std::io::Error),
     #[error(
         "--console-log is for --run with separate program streams (stdin or stdout not a \
          terminal, or -T); here the console is the terminal"
@@ -160,6 +162,13 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
             eprintln!("tvix-boot: the VM was stopped");
             ExitCode::FAILURE
         }
+        ExitStatus::HostSignal(signal) => {
+            eprintln!(
+                "tvix-boot: the guest had not ended {:?} after signal {signal}; stopped it",
+                DEFAULT_STOP_GRACE
+            );
+            die_of(signal)
+        }
     };
     let failed = matches!(
         status,
@@ -174,13 +183,28 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     code
 }
 
+/// Ends the process by `signal`'s default action, so that the parent sees the real cause
+/// (the VM has ended and the terminal is restored by now); FAILURE if that did not end it.
+fn die_of(signal: i32) -> ExitCode {
+    // SAFETY: plain calls without pointers but the sigset, which is initialised by
+    // sigemptyset before sigaddset and pthread_sigmask read it.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::raise(signal);
+        // Blocked (every thread blocks forwarded signals): unblocking delivers it.
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    ExitCode::FAILURE
+}
+
 /// Boots what the flags say and waits for the guest to stop.
 fn boot(
     args: VmArgs,
     store_addrs: &StoreAddrArgs,
 ) -> Result<(ExitStatus, Option<ConsoleTail>), VmCmdError> {
-    args.seccomp.enable(store_addrs)?;
-    tvix_boot_vmm::startup::mark("seccomp filters built");
     let requested = args.mode.requested()?;
     let cmdline = args.cmdline.clone().unwrap_or_default();
     // What the guest will run: the flag's mode, or the command line's own keys (the
@@ -207,6 +231,22 @@ fn boot(
     if args.console_log.is_some() && !stdio_ports {
         return Err(VmCmdError::ConsoleLogWithTerminal);
     }
+    // The guest's program takes this process's SIGTERM, SIGHUP, SIGINT and SIGQUIT, as
+    // it would on a host; blocked before the first thread starts (the filters' store
+    // runtime), since the VM reads them from a signalfd. Other guests have no program to
+    // take them: tvix-boot dies of them as before.
+    let find = matches!(requested, Some(Mode::Find))
+        || (requested.is_none()
+            && matches!(
+                Mode::from_cmdline(&Cmdline::parse(&cmdline)),
+                Ok(Mode::Find)
+            ));
+    let forward_signals = args.initrd.is_none() && (has_a_program || find);
+    if forward_signals {
+        tvix_boot::block_signals(&tvix_boot::FORWARDED_SIGNALS).map_err(VmCmdError::Signals)?;
+    }
+    args.seccomp.enable(store_addrs)?;
+    tvix_boot_vmm::startup::mark("seccomp filters built");
 
     let mut vm = match (args.initrd, requested) {
         (Some(initrd), _) => MicroVm::with_initrd(initrd),
@@ -250,7 +290,9 @@ fn boot(
         vm = vm.console_log(log);
     }
     // With the terminal, the guest's console follows its size (main blocked SIGWINCH).
-    vm = vm.follow_terminal_size(has_a_program && !stdio_ports);
+    vm = vm
+        .follow_terminal_size(has_a_program && !stdio_ports)
+        .forward_signals(forward_signals);
     let status = vm.start()?.wait()?;
     Ok((status, console_tail))
 }

@@ -26,6 +26,9 @@ pub enum GuestExit {
     TimedOut,
     /// The host stopped the guest without waiting for it.
     Killed,
+    /// The host process got this signal, passed it to the guest, and the guest did not
+    /// stop within the grace time.
+    HostSignal(i32),
 }
 
 struct Inner {
@@ -73,7 +76,7 @@ impl ExitNotifier {
             *reason = Some(why);
         }
         drop(reason);
-        if why == GuestExit::Killed {
+        if matches!(why, GuestExit::Killed | GuestExit::HostSignal(_)) {
             self.inner.forced.store(true, Ordering::Release);
         }
         self.wake();
@@ -91,8 +94,8 @@ impl ExitNotifier {
         self.inner.woken.load(Ordering::Acquire)
     }
 
-    /// Whether the host asked to stop at once ([`GuestExit::Killed`]), even after the
-    /// guest's own request.
+    /// Whether the host asked to stop at once ([`GuestExit::Killed`], or a grace time
+    /// after a [`GuestExit::HostSignal`] ran out), even after the guest's own request.
     pub fn forced(&self) -> bool {
         self.inner.forced.load(Ordering::Acquire)
     }

@@ -1,7 +1,8 @@
 //! End-to-end: `tvix-boot --run` behaves like the program itself when its stdio is not a
 //! terminal. The program's stdin, stdout and stderr travel on virtio-console ports,
 //! separate from the guest's console: byte-exact both ways, end of file on stdin, stderr
-//! apart from stdout, SIGPIPE when the reader goes away, the program's exit status.
+//! apart from stdout, SIGPIPE when the reader goes away, signals to tvix-boot reaching
+//! the program, the program's exit status.
 //! Inside the QEMU TCG test host (nested KVM); fails, never skips, when it cannot run.
 
 use std::time::Duration;
@@ -67,6 +68,25 @@ echo "yes-seconds=$t0 $t1"
 
 tvix-boot --run $BB -- sh -c 'kill -TERM $$' < /dev/null > /dev/null
 echo "signal-status=$?"
+
+# Signals to tvix-boot reach the program, which handles them as it would on a host.
+# (Not SIGINT: a background job of a script has it ignored, and so would the program.)
+wait_ready() {
+  i=0; while [ $i -lt 600 ] && ! grep -q ready "$1" 2>/dev/null; do sleep 0.1; i=$((i + 1)); done
+}
+tvix-boot --run $BB -- sh -c 'trap "echo caught-term; exit 7" TERM; echo ready; while :; do sleep 1; done' < /dev/null > /tmp/trap.out &
+P=$!
+wait_ready /tmp/trap.out
+kill -TERM $P
+wait $P
+echo "trap-status=$?"
+echo "trap-out=$(tr '\n' ',' < /tmp/trap.out)"
+tvix-boot --run $BB -- sh -c 'echo ready; exec sleep 1000' < /dev/null > /tmp/hup.out &
+P=$!
+wait_ready /tmp/hup.out
+kill -HUP $P
+wait $P
+echo "hup-status=$?"
 
 tvix-boot --env FOO='a b' --env HOME=/tmp --workdir $D --run $BB -- sh -c 'echo "[$FOO] $HOME $PWD $PATH ${TERM-unset}"' > /tmp/env.out
 echo "env-status=$?"
@@ -179,6 +199,11 @@ fn run_passes_the_programs_streams_byte_exact_and_its_status() {
 
     // Killed by a signal: 128 + SIGTERM.
     assert_eq!(value(&out, "signal-status"), "143", "{out}");
+    // SIGTERM to tvix-boot went to the program, whose trap ran and chose the status;
+    // SIGHUP ended a program without a handler: 128 + 1.
+    assert_eq!(value(&out, "trap-out"), "ready,caught-term,", "{out}");
+    assert_eq!(value(&out, "trap-status"), "7", "{out}");
+    assert_eq!(value(&out, "hup-status"), "129", "{out}");
 
     // --env adds to and replaces the small default environment; --workdir.
     assert_eq!(value(&out, "env-status"), "0", "{out}");

@@ -54,9 +54,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tvix_boot_init::protocol::{
-    self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, KEY_ARGS, KEY_CONTROL_PORT, KEY_FIND,
-    KEY_INIT, KEY_RUN, KEY_SHELL, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode, POWER_OFF_LINE,
-    PROGRAM_ENV_FILE, PROGRAM_WORKDIR_FILE, STATUS_INIT_FAILED, STATUS_STOPPED,
+    self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, HostRequest, KEY_ARGS, KEY_CONTROL_PORT,
+    KEY_FIND, KEY_INIT, KEY_RUN, KEY_SHELL, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode,
+    POWER_OFF_LINE, PROGRAM_ENV_FILE, PROGRAM_WORKDIR_FILE, STATUS_INIT_FAILED, STATUS_STOPPED,
 };
 
 use crate::error::InitError;
@@ -132,13 +132,21 @@ fn run() -> Result<Option<u32>, InitError> {
 
     if cmdline.has(KEY_CONTROL_PORT) {
         let walking = matches!(mode, Mode::Find);
-        let followed = stdio_ports::follow_control_port(move || {
+        let followed = stdio_ports::follow_control_port(move |request| {
+            let signal = match request {
+                HostRequest::Stop => libc::SIGTERM,
+                HostRequest::Signal(signal) => signal,
+            };
             if walking {
                 // The walk runs in this process: nothing to signal.
-                power_off(Some(STATUS_STOPPED));
+                let status = match request {
+                    HostRequest::Stop => STATUS_STOPPED,
+                    HostRequest::Signal(signal) => 128 + signal as u32,
+                };
+                power_off(Some(status));
             }
-            // The program ends, and with it the wait below.
-            sys::terminate_all();
+            // The program handles it or ends, and with it the wait below.
+            sys::signal_all(signal);
         });
         if let Err(e) = followed {
             say!("tvix-init: {e}; the host cannot ask this guest to stop");

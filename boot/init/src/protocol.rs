@@ -91,6 +91,42 @@ pub const CONTROL_PORT: &str = "tvix.control";
 pub const STOP_REQUEST: &str = "stop";
 /// Status reported for a `tvix.find` stopped by [`STOP_REQUEST`]: as if SIGTERM ended it.
 pub const STATUS_STOPPED: u32 = 128 + 15;
+/// The line `signal N` passes signal N (1 to 64) to the program: the init sends it to
+/// every process but itself, as it does SIGTERM for [`STOP_REQUEST`]; a `tvix.find`
+/// stops walking with status 128 + N.
+pub const SIGNAL_REQUEST: &str = "signal";
+
+/// What the host asks on [`CONTROL_PORT`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostRequest {
+    /// [`STOP_REQUEST`].
+    Stop,
+    /// [`SIGNAL_REQUEST`] with a signal number from 1 to 64.
+    Signal(i32),
+}
+
+impl HostRequest {
+    /// The line that carries the request (without its newline).
+    pub fn to_line(self) -> String {
+        match self {
+            HostRequest::Stop => STOP_REQUEST.to_owned(),
+            HostRequest::Signal(signal) => format!("{SIGNAL_REQUEST} {signal}"),
+        }
+    }
+
+    /// A line from the host; `None` for anything else (a newer host may send more).
+    pub fn parse(line: &str) -> Option<Self> {
+        let line = line.trim();
+        if line == STOP_REQUEST {
+            return Some(HostRequest::Stop);
+        }
+        let number = line.strip_prefix(SIGNAL_REQUEST)?.strip_prefix(' ')?;
+        let signal: i32 = number.parse().ok()?;
+        (1..=64)
+            .contains(&signal)
+            .then_some(HostRequest::Signal(signal))
+    }
+}
 
 /// In tvix-boot's initrd: the environment of `tvix.run`'s and `tvix.shell`'s program,
 /// exactly (see [`encode_env`]). Without it the init uses a small default.
@@ -416,6 +452,30 @@ impl Mode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_requests_round_trip_and_nonsense_is_ignored() {
+        for request in [
+            HostRequest::Stop,
+            HostRequest::Signal(1),
+            HostRequest::Signal(2),
+            HostRequest::Signal(64),
+        ] {
+            assert_eq!(HostRequest::parse(&request.to_line()), Some(request));
+        }
+        assert_eq!(HostRequest::parse(" stop \n"), Some(HostRequest::Stop));
+        for line in [
+            "signal 0",
+            "signal 65",
+            "signal -2",
+            "signal",
+            "signal2",
+            "signal x",
+            "halt",
+        ] {
+            assert_eq!(HostRequest::parse(line), None, "{line}");
+        }
+    }
 
     #[test]
     fn base64url_matches_rfc4648_vectors() {

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tvix_boot_init::protocol::{
-    CONTROL_PORT, STDERR_PORT, STDIN_PORT, STDOUT_PORT, STOP_REQUEST, WINSIZE_PORT,
+    CONTROL_PORT, HostRequest, STDERR_PORT, STDIN_PORT, STDOUT_PORT, WINSIZE_PORT,
 };
 
 use crate::error::InitError;
@@ -93,17 +93,19 @@ pub fn follow_window_size(tty: RawFd) -> Result<(), InitError> {
     Ok(())
 }
 
-/// Watches [`CONTROL_PORT`] from a thread of its own and calls `on_stop` when the host
-/// sends [`STOP_REQUEST`]. Unknown lines are ignored (a newer host may send more).
-pub fn follow_control_port(on_stop: impl Fn() + Send + 'static) -> Result<(), InitError> {
+/// Watches [`CONTROL_PORT`] from a thread of its own and calls `on_request` with each
+/// [`HostRequest`] the host sends. Unknown lines are ignored (a newer host may send more).
+pub fn follow_control_port(
+    on_request: impl Fn(HostRequest) + Send + 'static,
+) -> Result<(), InitError> {
     let path = wait_for_ports(&[CONTROL_PORT])?.remove(0);
     let port = File::open(&path).map_err(|source| InitError::Ports {
         detail: format!("cannot open {}: {source}", path.display()),
     })?;
     std::thread::spawn(move || {
         for line in io::BufReader::new(port).lines().map_while(Result::ok) {
-            if line.trim() == STOP_REQUEST {
-                on_stop();
+            if let Some(request) = HostRequest::parse(&line) {
+                on_request(request);
             }
         }
     });

@@ -252,8 +252,8 @@ pub fn getpid() -> libc::pid_t {
     unsafe { libc::getpid() }
 }
 
-/// SIGTERM to every process but the caller (PID 1) and kernel threads.
-pub fn terminate_all() {
+/// `signal` to every process but the caller (PID 1) and kernel threads.
+pub fn signal_all(signal: libc::c_int) {
     // SAFETY: kill(-1, sig) takes no pointers; failure (nobody to signal) is harmless.
-    unsafe { libc::kill(-1, libc::SIGTERM) };
+    unsafe { libc::kill(-1, signal) };
 }
