@@ -36,7 +36,11 @@ impl SeccompArgs {
                 eprintln!("tvix-boot: {e}");
                 std::process::abort();
             }
-        });
+        })
+        .map_err(|source| SeccompError::Spawn {
+            name: "store-io-start".to_owned(),
+            source,
+        })?;
         if !started {
             tracing::warn!("the store's I/O threads started before their filter was ready");
         }

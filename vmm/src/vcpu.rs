@@ -115,6 +115,7 @@ impl Vcpu {
             if first_exit {
                 // The guest's first instructions ran before this.
                 crate::startup::mark("first exit");
+                crate::startup::report();
                 first_exit = false;
             }
             match exit {

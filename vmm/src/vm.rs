@@ -246,7 +246,8 @@ impl Vm {
             });
         }
         let created_at = Instant::now();
-        let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
+        let kvm = startup::kvm_ioctl("open /dev/kvm, KVM_GET_API_VERSION", Kvm::new)
+            .map_err(|source| VmError::OpenKvm { source })?;
         startup::mark("kvm opened");
         for cap in [
             Cap::Irqchip,
@@ -255,11 +256,12 @@ impl Vm {
             Cap::UserMemory,
             Cap::ExtCpuid,
         ] {
-            if !kvm.check_extension(cap) {
+            if !startup::kvm_ioctl("KVM_CHECK_EXTENSION", || kvm.check_extension(cap)) {
                 return Err(VmError::MissingCapability(cap));
             }
         }
-        let max_vcpus = kvm.get_max_vcpus().min(usize::from(MAX_VCPUS));
+        let max_vcpus = startup::kvm_ioctl("KVM_CHECK_EXTENSION", || kvm.get_max_vcpus())
+            .min(usize::from(MAX_VCPUS));
         if usize::from(vcpus) > max_vcpus {
             return Err(VmError::VcpuCount {
                 requested: vcpus,
@@ -267,12 +269,14 @@ impl Vm {
             });
         }
 
-        let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_START as usize)
-            .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
+        // kvm-ioctls asks for KVM_GET_VCPU_MMAP_SIZE too.
+        let vm_fd = startup::kvm_ioctl("KVM_CREATE_VM", || kvm.create_vm())
+            .map_err(kvm_error("KVM_CREATE_VM"))?;
+        startup::kvm_ioctl("KVM_SET_TSS_ADDR", || {
+            vm_fd.set_tss_address(layout::KVM_TSS_START as usize)
+        })
+        .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
+        startup::kvm_ioctl("KVM_CREATE_IRQCHIP", || vm_fd.create_irq_chip())
             .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
         // The PIT drives the PC speaker on port 0x61; a dummy speaker keeps that port
         // inside KVM too.
@@ -280,8 +284,7 @@ impl Vm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        vm_fd
-            .create_pit2(pit)
+        startup::kvm_ioctl("KVM_CREATE_PIT2", || vm_fd.create_pit2(pit))
             .map_err(kvm_error("KVM_CREATE_PIT2"))?;
         startup::mark("vm created");
 
@@ -426,9 +429,10 @@ impl Vm {
         let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
         let notify = IoEventAddress::Mmio(slot.addr + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
         for (index, event) in transport.queue_events().iter().enumerate() {
-            self.vm_fd
-                .register_ioevent(event, &notify, index as u32)
-                .map_err(kvm_error("KVM_IOEVENTFD"))?;
+            startup::kvm_ioctl("KVM_IOEVENTFD", || {
+                self.vm_fd.register_ioevent(event, &notify, index as u32)
+            })
+            .map_err(kvm_error("KVM_IOEVENTFD"))?;
         }
         Ok(slot)
     }
@@ -582,19 +586,21 @@ impl Vm {
     }
 
     fn create_vcpus(&self, entry: u64, mode: EntryMode) -> Result<Vec<Vcpu>, VmError> {
-        let supported = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = startup::kvm_ioctl("KVM_GET_SUPPORTED_CPUID", || {
+            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        })
+        .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
         (0..self.vcpu_count)
             .map(|index| {
-                let fd = self
-                    .vm_fd
-                    .create_vcpu(u64::from(index))
-                    .map_err(kvm_error("KVM_CREATE_VCPU"))?;
+                // With the mmap of its kvm_run area, which kvm-ioctls makes here.
+                let fd = startup::kvm_ioctl("KVM_CREATE_VCPU", || {
+                    self.vm_fd.create_vcpu(u64::from(index))
+                })
+                .map_err(kvm_error("KVM_CREATE_VCPU"))?;
                 let mut cpuid = supported.clone();
                 cpuid::normalize(&mut cpuid, u32::from(index), u32::from(self.vcpu_count));
-                fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+                startup::kvm_ioctl("KVM_SET_CPUID2", || fd.set_cpuid2(&cpuid))
+                    .map_err(kvm_error("KVM_SET_CPUID2"))?;
                 regs::setup_msrs(&fd)?;
                 regs::setup_fpu(&fd)?;
                 regs::setup_lint(&fd)?;
@@ -629,11 +635,13 @@ fn create_memory(vm_fd: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError
             userspace_addr: region.as_ptr() as u64,
             flags: 0,
         };
-        // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
-        // `memory`, which outlives every vCPU that can access it (they are joined in
-        // `Vm::run` before `memory` is dropped), and slots do not overlap.
-        unsafe { vm_fd.set_user_memory_region(region_spec) }
-            .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
+        startup::kvm_ioctl("KVM_SET_USER_MEMORY_REGION", || {
+            // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned
+            // by `memory`, which outlives every vCPU that can access it (they are joined
+            // in `Vm::run` before `memory` is dropped), and slots do not overlap.
+            unsafe { vm_fd.set_user_memory_region(region_spec) }
+        })
+        .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(memory)
 }
@@ -642,8 +650,7 @@ fn create_memory(vm_fd: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError
 fn irqfd(vm_fd: &VmFd, irq: u32, what: &'static str) -> Result<EventFd, VmError> {
     let fd =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::EventFd { what, source })?;
-    vm_fd
-        .register_irqfd(&fd, irq)
+    startup::kvm_ioctl("KVM_IRQFD", || vm_fd.register_irqfd(&fd, irq))
         .map_err(kvm_error("KVM_IRQFD"))?;
     Ok(fd)
 }

@@ -201,7 +201,8 @@ pub fn setup_sregs<M: GuestMemory>(
     write_descriptor_tables(mem, &[code, data, tss])?;
     let [code, data, tss] = boot_segments(long_mode);
 
-    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let mut sregs: kvm_sregs = crate::startup::kvm_ioctl("KVM_GET_SREGS", || vcpu.get_sregs())
+        .map_err(kvm("KVM_GET_SREGS"))?;
     sregs.gdt.base = layout::BOOT_GDT_START;
     sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
     sregs.idt.base = layout::BOOT_IDT_START;
@@ -219,7 +220,8 @@ pub fn setup_sregs<M: GuestMemory>(
         sregs.cr0 |= X86_CR0_PG;
         sregs.efer |= EFER_LME | EFER_LMA;
     }
-    vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))
+    crate::startup::kvm_ioctl("KVM_SET_SREGS", || vcpu.set_sregs(&sregs))
+        .map_err(kvm("KVM_SET_SREGS"))
 }
 
 /// Sets general registers: entry point, boot stack and (for Linux) the zero page.
@@ -235,7 +237,7 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: u64, mode: EntryMode) -> Result<(), Regs
     if let EntryMode::Linux64 = mode {
         regs.rsi = layout::ZERO_PAGE_START;
     }
-    vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
+    crate::startup::kvm_ioctl("KVM_SET_REGS", || vcpu.set_regs(&regs)).map_err(kvm("KVM_SET_REGS"))
 }
 
 /// The x87/SSE state after FNINIT and with the default MXCSR.
@@ -247,7 +249,7 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
         mxcsr: MXCSR_DEFAULT,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))
+    crate::startup::kvm_ioctl("KVM_SET_FPU", || vcpu.set_fpu(&fpu)).map_err(kvm("KVM_SET_FPU"))
 }
 
 // MSR numbers (Intel SDM vol. 4) and values.
@@ -288,7 +290,8 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
         entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK_DEFAULT),
     ];
     let msrs = Msrs::from_entries(&entries).expect("boot MSR list fits a KVM MSR array");
-    let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    let set = crate::startup::kvm_ioctl("KVM_SET_MSRS", || vcpu.set_msrs(&msrs))
+        .map_err(kvm("KVM_SET_MSRS"))?;
     if set != entries.len() {
         return Err(RegsError::MsrsRejected {
             set,
@@ -309,7 +312,8 @@ const APIC_MODE_EXTINT: u32 = 0b111;
 /// Wires LINT0 to the (in-kernel) 8259 PIC as ExtINT and LINT1 to NMI, the virtual-wire
 /// setup firmware leaves behind and Linux expects.
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    let mut lapic = crate::startup::kvm_ioctl("KVM_GET_LAPIC", || vcpu.get_lapic())
+        .map_err(kvm("KVM_GET_LAPIC"))?;
     for (register, mode) in [
         (APIC_LVT_LINT0, APIC_MODE_EXTINT),
         (APIC_LVT_LINT1, APIC_MODE_NMI),
@@ -322,7 +326,8 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
             *dst = src as _;
         }
     }
-    vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
+    crate::startup::kvm_ioctl("KVM_SET_LAPIC", || vcpu.set_lapic(&lapic))
+        .map_err(kvm("KVM_SET_LAPIC"))
 }
 
 #[cfg(test)]
