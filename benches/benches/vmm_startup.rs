@@ -282,12 +282,14 @@ fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-/// `$TVIX_BOOT_BIN` when set (to compare builds), else the release tvix-boot, built now.
+/// `$TVIX_BOOT_BIN` when set (to compare builds; a relative path is from the workspace
+/// root, where cargo is run, not this package's directory, where benches run), else the
+/// release tvix-boot, built now.
 fn build_tvix_boot() -> PathBuf {
-    if let Some(bin) = std::env::var_os("TVIX_BOOT_BIN").filter(|v| !v.is_empty()) {
-        return PathBuf::from(bin);
-    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if let Some(bin) = std::env::var_os("TVIX_BOOT_BIN").filter(|v| !v.is_empty()) {
+        return root.join(bin);
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&root)

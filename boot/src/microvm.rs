@@ -6,11 +6,11 @@ use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tvix_boot_devices::GuestExit;
 use tvix_boot_devices::exit::ExitNotifier;
+use tvix_boot_devices::seccomp::{self, RoleThread, SeccompError, ThreadRole};
 use tvix_boot_devices::virtio::VirtioDevice;
 use tvix_boot_devices::virtio::console::{ConsoleError, PortEnd, PortSpec, VirtioConsole};
 use tvix_boot_init::protocol::{
@@ -83,11 +83,12 @@ pub enum MicroVmError {
     Console(ConsoleError),
     /// The thread that runs the VM could not be started.
     #[error("cannot start the VM's thread: {0}")]
-    Thread(std::io::Error),
+    Thread(SeccompError),
     /// Program arguments without a program (`run`) to give them to.
     #[error("arguments are for the program of run (--run), which is not what this VM does")]
     ArgsWithoutRun,
-    /// The thread that runs the VM panicked.
+    /// The thread that runs the VM panicked (or could not install its seccomp filter;
+    /// it says why in the log).
     #[error("the VM's thread panicked")]
     Panicked,
     /// An earlier [`RunningVm::wait`] already reported how the VM failed.
@@ -557,13 +558,14 @@ impl MicroVm {
             mode,
             Some(Mode::Run { .. } | Mode::Shell { .. } | Mode::Find)
         );
-        let thread = std::thread::Builder::new()
-            .name("tvix-vm".to_owned())
-            .spawn(move || {
-                let exit = vm.run()?;
-                Ok(ExitStatus::from_guest(exit, status.get(), expects_status))
-            })
-            .map_err(MicroVmError::Thread)?;
+        // The ioctls that create the vCPUs here: the VM's thread starts with the event
+        // loop's filter (when filters are on), which does not allow them.
+        vm.prepare()?;
+        let thread = seccomp::spawn(ThreadRole::EventLoop, "tvix-vm".to_owned(), move || {
+            let exit = vm.run()?;
+            Ok(ExitStatus::from_guest(exit, status.get(), expects_status))
+        })
+        .map_err(MicroVmError::Thread)?;
         Ok(RunningVm {
             stdin: handles.stdin,
             stdout: handles.stdout,
@@ -637,7 +639,7 @@ pub struct RunningVm {
     /// The program's stderr, when [`MicroVm::stderr`] was [`Stdio::Piped`].
     pub stderr: Option<File>,
     stopper: VmStopper,
-    thread: Option<JoinHandle<Result<ExitStatus, MicroVmError>>>,
+    thread: Option<RoleThread<Result<ExitStatus, MicroVmError>>>,
     status: Option<ExitStatus>,
 }
 
@@ -651,7 +653,7 @@ impl RunningVm {
         // Like Child::wait: the program must not block on a stdin nobody closes.
         drop(self.stdin.take());
         let thread = self.thread.take().ok_or(MicroVmError::AlreadyReported)?;
-        let status = thread.join().map_err(|_| MicroVmError::Panicked)??;
+        let status = thread.join().ok_or(MicroVmError::Panicked)??;
         self.status = Some(status);
         Ok(status)
     }

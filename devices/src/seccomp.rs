@@ -120,7 +120,9 @@ pub struct Policy {
 
 struct Enabled {
     mode: SeccompMode,
-    filters: BTreeMap<ThreadRole, BpfProgram>,
+    policy: Policy,
+    /// Each role's program, indexed by the role, compiled on first use.
+    filters: [OnceLock<BpfProgram>; ThreadRole::ALL.len()],
     /// Returns ENOSYS for clone3, whose flags a filter cannot see, so that glibc falls
     /// back to clone, whose flags it can.
     clone3_fallback: BpfProgram,
@@ -146,19 +148,13 @@ pub fn enable(mode: SeccompMode, policy: Policy) -> Result<(), SeccompError> {
     if arch != TargetArch::x86_64 {
         return Err(SeccompError::Architecture);
     }
-    let mismatch = match mode {
-        SeccompMode::Enforce => SeccompAction::Trap,
-        SeccompMode::Log => SeccompAction::Log,
-    };
-    let mut filters = BTreeMap::new();
-    for role in ThreadRole::ALL {
-        let rules = syscalls::rules(role, policy);
-        let filter = SeccompFilter::new(rules, mismatch.clone(), SeccompAction::Allow, arch)
-            .map_err(|source| SeccompError::Build { role, source })?;
-        let program =
-            BpfProgram::try_from(filter).map_err(|source| SeccompError::Build { role, source })?;
-        filters.insert(role, program);
-    }
+    // Built now, so that a list that cannot be compiled is reported here; the others are
+    // compiled when a thread of their role first starts (off the way to the guest's
+    // first instruction).
+    let filters = ThreadRole::ALL.map(|_| OnceLock::new());
+    filters[ThreadRole::EventLoop as usize]
+        .set(build(ThreadRole::EventLoop, policy, mode)?)
+        .expect("a fresh cell");
     let clone3_fallback = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, vec![])]),
         SeccompAction::Allow,
@@ -176,6 +172,7 @@ pub fn enable(mode: SeccompMode, policy: Policy) -> Result<(), SeccompError> {
     let (requests, incoming) = mpsc::channel();
     let enabled = Enabled {
         mode,
+        policy,
         filters,
         clone3_fallback,
         launcher: Mutex::new(requests),
@@ -205,17 +202,60 @@ pub fn enable(mode: SeccompMode, policy: Policy) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// Installs `role`'s filter in the calling thread; nothing when filters are not enabled.
-/// It cannot be taken back.
+thread_local! {
+    /// The role whose filter this thread runs under, last installed or inherited.
+    static CURRENT_ROLE: std::cell::Cell<Option<ThreadRole>> = const { std::cell::Cell::new(None) };
+}
+
+/// Installs `role`'s filter in the calling thread; nothing when filters are not enabled,
+/// or when the thread already runs under exactly that filter (it was started by
+/// [`spawn`] for that role). It cannot be taken back.
 pub fn apply_to_current_thread(role: ThreadRole) -> Result<(), SeccompError> {
     let Some(enabled) = ENABLED.get() else {
         return Ok(());
     };
+    if CURRENT_ROLE.get() == Some(role) {
+        return Ok(());
+    }
+    install_role(enabled, role, CURRENT_ROLE.get().is_none())?;
+    CURRENT_ROLE.set(Some(role));
+    Ok(())
+}
+
+/// Installs `role`'s program, and the clone3 fallback unless the thread has it already
+/// (from the thread that started it).
+fn install_role(
+    enabled: &Enabled,
+    role: ThreadRole,
+    with_clone3_fallback: bool,
+) -> Result<(), SeccompError> {
     let install = |program: &BpfProgram| {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { role, source })
     };
-    install(&enabled.clone3_fallback)?;
-    install(&enabled.filters[&role])
+    let program = match enabled.filters[role as usize].get() {
+        Some(program) => program,
+        None => {
+            let built = build(role, enabled.policy, enabled.mode)?;
+            enabled.filters[role as usize].get_or_init(|| built)
+        }
+    };
+    if with_clone3_fallback {
+        install(&enabled.clone3_fallback)?;
+    }
+    install(program)
+}
+
+/// `role`'s program.
+fn build(role: ThreadRole, policy: Policy, mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
+    let arch = TargetArch::x86_64;
+    let mismatch = match mode {
+        SeccompMode::Enforce => SeccompAction::Trap,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let rules = syscalls::rules(role, policy);
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
+        .map_err(|source| SeccompError::Build { role, source })?;
+    BpfProgram::try_from(filter).map_err(|source| SeccompError::Build { role, source })
 }
 
 struct LaunchRequest {
@@ -235,16 +275,51 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    start(role, name, body, ENABLED.get().is_some())
+}
+
+/// Like [`spawn`], but the thread is started by the calling thread, so it keeps the
+/// caller's filter under its own. For a caller whose filter allows all its role does
+/// (the thread that runs the VM, starting its vCPUs): no round trip to the launcher.
+pub fn spawn_from_here<F, T>(
+    role: ThreadRole,
+    name: String,
+    body: F,
+) -> Result<RoleThread<T>, SeccompError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    start(role, name, body, false)
+}
+
+fn start<F, T>(
+    role: ThreadRole,
+    name: String,
+    body: F,
+    through_launcher: bool,
+) -> Result<RoleThread<T>, SeccompError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
     let (result_tx, result_rx) = mpsc::sync_channel(1);
     let thread_name = name.clone();
+    // The filter the new thread starts with: the launcher's, or the caller's.
+    let inherited = if through_launcher && ENABLED.get().is_some() {
+        Some(ThreadRole::EventLoop)
+    } else {
+        CURRENT_ROLE.get()
+    };
     let wrapped = move || {
+        CURRENT_ROLE.set(inherited);
         if let Err(e) = apply_to_current_thread(role) {
             tracing::error!(thread = %thread_name, "{e}; the thread does not run");
             return;
         }
         let _ = result_tx.send(body());
     };
-    let handle = match ENABLED.get() {
+    let handle = match ENABLED.get().filter(|_| through_launcher) {
         None => std::thread::Builder::new()
             .name(name.clone())
             .spawn(wrapped)
@@ -839,6 +914,16 @@ mod tests {
             );
             let message = format!("seccomp: thread test-role made system call {call} (");
             assert!(stderr.contains(&message), "{role:?}: {stderr}");
+        }
+    }
+
+    #[test]
+    fn every_role_builds_and_indexes_its_own_program() {
+        for (index, role) in ThreadRole::ALL.into_iter().enumerate() {
+            assert_eq!(role as usize, index, "{role:?}");
+            for mode in [SeccompMode::Enforce, SeccompMode::Log] {
+                build(role, Policy { network: true }, mode).unwrap();
+            }
         }
     }
 

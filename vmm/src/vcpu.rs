@@ -186,7 +186,8 @@ pub(crate) struct VcpuThread {
 pub(crate) fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> Result<VcpuThread, VcpuError> {
     install_kick_handler()?;
     let index = vcpu.index;
-    let handle = seccomp::spawn(ThreadRole::Vcpu, format!("vcpu{index}"), move || {
+    // From the VM's thread, whose event-loop filter allows all a vCPU's does.
+    let handle = seccomp::spawn_from_here(ThreadRole::Vcpu, format!("vcpu{index}"), move || {
         let exit = ctx.exit.clone();
         // Wake the VMM however this thread ends, panics included.
         struct WakeOnDrop(ExitNotifier);

@@ -204,6 +204,8 @@ pub struct Vm {
     /// Runs the host side of the devices (everything but vCPUs and virtio-fs queue
     /// workers) on the thread that calls [`run`](Self::run).
     event_loop: EventLoop,
+    /// Created by [`prepare`](Self::prepare), started by [`run`](Self::run).
+    vcpus: Option<Vec<Vcpu>>,
 }
 
 impl Vm {
@@ -354,6 +356,7 @@ impl Vm {
             entry: None,
             created_at,
             event_loop: EventLoop::new()?,
+            vcpus: None,
         })
     }
 
@@ -437,6 +440,19 @@ impl Vm {
         Ok(slot)
     }
 
+    /// Writes the boot tables and creates the vCPUs (KVM ioctls on the VM and vCPU fds),
+    /// after the last device was added. [`run`](Self::run) does it if it was not done;
+    /// doing it first lets `run` go on a thread that already has the event loop's
+    /// seccomp filter, which does not allow these ioctls.
+    pub fn prepare(&mut self) -> Result<(), VmError> {
+        startup::mark("virtio devices added");
+        let (entry, mode) = self.write_boot_state()?;
+        startup::mark("boot tables written");
+        self.vcpus = Some(self.create_vcpus(entry, mode)?);
+        startup::mark("vcpus created");
+        Ok(())
+    }
+
     /// Adds a subscriber to the VM's event loop (e.g. one that follows a signalfd); it
     /// runs on the thread that calls [`run`](Self::run).
     pub fn add_subscriber(&mut self, subscriber: Subscriber) {
@@ -451,11 +467,10 @@ impl Vm {
     /// Writes boot tables, starts the vCPUs and waits until the guest powers off,
     /// resets or panics. All vCPU threads are stopped and joined before it returns.
     pub fn run(mut self) -> Result<GuestExit, VmError> {
-        startup::mark("virtio devices added");
-        let (entry, mode) = self.write_boot_state()?;
-        startup::mark("boot tables written");
-        let vcpus = self.create_vcpus(entry, mode)?;
-        startup::mark("vcpus created");
+        if self.vcpus.is_none() {
+            self.prepare()?;
+        }
+        let vcpus = self.vcpus.take().unwrap_or_default();
 
         // Raw mode only while the guest runs; dropped (restored) on every return path.
         let _raw_terminal = if self.stdio {
@@ -489,10 +504,12 @@ impl Vm {
             source,
         })?;
         self.event_loop.add(Box::new(exit_watcher));
+        startup::mark("event loop set up");
 
         // Set-up is done: from here on this thread only runs the VM's event loop. Every
         // thread it starts narrows this filter to its own role (see devices::seccomp).
         seccomp::apply_to_current_thread(ThreadRole::EventLoop).map_err(VmError::Seccomp)?;
+        startup::mark("event-loop filter installed");
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = VcpuContext {
             pio: self.pio.clone(),
