@@ -3,7 +3,7 @@
 //! `tvix-boot` (static, built if needed) is on PATH, TVIX_BOOT_KERNEL names the guest
 //! kernel and the embedded store lives under /tmp/data.
 //!
-//!     in-test-host [--memory MIB] [--file HOST_PATH=GUEST_PATH]... SCRIPT
+//!     in-test-host [--memory MIB] [--cpus N] [--file HOST_PATH=GUEST_PATH]... SCRIPT
 //!
 //! Prints what the script printed and exits with its exit status.
 
@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, assets};
 
-const USAGE: &str = "usage: in-test-host [--memory MIB] [--file HOST_PATH=GUEST_PATH]... SCRIPT";
+const USAGE: &str =
+    "usage: in-test-host [--memory MIB] [--cpus N] [--file HOST_PATH=GUEST_PATH]... SCRIPT";
 /// The demo boots a VM or two; anything slower than this is stuck.
 const TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -30,6 +31,7 @@ fn run() -> Result<ExitCode, String> {
     let mut files = Vec::new();
     let mut script = None;
     let mut memory_mib = None;
+    let mut cpus = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -54,6 +56,10 @@ fn run() -> Result<ExitCode, String> {
                         .map_err(|e| format!("--memory {mib:?}: {e}"))?,
                 );
             }
+            "--cpus" => {
+                let n = args.next().ok_or(USAGE)?;
+                cpus = Some(n.parse::<u32>().map_err(|e| format!("--cpus {n:?}: {e}"))?);
+            }
             _ if script.is_none() && !arg.starts_with("--") => script = Some(arg),
             _ => return Err(USAGE.into()),
         }
@@ -65,6 +71,9 @@ fn run() -> Result<ExitCode, String> {
     let mut builder = TestHost::builder().tvix_boot(tvix_boot);
     if let Some(mib) = memory_mib {
         builder = builder.memory_mib(mib);
+    }
+    if let Some(cpus) = cpus {
+        builder = builder.cpus(cpus);
     }
     let host = builder
         .build()
