@@ -213,6 +213,16 @@ impl Drop for HostFd {
     }
 }
 
+/// A timerfd whose read never blocks: an expiry epoll reported can be gone by the time
+/// it is read (re-arming a timer clears it), and a blocking read would then hold the
+/// whole loop until the new expiry.
+pub fn nonblocking_timer() -> io::Result<vmm_sys_util::timerfd::TimerFd> {
+    let timer = vmm_sys_util::timerfd::TimerFd::new()?;
+    let flags = fcntl_getfl(timer.as_raw_fd())?;
+    fcntl_setfl(timer.as_raw_fd(), flags | libc::O_NONBLOCK)?;
+    Ok(timer)
+}
+
 /// Whether epoll can wait on `fd` (it refuses regular files and devices without poll).
 pub fn pollable(fd: RawFd) -> io::Result<bool> {
     let epoll = vmm_sys_util::epoll::Epoll::new()?;
@@ -347,6 +357,27 @@ mod tests {
         }
         let mut back = vec![0u8; written];
         reader.read_exact(&mut back).unwrap();
+    }
+
+    #[test]
+    fn a_timer_rearmed_before_its_read_does_not_block() {
+        let mut timer = nonblocking_timer().unwrap();
+        timer
+            .reset(std::time::Duration::from_millis(1), None)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        timer
+            .reset(std::time::Duration::from_secs(3600), None)
+            .unwrap();
+        // On a thread: a blocking timer would sleep for the hour instead of failing.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(timer.wait().is_err());
+        });
+        let nothing_expired = rx
+            .recv_timeout(std::time::Duration::from_secs(2))
+            .expect("the read of a re-armed timer blocked");
+        assert!(nothing_expired, "nothing expired since the re-arm");
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl ExitNotifier {
     pub fn watcher(&self) -> io::Result<ExitWatcher> {
         Ok(ExitWatcher {
             notifier: self.clone(),
-            timer: TimerFd::new()?,
+            timer: crate::event_loop::nonblocking_timer()?,
         })
     }
 }

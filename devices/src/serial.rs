@@ -297,7 +297,7 @@ impl SerialIo {
         Ok(Self {
             console,
             output_waiting,
-            flush_timer: TimerFd::new()?,
+            flush_timer: crate::event_loop::nonblocking_timer()?,
             flush_armed: false,
             room,
             input,
@@ -388,7 +388,7 @@ impl MutEventSubscriber for SerialIo {
                 }
             }
             FLUSH_TIMER => {
-                // Readable once expired; the read cannot block.
+                // Non-blocking, like every timer of the loop.
                 let _ = self.flush_timer.wait();
                 self.flush_armed = false;
                 lock(&self.console).flush_output();
