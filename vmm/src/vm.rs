@@ -112,6 +112,9 @@ pub enum VmError {
     /// The event-loop seccomp filter could not be installed on the thread that runs the VM.
     #[error("{0}")]
     Seccomp(tvix_boot_devices::seccomp::SeccompError),
+    /// A device added after [`Vm::prepare`], which wrote the tables that describe them.
+    #[error("devices must be added before the VM is prepared")]
+    DeviceAfterPrepare,
     /// [`Vm::run`] on a VM without a guest; [`Vm::new`] always loads one.
     #[error("no guest was loaded into the VM")]
     NothingToBoot,
@@ -387,6 +390,10 @@ impl Vm {
         &mut self,
         make: impl FnOnce(MmioSlot, EventFd) -> Result<SharedDevice, VmError>,
     ) -> Result<MmioSlot, VmError> {
+        if self.vcpus.is_some() {
+            // The boot tables that describe the devices are written already.
+            return Err(VmError::DeviceAfterPrepare);
+        }
         let index = self.virtio_mmio.len() as u64;
         let (addr, irq) = layout::virtio_mmio_slot(index).ok_or(VmError::NoVirtioMmioSlot {
             slots: layout::VIRTIO_MMIO_SLOTS,
