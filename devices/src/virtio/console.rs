@@ -336,18 +336,9 @@ impl VirtioConsole {
                 Some(HostEnd::Output(host)) => {
                     let (queue, event) = queues[rx + 1].take().expect("counted above");
                     let index = ports.outputs.len();
-                    ports.outputs.push(OutputPort {
-                        port,
-                        queue,
-                        watch: Watch::new(&host, Source::OutputHost(index).token(), EventSet::OUT),
-                        event,
-                        host: Some(host),
-                        retired: None,
-                        pending: Vec::new(),
-                        start: 0,
-                        counted: None,
-                        broken: false,
-                    });
+                    ports
+                        .outputs
+                        .push(OutputPort::new(port, index, queue, event, host));
                 }
             }
         }
@@ -854,6 +845,22 @@ struct OutputPort {
 }
 
 impl OutputPort {
+    /// Port `port`, `outputs[index]` of its activation.
+    fn new(port: usize, index: usize, queue: Queue, event: EventFd, host: HostFd) -> Self {
+        Self {
+            port,
+            queue,
+            watch: Watch::new(&host, Source::OutputHost(index).token(), EventSet::OUT),
+            event,
+            host: Some(host),
+            retired: None,
+            pending: Vec::new(),
+            start: 0,
+            counted: None,
+            broken: false,
+        }
+    }
+
     fn waits_for_host(&self) -> bool {
         !self.broken && self.has_pending() && self.host.as_ref().is_some_and(HostFd::pollable)
     }
@@ -1086,18 +1093,7 @@ mod tests {
 
     fn output_port(queue: Queue, host: File) -> OutputPort {
         let host = HostFd::new(host.into(), true).unwrap();
-        OutputPort {
-            port: 0,
-            queue,
-            event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            watch: Watch::new(&host, Source::OutputHost(0).token(), EventSet::OUT),
-            host: Some(host),
-            retired: None,
-            pending: Vec::new(),
-            start: 0,
-            counted: None,
-            broken: false,
-        }
+        OutputPort::new(0, 0, queue, EventFd::new(libc::EFD_NONBLOCK).unwrap(), host)
     }
 
     #[test]
