@@ -192,7 +192,7 @@ impl MutEventSubscriber for ExitWatcher {
                 self.arm();
             }
             _ => {
-                // The timer is readable once it expired; reading cannot block then.
+                // Non-blocking: a re-arm in the same round may have cleared the expiry.
                 let _ = self.timer.wait();
                 self.arm();
             }
