@@ -15,12 +15,12 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use tvix_boot_devices::GuestExit;
 use tvix_boot_devices::event_loop::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use crate::microvm::VmStopper;
+use crate::microvm::{VmStopper, nonblocking_pipe};
 
 /// The signals [`crate::MicroVm::forward_signals`] passes to the guest's program.
 pub const FORWARDED_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT];
@@ -67,7 +67,7 @@ impl TerminalSizes {
         let Some(size) = terminal_size() else {
             return Ok(None);
         };
-        let (reader, mut writer) = pipe()?;
+        let (reader, mut writer) = nonblocking_pipe()?;
         write_size(&mut writer, size)?;
         Ok(Some((reader, Self { writer, last: size })))
     }
@@ -167,26 +167,6 @@ impl MutEventSubscriber for HostSignals {
             self.handle(signal as i32);
         }
     }
-}
-
-/// (read end, non-blocking write end), both close-on-exec.
-fn pipe() -> io::Result<(OwnedFd, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded: two fresh descriptors that nothing else owns.
-    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers.
-    unsafe {
-        let fd = writer.as_raw_fd();
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok((reader, writer))
 }
 
 fn write_size(writer: &mut File, (rows, cols): (u16, u16)) -> io::Result<()> {

@@ -798,8 +798,8 @@ fn null(writable: bool) -> std::io::Result<OwnedFd> {
         .into())
 }
 
-/// (read end for the guest, non-blocking write end for us).
-fn nonblocking_pipe() -> std::io::Result<(OwnedFd, File)> {
+/// (read end for the guest, non-blocking write end for us), both close-on-exec.
+pub(crate) fn nonblocking_pipe() -> std::io::Result<(OwnedFd, File)> {
     let (reader, writer) = std::io::pipe()?;
     let writer = File::from(OwnedFd::from(writer));
     // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers.
