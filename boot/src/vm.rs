@@ -209,20 +209,12 @@ fn boot(
     let cmdline = args.cmdline.clone().unwrap_or_default();
     // What the guest will run: the flag's mode, or the command line's own keys (the
     // library refuses the two when they disagree).
-    let runs_a_program = match &requested {
-        Some(mode) => matches!(mode, Mode::Run { .. }),
-        None => matches!(
-            Mode::from_cmdline(&Cmdline::parse(&cmdline)),
-            Ok(Mode::Run { .. })
-        ),
+    let guest_mode = match &requested {
+        Some(mode) => Some(mode.clone()),
+        None => Mode::from_cmdline(&Cmdline::parse(&cmdline)).ok(),
     };
-    let has_a_program = runs_a_program
-        || matches!(requested, Some(Mode::Shell { .. }))
-        || (requested.is_none()
-            && matches!(
-                Mode::from_cmdline(&Cmdline::parse(&cmdline)),
-                Ok(Mode::Shell { .. })
-            ));
+    let runs_a_program = matches!(guest_mode, Some(Mode::Run { .. }));
+    let has_a_program = runs_a_program || matches!(guest_mode, Some(Mode::Shell { .. }));
     // The program's own streams, unless it is to have the terminal.
     let stdio_ports = args.initrd.is_none()
         && runs_a_program
@@ -235,12 +227,7 @@ fn boot(
     // it would on a host; blocked before the first thread starts (the filters' store
     // runtime), since the VM reads them from a signalfd. Other guests have no program to
     // take them: tvix-boot dies of them as before.
-    let find = matches!(requested, Some(Mode::Find))
-        || (requested.is_none()
-            && matches!(
-                Mode::from_cmdline(&Cmdline::parse(&cmdline)),
-                Ok(Mode::Find)
-            ));
+    let find = matches!(guest_mode, Some(Mode::Find));
     let forward_signals = args.initrd.is_none() && (has_a_program || find);
     if forward_signals {
         tvix_boot::block_signals(&tvix_boot::FORWARDED_SIGNALS).map_err(VmCmdError::Signals)?;
