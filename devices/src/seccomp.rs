@@ -275,7 +275,7 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    start(role, name, body, ENABLED.get().is_some())
+    start(role, name, body, true)
 }
 
 /// Like [`spawn`], but the thread is started by the calling thread, so it keeps the
@@ -293,6 +293,7 @@ where
     start(role, name, body, false)
 }
 
+/// With `through_launcher`, the launcher starts the thread when filters are on.
 fn start<F, T>(
     role: ThreadRole,
     name: String,
@@ -305,11 +306,11 @@ where
 {
     let (result_tx, result_rx) = mpsc::sync_channel(1);
     let thread_name = name.clone();
+    let launcher = ENABLED.get().filter(|_| through_launcher);
     // The filter the new thread starts with: the launcher's, or the caller's.
-    let inherited = if through_launcher && ENABLED.get().is_some() {
-        Some(ThreadRole::EventLoop)
-    } else {
-        CURRENT_ROLE.get()
+    let inherited = match launcher {
+        Some(_) => Some(ThreadRole::EventLoop),
+        None => CURRENT_ROLE.get(),
     };
     let wrapped = move || {
         CURRENT_ROLE.set(inherited);
@@ -319,7 +320,7 @@ where
         }
         let _ = result_tx.send(body());
     };
-    let handle = match ENABLED.get().filter(|_| through_launcher) {
+    let handle = match launcher {
         None => std::thread::Builder::new()
             .name(name.clone())
             .spawn(wrapped)
