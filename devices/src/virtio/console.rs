@@ -534,8 +534,7 @@ struct Ports {
 }
 
 impl Ports {
-    /// After any event: the driver's control messages, inputs the guest opened, messages
-    /// for the driver.
+    /// The driver's control messages, inputs the guest opened, messages for the driver.
     fn serve_control(&mut self) {
         let _ = self.control.tx_event.read();
         let _ = self.control.rx_event.read();
@@ -627,7 +626,8 @@ impl MutEventSubscriber for Ports {
         if self.stopped {
             return;
         }
-        match Source::from_token(events.data()) {
+        let source = Source::from_token(events.data());
+        match source {
             Some(Source::Stop) => {
                 self.shut_down(ops);
                 return;
@@ -656,7 +656,13 @@ impl MutEventSubscriber for Ports {
                 }
             }
         }
-        self.serve_control();
+        // The control queues when the driver used them, or when a port's host side
+        // closed and the driver is to hear it; not on every stream event.
+        if matches!(source, Some(Source::ControlTx | Source::ControlRx))
+            || !self.ctx.control.outbox.is_empty()
+        {
+            self.serve_control();
+        }
         self.update_watches(ops);
     }
 }
