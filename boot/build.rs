@@ -1,5 +1,5 @@
-//! Builds the guest init (boot/init, package `tvix-boot-init`) as a static
-//! x86_64 binary and leaves it at `$OUT_DIR/tvix-boot-init`, where
+//! Builds the guest init (boot/guest-init, package `tvix-boot-guest-init`) as a static
+//! x86_64 binary and leaves it at `$OUT_DIR/tvix-boot-guest-init`, where
 //! src/initrd.rs embeds it with `include_bytes!`: tvix-boot then needs no
 //! init file installed next to it.
 //!
@@ -24,7 +24,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const INIT_PACKAGE: &str = "tvix-boot-init";
+const INIT_PACKAGE: &str = "tvix-boot-guest-init";
 /// The guest is x86_64 whatever the host's default target is.
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 const PROFILE: &str = "guest-init";
@@ -48,8 +48,8 @@ fn main() {
     }
 
     for input in [
-        "boot/init/src",
-        "boot/init/Cargo.toml",
+        "boot/guest-init/src",
+        "boot/guest-init/Cargo.toml",
         "Cargo.toml",
         "Cargo.lock",
     ] {

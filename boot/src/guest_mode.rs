@@ -1,9 +1,9 @@
-//! What the guest is asked to do (`tvix_boot_init::protocol::Mode`), checked before
+//! What the guest is asked to do (`tvix_boot_guest_init::protocol::Mode`), checked before
 //! anything boots: that the command line's own `tvix.*` / `init=` keys agree with the
 //! mode asked for, and that the programs it names are in the store. The mode becomes
-//! kernel command-line keys the guest init reads (boot/init).
+//! kernel command-line keys the guest init reads (boot/guest-init).
 
-use tvix_boot_init::protocol::{Cmdline, DEFAULT_SHELL, Mode, ModeError};
+use tvix_boot_guest_init::protocol::{Cmdline, DEFAULT_SHELL, Mode, ModeError};
 use tvix_boot_store::store_path::StorePathError;
 use tvix_boot_store::{Lookup, Node, Store, StoreError, StorePath};
 

@@ -21,12 +21,12 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use cpio::newc::{Builder, ModeFileType};
-use tvix_boot_init::protocol::{
+use tvix_boot_guest_init::protocol::{
     DEFAULT_SHELL, Mode, PROGRAM_ENV_FILE, PROGRAM_WORKDIR_FILE, encode_env,
 };
 
-/// The guest init (boot/init), built statically by build.rs.
-pub const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tvix-boot-init"));
+/// The guest init (boot/guest-init), built statically by build.rs.
+pub const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tvix-boot-guest-init"));
 
 /// Where tvix-boot looks for a static busybox to give `--shell` (Debian's
 /// busybox-static installs it here).

@@ -5,7 +5,7 @@
 //! use std::io::Read;
 //! use tvix_boot::{ExitStatus, MicroVm, Stdio};
 //!
-//! // A program already in the (embedded) store; the kernel from boot/kernel/build.sh.
+//! // A program already in the (embedded) store; the kernel from boot/guest-kernel/build.sh.
 //! let mut vm = MicroVm::run("/nix/store/<hash>-hello/bin/hello")
 //!     .stdout(Stdio::Piped)
 //!     .start()?;

@@ -13,7 +13,7 @@ use tvix_boot_devices::exit::ExitNotifier;
 use tvix_boot_devices::seccomp::{self, RoleThread, SeccompError, ThreadRole};
 use tvix_boot_devices::virtio::VirtioDevice;
 use tvix_boot_devices::virtio::console::{ConsoleError, PortEnd, PortSpec, VirtioConsole};
-use tvix_boot_init::protocol::{
+use tvix_boot_guest_init::protocol::{
     CONTROL_PORT, DEFAULT_SHELL, HostRequest, KEY_CONTROL_PORT, KEY_STDIO_PORTS, KEY_WINSIZE_PORT,
     Mode, STATUS_INIT_FAILED, STDERR_PORT, STDIN_PORT, STDOUT_PORT, WINSIZE_PORT,
 };
@@ -44,10 +44,10 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 /// [`ExitStatus`]).
 #[derive(Debug, thiserror::Error)]
 pub enum MicroVmError {
-    /// No kernel given and none where `boot/kernel/build.sh` puts it.
+    /// No kernel given and none where `boot/guest-kernel/build.sh` puts it.
     #[error(
         "no guest kernel{}: pass --kernel PATH, set TVIX_BOOT_KERNEL, or build one with \
-         boot/kernel/build.sh",
+         boot/guest-kernel/build.sh",
         .looked_at.as_ref().map_or_else(String::new, |p| format!(" (looked for {})", p.display()))
     )]
     NoKernel {
@@ -858,7 +858,7 @@ fn store_device(
     )
 }
 
-/// Where boot/kernel/build.sh puts the kernel: `current/vmlinux` under
+/// Where boot/guest-kernel/build.sh puts the kernel: `current/vmlinux` under
 /// `${TVIX_BOOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tvix-boot}/kernel`, or the path in
 /// `TVIX_BOOT_KERNEL`. `None` if none of these variables is set.
 pub fn default_kernel() -> Option<PathBuf> {

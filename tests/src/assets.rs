@@ -22,7 +22,7 @@ pub const KVM_MODULES: &[(&str, &str)] = &[
 /// Where Debian's busybox-static puts its binary.
 const BUSYBOX: &str = "/bin/busybox";
 
-/// Cache root shared with boot/kernel/build.sh:
+/// Cache root shared with boot/guest-kernel/build.sh:
 /// `${TVIX_BOOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tvix-boot}`.
 pub fn cache_dir() -> PathBuf {
     fn env(name: &str) -> Option<PathBuf> {
@@ -241,9 +241,9 @@ pub fn busybox() -> Result<PathBuf> {
 }
 
 /// The project's guest kernel (stripped ELF vmlinux), built by
-/// boot/kernel/build.sh on first use (minutes) and cached by it.
+/// boot/guest-kernel/build.sh on first use (minutes) and cached by it.
 pub fn guest_kernel() -> Result<PathBuf> {
-    let script = workspace_root().join("boot/kernel/build.sh");
+    let script = workspace_root().join("boot/guest-kernel/build.sh");
     if !script.is_file() {
         return Err(missing("guest kernel build script", &script, ""));
     }

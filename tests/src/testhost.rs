@@ -182,7 +182,7 @@ impl Default for TestHostBuilder {
 }
 
 impl TestHostBuilder {
-    /// Use this guest kernel instead of building boot/kernel.
+    /// Use this guest kernel instead of building boot/guest-kernel.
     pub fn guest_kernel(mut self, path: impl Into<PathBuf>) -> Self {
         self.guest_kernel = GuestKernel::Path(path.into());
         self
@@ -273,7 +273,7 @@ impl TestHostBuilder {
 }
 
 impl TestHost {
-    /// A test host with the guest kernel from boot/kernel/build.sh, 1 vCPU
+    /// A test host with the guest kernel from boot/guest-kernel/build.sh, 1 vCPU
     /// and 1 GiB, and tvix-boot from `$TVIX_BOOT_BIN` if that is set.
     pub fn new() -> Result<TestHost> {
         Self::builder().build()

@@ -1,4 +1,4 @@
-//! The guest kernel from boot/kernel/build.sh, booted by plain QEMU (TCG): a
+//! The guest kernel from boot/guest-kernel/build.sh, booted by plain QEMU (TCG): a
 //! check of the kernel configuration on its own, independent of tvix-boot.
 //!
 //! q35, not microvm: microvm's ACPI is hardware-reduced, which tells Linux
@@ -6,7 +6,7 @@
 //! the kernel then has no timer to calibrate against and hangs at
 //! "tsc: Marking TSC unstable". With acpi=off microvm boots but cannot power
 //! off. q35 has full ACPI, so this also proves ACPI poweroff works on a
-//! kernel without PCI (boot/kernel/patches/0001); q35's own DSDT logs
+//! kernel without PCI (boot/guest-kernel/patches/0001); q35's own DSDT logs
 //! harmless "PCI_Config has no handler" errors for its PCI link devices.
 
 use std::time::Duration;
@@ -77,7 +77,7 @@ fn guest_kernel_boots_under_qemu_and_powers_off_via_acpi() {
 }
 
 /// Options the built kernel must have, each with who needs it. The fragment
-/// (boot/kernel/tvix-boot.config) is how they get there; this list is what they
+/// (boot/guest-kernel/tvix-boot.config) is how they get there; this list is what they
 /// are for, so a fragment edit that drops one fails here with the reason.
 const REQUIRED_OPTIONS: &[(&str, &str)] = &[
     // tvix-boot's devices and boot protocol.
@@ -192,7 +192,7 @@ fn guest_kernel_config_has_what_tvix_boot_and_systemd_need() {
         .collect();
     assert!(
         missing.is_empty(),
-        "the guest kernel {} does not have what it needs:\n{}\n(add them to boot/kernel/tvix-boot.config)",
+        "the guest kernel {} does not have what it needs:\n{}\n(add them to boot/guest-kernel/tvix-boot.config)",
         config_path.display(),
         missing.join("\n")
     );

@@ -69,7 +69,7 @@ fn a_too_short_timeout_is_reported() {
 
 #[test]
 fn host_files_and_the_guest_kernel_are_installed() {
-    // Uses the real guest kernel from boot/kernel/build.sh (cached after the
+    // Uses the real guest kernel from boot/guest-kernel/build.sh (cached after the
     // first build).
     let host = TestHost::new().unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"));
     let guest = host.guest_kernel().expect("guest kernel").to_owned();

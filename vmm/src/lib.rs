@@ -22,7 +22,7 @@ mod vcpu;
 mod vm;
 
 pub use arch::x86_64::acpi::AcpiError;
-pub use arch::x86_64::boot::{BootError, Initrd};
+pub use arch::x86_64::linux::{BootError, Initrd};
 pub use arch::x86_64::mptable::MpTableError;
 pub use arch::x86_64::regs::RegsError;
 pub use tvix_boot_devices::GuestExit as VmExit;

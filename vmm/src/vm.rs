@@ -30,7 +30,7 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{self, AcpiConfig, AcpiError, MmioDeviceInfo};
-use crate::arch::x86_64::boot::{self, BootError, Initrd, LoadedInitrd, LoadedKernel};
+use crate::arch::x86_64::linux::{self, BootError, Initrd, LoadedInitrd, LoadedKernel};
 use crate::arch::x86_64::regs::{self, EntryMode, RegsError};
 use crate::arch::x86_64::{cpuid, layout, mptable};
 use crate::vcpu::{self, Vcpu, VcpuContext, VcpuError};
@@ -221,16 +221,16 @@ impl Vm {
                 min_mib: layout::MIN_MEMORY >> 20,
             });
         }
-        boot::check_kernel_format(&config.kernel)?;
+        linux::check_kernel_format(&config.kernel)?;
         // Parse early: a bad command line is an input error too.
-        boot::build_cmdline(&config.cmdline)?;
+        linux::build_cmdline(&config.cmdline)?;
 
         let mut vm = Self::create(config.vcpus, config.mem_size, config.console)?;
         startup::mark("legacy devices");
-        let kernel = boot::load_kernel(&vm.memory, &config.kernel)?;
+        let kernel = linux::load_kernel(&vm.memory, &config.kernel)?;
         startup::mark("kernel loaded");
         let initrd = match &config.initrd {
-            Some(initrd) => Some(boot::load_initrd(&vm.memory, initrd, kernel.end)?),
+            Some(initrd) => Some(linux::load_initrd(&vm.memory, initrd, kernel.end)?),
             None => None,
         };
         startup::mark("initrd loaded");
@@ -591,8 +591,8 @@ impl Vm {
                 // IRQ number from the command line ("probe failed with error -22"); the
                 // DSDT's _CRS gives it a GSI it maps. Listing a device in both places made
                 // the second probe fail to claim the region.
-                let cmdline = boot::build_cmdline(cmdline)?;
-                boot::write_boot_params(&self.memory, kernel, *initrd, &cmdline)?;
+                let cmdline = linux::build_cmdline(cmdline)?;
+                linux::write_boot_params(&self.memory, kernel, *initrd, &cmdline)?;
                 let vcpu_count = u32::from(self.vcpu_count);
                 mptable::write(&self.memory, vcpu_count)?;
                 acpi::write_tables(

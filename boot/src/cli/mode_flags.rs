@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 
-use tvix_boot_init::protocol::{DEFAULT_SHELL, Mode};
+use tvix_boot_guest_init::protocol::{DEFAULT_SHELL, Mode};
 
 /// What to do in the guest. At most one of these.
 #[derive(clap::Args, Debug, Default)]

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::io;
 
-use tvix_boot_init::protocol::ModeError;
+use tvix_boot_guest_init::protocol::ModeError;
 
 #[derive(Debug)]
 pub enum InitError {

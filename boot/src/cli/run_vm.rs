@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use tvix_boot::seccomp::SeccompError;
 use tvix_boot::{DEFAULT_STOP_GRACE, ExitStatus, MicroVm, MicroVmError, QueueService};
-use tvix_boot_init::protocol::{Cmdline, Mode};
+use tvix_boot_guest_init::protocol::{Cmdline, Mode};
 
-use crate::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
-use crate::mode::{ModeArgs, ModeArgsError};
-use crate::sandbox::SeccompArgs;
-use crate::store_cmd::StoreAddrArgs;
+use super::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
+use super::mode_flags::{ModeArgs, ModeArgsError};
+use super::seccomp_flag::SeccompArgs;
+use super::store_command::StoreAddrArgs;
 
 /// Exit status when the guest kernel panicked (VMM errors exit with 1).
 const GUEST_PANIC_STATUS: u8 = 2;
@@ -26,7 +26,7 @@ const TIMED_OUT_STATUS: u8 = 124;
 #[derive(clap::Args)]
 pub struct VmArgs {
     /// Guest kernel, vmlinux (ELF) or bzImage. Default: the kernel built by
-    /// boot/kernel/build.sh ($XDG_CACHE_HOME/tvix-boot/kernel/current/vmlinux).
+    /// boot/guest-kernel/build.sh ($XDG_CACHE_HOME/tvix-boot/guest-kernel/current/vmlinux).
     #[arg(long, env = "TVIX_BOOT_KERNEL", value_name = "PATH")]
     kernel: Option<PathBuf>,
 
@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn init_and_vmm_agree_on_the_status_port() {
-        use tvix_boot_init::protocol::{EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN};
+        use tvix_boot_guest_init::protocol::{EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN};
         use tvix_boot_vmm::arch::x86_64::layout::STATUS_PORT;
         assert_eq!(EXIT_STATUS_PORT, STATUS_PORT);
         assert_eq!(

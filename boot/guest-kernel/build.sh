@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the tvix-boot guest kernel from Debian's linux-source package.
 #
-#   boot/kernel/build.sh            build (or reuse the cached build), print the vmlinux path
+#   boot/guest-kernel/build.sh            build (or reuse the cached build), print the vmlinux path
 #
 # Recipe: `make tinyconfig`, merge tvix-boot.config with merge_config.sh -m,
 # `make olddefconfig`, check every option of the fragment kept its value,

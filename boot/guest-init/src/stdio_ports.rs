@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tvix_boot_init::protocol::{
+use tvix_boot_guest_init::protocol::{
     CONTROL_PORT, HostRequest, STDERR_PORT, STDIN_PORT, STDOUT_PORT, WINSIZE_PORT,
 };
 

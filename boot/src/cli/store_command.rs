@@ -25,7 +25,7 @@ use tvix_boot_virtiofs::host_mount::{HostMount, MountError};
 use tvix_boot_virtiofs::vhost_user::{MAX_REQUEST_QUEUES, VhostUserFsError, VhostUserFsSocket};
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions};
 
-use crate::sandbox::SeccompArgs;
+use super::seccomp_flag::SeccompArgs;
 
 /// Imports slower than this get a progress bar.
 const PROGRESS_DELAY: Duration = Duration::from_secs(1);

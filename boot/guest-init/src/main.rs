@@ -1,4 +1,4 @@
-//! tvix-boot-init: PID 1 of a tvix-boot guest.
+//! tvix-boot-guest-init: PID 1 of a tvix-boot guest.
 //!
 //! 1. Mounts proc (/proc), sysfs (/sys) and devtmpfs (/dev), tolerating ones
 //!    already mounted; reopens /dev/console as stdio if the kernel could not.
@@ -53,7 +53,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tvix_boot_init::protocol::{
+use tvix_boot_guest_init::protocol::{
     self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, HostRequest, KEY_ARGS, KEY_CONTROL_PORT,
     KEY_FIND, KEY_INIT, KEY_RUN, KEY_SHELL, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode,
     POWER_OFF_LINE, PROGRAM_ENV_FILE, PROGRAM_WORKDIR_FILE, STATUS_INIT_FAILED, STATUS_STOPPED,
@@ -92,7 +92,7 @@ fn main() {
     if sys::getpid() != 1 {
         // Running this on a host as root would power the host off.
         eprintln!(
-            "tvix-boot-init is the guest's PID 1 and runs only as PID 1 (this is pid {})",
+            "tvix-boot-guest-init is the guest's PID 1 and runs only as PID 1 (this is pid {})",
             sys::getpid()
         );
         std::process::exit(2);

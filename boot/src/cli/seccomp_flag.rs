@@ -3,7 +3,7 @@
 
 use tvix_boot_devices::seccomp::{self, Policy, SeccompError, SeccompMode, ThreadRole};
 
-use crate::store_cmd::StoreAddrArgs;
+use super::store_command::StoreAddrArgs;
 
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct SeccompArgs {
