@@ -68,16 +68,49 @@ pub(crate) fn choose(cmdline: &str, requested: Option<&Mode>) -> Result<Mode, Gu
     Ok(chosen)
 }
 
-/// Appends the keys for `mode` to `cmdline`, after the user's own, so that they win:
-/// the guest then does `mode` as checked, e.g. with `--shell-path`'s store path
-/// resolved to its bin/sh.
-pub(crate) fn append_keys(cmdline: &mut String, mode: &Mode) -> Result<(), GuestModeError> {
-    let keys = mode.to_cmdline()?;
-    if !keys.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(&keys);
+/// The guest kernel's command line, in the order it is built: tvix-boot's defaults,
+/// the user's own arguments (later arguments win in Linux, so these can override the
+/// defaults), then the keys for tvix-boot's init, which win over the user's.
+#[derive(Clone, Debug)]
+pub(crate) struct GuestCmdline(String);
+
+impl GuestCmdline {
+    /// `defaults`, then `user`'s arguments.
+    pub(crate) fn new(defaults: &str, user: Option<&str>) -> Self {
+        let mut line = defaults.to_owned();
+        if let Some(user) = user.map(str::trim).filter(|s| !s.is_empty()) {
+            line.push(' ');
+            line.push_str(user);
+        }
+        Self(line)
     }
-    Ok(())
+
+    /// The line so far.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A key without a value (`tvix.stdio-ports`).
+    pub(crate) fn push_flag(&mut self, key: &str) {
+        self.0.push(' ');
+        self.0.push_str(key);
+    }
+
+    /// The keys for `mode`: the guest then does `mode` as checked, e.g. with
+    /// `--shell-path`'s store path resolved to its bin/sh.
+    pub(crate) fn push_mode(&mut self, mode: &Mode) -> Result<(), GuestModeError> {
+        let keys = mode.to_cmdline()?;
+        if !keys.is_empty() {
+            self.0.push(' ');
+            self.0.push_str(&keys);
+        }
+        Ok(())
+    }
+
+    /// The finished line.
+    pub(crate) fn into_string(self) -> String {
+        self.0
+    }
 }
 
 /// Checks that the program `mode` names is in the store, so a typo is reported here and
@@ -159,19 +192,29 @@ mod tests {
             path: "/nix/store/x-p/bin/p".into(),
             args: vec![b"a b".to_vec()],
         };
-        let mut cmdline = "console=ttyS0 quiet".to_owned();
-        let chosen = choose(&cmdline, Some(&run)).unwrap();
+        let mut cmdline = GuestCmdline::new("console=ttyS0", Some(" quiet "));
+        let chosen = choose(cmdline.as_str(), Some(&run)).unwrap();
         assert_eq!(chosen, run);
-        append_keys(&mut cmdline, &chosen).unwrap();
-        assert!(cmdline.starts_with("console=ttyS0 quiet tvix.run=/nix/store/x-p/bin/p"));
+        cmdline.push_mode(&chosen).unwrap();
+        cmdline.push_flag("tvix.stdio-ports");
+        let cmdline = cmdline.into_string();
+        assert!(
+            cmdline.starts_with("console=ttyS0 quiet tvix.run=/nix/store/x-p/bin/p"),
+            "{cmdline}"
+        );
+        assert!(cmdline.ends_with(" tvix.stdio-ports"), "{cmdline}");
 
         // The original keys alone still work.
         let cmdline = "console=ttyS0 tvix.run=/nix/store/x-p/bin/p";
         assert!(matches!(choose(cmdline, None), Ok(Mode::Run { .. })));
-        let mut cmdline = "console=ttyS0".to_owned();
-        assert_eq!(choose(&cmdline, None).unwrap(), Mode::Nothing);
-        append_keys(&mut cmdline, &Mode::Nothing).unwrap();
-        assert_eq!(cmdline, "console=ttyS0", "no keys, nothing appended");
+        let mut cmdline = GuestCmdline::new("console=ttyS0", None);
+        assert_eq!(choose(cmdline.as_str(), None).unwrap(), Mode::Nothing);
+        cmdline.push_mode(&Mode::Nothing).unwrap();
+        assert_eq!(
+            cmdline.as_str(),
+            "console=ttyS0",
+            "no keys, nothing appended"
+        );
 
         // tvix.shell on the command line overrules --run: refused, naming both.
         let cmdline = "console=ttyS0 tvix.shell";

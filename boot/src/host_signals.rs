@@ -1,6 +1,8 @@
-//! Signals this process gets, for the VM: read from a signalfd by a subscriber of the
-//! VM's event loop.
+//! Signals this process gets, in one way: blocked in every thread ([`block_signals`],
+//! before any thread starts; a signalfd only sees signals that no thread takes) and read
+//! from a signalfd.
 //!
+//! For a VM, by a subscriber of its event loop ([`HostSignals`]):
 //! - SIGWINCH, when the program has the terminal ([`crate::MicroVm::follow_terminal_size`]):
 //!   the terminal's size goes as a `ROWS COLS` line on a virtio-console port, at once and
 //!   after every change; the guest init applies each line to the console (see the init's
@@ -8,22 +10,31 @@
 //! - SIGTERM, SIGHUP, SIGINT and SIGQUIT, with [`crate::MicroVm::forward_signals`]: passed
 //!   to the guest's program, so that tvix-boot in a pipeline or under a supervisor is
 //!   signalled like the program itself would be. SIGTERM and SIGHUP also stop the VM
-//!   after the stop grace time, should the guest not end by then.
+//!   after the stop grace time, should the guest not end by then. A guest without such
+//!   a program is stopped at once.
 //!
-//! A signalfd only sees signals that no thread takes: every thread of the process must
-//! block them ([`block_signals`], before any thread starts).
+//! For the commands that serve until they are told to stop (a host mount, a vhost-user
+//! backend, a binary cache): [`StopSignals`], SIGINT and SIGTERM.
+//!
+//! The other signal handlers in the process are mechanisms, not signals from outside:
+//! the vCPU kick (a real-time signal one thread sends another to interrupt KVM_RUN) and
+//! the SIGSYS handler of the seccomp filters.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use tvix_boot_devices::GuestExit;
 use tvix_boot_devices::event_loop::{EventOps, EventSet, Events, MutEventSubscriber};
+use tvix_boot_vmm::HostStop;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::microvm::{VmStopper, nonblocking_pipe};
 
 /// The signals [`crate::MicroVm::forward_signals`] passes to the guest's program.
 pub const FORWARDED_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT];
+
+/// The signals [`StopSignals`] waits for.
+pub const STOP_SIGNALS: [i32; 2] = [libc::SIGINT, libc::SIGTERM];
 
 /// Blocks `signals` in the calling thread and every thread it starts from now on, so that
 /// a VM's signalfd sees them (SIGWINCH for [`crate::MicroVm::follow_terminal_size`],
@@ -38,6 +49,123 @@ pub fn block_signals(signals: &[i32]) -> io::Result<()> {
         return Err(io::Error::from_raw_os_error(rc));
     }
     Ok(())
+}
+
+/// Ends the process by `signal`'s default action, so that its parent sees the real cause:
+/// for a process that stands for a guest the signal stopped (its VM has ended and the
+/// terminal is restored by then). Returns only if that action does not end the process.
+pub fn die_of_signal(signal: i32) {
+    let Ok(set) = signal_set(&[signal]) else {
+        return;
+    };
+    // SAFETY: plain calls without pointers but the initialised sigset.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+        // Blocked (for the signalfd): unblocking delivers it.
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// A signalfd for `signals`, which must be blocked in every thread.
+fn signalfd(signals: &[i32], flags: libc::c_int) -> io::Result<File> {
+    let set = signal_set(signals)?;
+    // SAFETY: `set` is a valid sigset; -1 asks for a new signalfd.
+    let fd = unsafe { libc::signalfd(-1, &set, flags | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The number of the next signal in `signals`, a signalfd; `None` if none is pending
+/// (non-blocking) or the read failed.
+fn read_signal(signals: &mut File) -> Option<i32> {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    match signals.read(&mut info) {
+        // ssi_signo is the first field, a u32.
+        Ok(n) if n == info.len() => {
+            Some(u32::from_ne_bytes(info[..4].try_into().expect("4 bytes")) as i32)
+        }
+        _ => None,
+    }
+}
+
+/// SIGINT and SIGTERM for a command that serves until it is told to stop; block
+/// [`STOP_SIGNALS`] first thing in `main`. [`Self::wait`] also ends when a
+/// [`StopSignals::waker`] is woken (the served thing went away by itself).
+pub struct StopSignals {
+    signals: File,
+    woken: std::sync::Arc<EventFd>,
+}
+
+impl StopSignals {
+    /// Starts taking [`STOP_SIGNALS`]; one sent before is taken too, if it is still
+    /// pending (blocked).
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            signals: signalfd(&STOP_SIGNALS, libc::SFD_NONBLOCK)?,
+            woken: std::sync::Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+        })
+    }
+
+    /// Ends [`Self::wait`] without a signal, from any thread.
+    pub fn waker(&self) -> impl Fn() + Send + Sync + 'static {
+        let woken = self.woken.clone();
+        move || {
+            let _ = woken.write(1);
+        }
+    }
+
+    /// Blocks until a stop signal arrives (`Some(signal)`) or the waker is woken
+    /// (`None`).
+    pub fn wait(&mut self) -> io::Result<Option<i32>> {
+        loop {
+            if let Some(signal) = read_signal(&mut self.signals) {
+                return Ok(Some(signal));
+            }
+            if self.woken.read().is_ok() {
+                return Ok(None);
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.signals.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.woken.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfds for the call's duration.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if ready < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Resolves when a stop signal arrives, for async code (the binary cache), on a
+    /// tokio runtime with I/O enabled. The waker is not looked at.
+    pub async fn recv(self) -> io::Result<i32> {
+        // SAFETY: the AsyncFd owns the File, whose descriptor stays open and the same
+        // signalfd until the AsyncFd drops it.
+        let mut signals = unsafe { tokio::io::unix::AsyncFd::register(self.signals) }
+            .map_err(|e| e.into_parts().1)?;
+        loop {
+            let mut ready = signals.readable_mut().await?;
+            if let Some(signal) = read_signal(ready.get_inner_mut()) {
+                return Ok(signal);
+            }
+            ready.clear_ready();
+        }
+    }
 }
 
 fn signal_set(signals: &[i32]) -> io::Result<libc::sigset_t> {
@@ -114,15 +242,8 @@ impl HostSignals {
         if forward.is_some() {
             wanted.extend(FORWARDED_SIGNALS);
         }
-        let set = signal_set(&wanted)?;
-        // SAFETY: `set` is a valid sigset; -1 asks for a new signalfd.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Self {
-            // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
-            signals: unsafe { File::from_raw_fd(fd) },
+            signals: signalfd(&wanted, libc::SFD_NONBLOCK)?,
             sizes,
             forward,
         })
@@ -140,14 +261,22 @@ impl HostSignals {
         let Some(vm) = &self.forward else {
             return;
         };
+        if !vm.takes_requests() {
+            tracing::info!(
+                signal,
+                "stopping the guest: it has no program to pass it to"
+            );
+            vm.stop_now(HostStop::Signal(signal));
+            return;
+        }
         tracing::info!(signal, "passing the signal to the guest's program");
         if let Err(e) = vm.signal(signal) {
             tracing::warn!("cannot pass signal {signal} to the guest, stopping it: {e}");
-            vm.kill();
+            vm.stop_now(HostStop::Signal(signal));
             return;
         }
         if matches!(signal, libc::SIGTERM | libc::SIGHUP) {
-            vm.stop_after_grace(GuestExit::HostSignal(signal));
+            vm.stop_after_grace(HostStop::Signal(signal));
         }
     }
 }
@@ -160,11 +289,8 @@ impl MutEventSubscriber for HostSignals {
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-        while self.signals.read(&mut info).is_ok_and(|n| n == info.len()) {
-            // ssi_signo is the first field, a u32.
-            let signal = u32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
-            self.handle(signal as i32);
+        while let Some(signal) = read_signal(&mut self.signals) {
+            self.handle(signal);
         }
     }
 }
@@ -201,9 +327,21 @@ mod tests {
         .unwrap();
         // SAFETY: raise takes no pointers; the signal is blocked, so it stays pending.
         unsafe { libc::raise(libc::SIGWINCH) };
-        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-        assert_eq!(subscriber.signals.read(&mut info).unwrap(), info.len());
-        let signal = u32::from_ne_bytes(info[..4].try_into().unwrap());
-        assert_eq!(signal as i32, libc::SIGWINCH);
+        assert_eq!(read_signal(&mut subscriber.signals), Some(libc::SIGWINCH));
+        assert_eq!(read_signal(&mut subscriber.signals), None);
+    }
+
+    #[test]
+    fn a_stop_signal_or_the_waker_ends_the_wait() {
+        // Blocked in this test's thread only, which is where it is raised.
+        block_signals(&STOP_SIGNALS).unwrap();
+        let mut signals = StopSignals::new().unwrap();
+        let wake = signals.waker();
+        let thread = std::thread::spawn(wake);
+        assert_eq!(signals.wait().unwrap(), None);
+        thread.join().unwrap();
+        // SAFETY: raise takes no pointers; the signal is blocked, so it stays pending.
+        unsafe { libc::raise(libc::SIGTERM) };
+        assert_eq!(signals.wait().unwrap(), Some(libc::SIGTERM));
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! use std::io::Read;
-//! use tvix_boot::{ExitStatus, MicroVm, Stdio};
+//! use tvix_boot::{MicroVm, Stdio};
 //!
 //! // A program already in the (embedded) store; the kernel from boot/guest-kernel/build.sh.
 //! let mut vm = MicroVm::run("/nix/store/<hash>-hello/bin/hello")
@@ -11,7 +11,7 @@
 //!     .start()?;
 //! let mut out = String::new();
 //! vm.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-//! assert_eq!(vm.wait()?, ExitStatus::Exited(0));
+//! assert_eq!(vm.wait()?.code(), Some(0));
 //! # Ok::<(), tvix_boot::MicroVmError>(())
 //! ```
 //!
@@ -26,17 +26,20 @@ mod guest_mode;
 mod host_signals;
 mod initrd;
 mod microvm;
+pub mod seccomp;
+mod terminal;
 
 pub use guest_mode::GuestModeError;
-pub use host_signals::{FORWARDED_SIGNALS, block_signals};
+pub use host_signals::{
+    FORWARDED_SIGNALS, STOP_SIGNALS, StopSignals, block_signals, die_of_signal,
+};
 pub use initrd::InitrdError;
 pub use microvm::{
-    DEFAULT_CMDLINE, DEFAULT_STOP_GRACE, ExitStatus, MicroVm, MicroVmError, RunningVm, Stdio,
-    VmStopper, default_kernel,
+    Console, DEFAULT_CMDLINE, DEFAULT_STOP_GRACE, ExitStatus, GuestEnd, MicroVm, MicroVmError,
+    RunningVm, Stdio, VmStopper, default_kernel,
 };
-/// System-call filters for the threads of the VMs this process runs.
-pub use tvix_boot_devices::seccomp;
 /// The content-addressed store a VM serves at /nix/store.
 pub use tvix_boot_store as store;
 pub use tvix_boot_store::{Store, StoreAddrs};
 pub use tvix_boot_virtiofs::QueueService;
+pub use tvix_boot_vmm::HostStop;

@@ -36,11 +36,11 @@ impl BusDevice for AcpiSleepRegister {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let [value] = data else { return };
         if *value == RESET_VALUE {
-            self.exit.request(GuestExit::Reset);
+            self.exit.guest_stopped(GuestExit::Reset);
         } else if value & SLEEP_ENABLE != 0
             && (value >> SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK == S5_SLEEP_TYPE
         {
-            self.exit.request(GuestExit::PowerOff);
+            self.exit.guest_stopped(GuestExit::PowerOff);
         }
     }
 }
@@ -53,6 +53,7 @@ pub const fn s5_command() -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::VmExit;
 
     #[test]
     fn s5_powers_off_and_reset_value_resets() {
@@ -61,10 +62,10 @@ mod tests {
         reg.write(0, &[S5_SLEEP_TYPE << SLEEP_TYPE_SHIFT]);
         assert_eq!(exit.reason(), None, "no SLP_EN, no transition");
         reg.write(0, &[s5_command()]);
-        assert_eq!(exit.reason(), Some(GuestExit::PowerOff));
+        assert_eq!(exit.reason(), Some(VmExit::Guest(GuestExit::PowerOff)));
 
         let exit = ExitNotifier::new().unwrap();
         AcpiSleepRegister::new(exit.clone()).write(0, &[RESET_VALUE]);
-        assert_eq!(exit.reason(), Some(GuestExit::Reset));
+        assert_eq!(exit.reason(), Some(VmExit::Guest(GuestExit::Reset)));
     }
 }

@@ -4,8 +4,8 @@
 //! run by the thread that runs the VM. Nothing sleeps or polls on a timeout: every
 //! subscriber waits on a descriptor (eventfd, timerfd, signalfd, or a host stream).
 //!
-//! Devices activated by the guest (on a vCPU thread) add their subscribers through an
-//! [`EventLoopHandle`], which hands them to the loop's thread without waiting for it.
+//! Devices are activated on the loop's thread ([`EventLoopHandle::run_on_loop`], from the
+//! vCPU that saw the driver's DRIVER_OK), and add their subscribers there.
 
 use std::fs::File;
 use std::io;
@@ -113,6 +113,16 @@ impl EventLoopHandle {
             })
     }
 
+    /// Runs `work` on the loop's thread the next time it wakes; does not wait for that.
+    /// Devices are activated this way, so that the threads they start are started by
+    /// the thread that runs the VM.
+    pub fn run_on_loop(&self, work: impl FnOnce() + Send + 'static) -> Result<(), EventLoopError> {
+        self.endpoint.fire(move |_ops| work()).map_err(|e| match e {
+            event_manager::Error::ChannelSend => EventLoopError::Gone,
+            e => EventLoopError::Manager(e),
+        })
+    }
+
     /// The count of output streams holding bytes the guest wrote and the host has not
     /// taken yet; the loop keeps running for them after the guest stops.
     pub fn pending_output(&self) -> PendingOutput {
@@ -218,9 +228,15 @@ impl Drop for HostFd {
 /// whole loop until the new expiry.
 pub fn nonblocking_timer() -> io::Result<vmm_sys_util::timerfd::TimerFd> {
     let timer = vmm_sys_util::timerfd::TimerFd::new()?;
-    let flags = fcntl_getfl(timer.as_raw_fd())?;
-    fcntl_setfl(timer.as_raw_fd(), flags | libc::O_NONBLOCK)?;
+    set_nonblocking(&timer)?;
     Ok(timer)
+}
+
+/// Sets `O_NONBLOCK` on `fd`'s open file description (shared with every duplicate of
+/// it: for a description of one's own; [`HostFd`] takes care of shared ones).
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let flags = fcntl_getfl(fd.as_raw_fd())?;
+    fcntl_setfl(fd.as_raw_fd(), flags | libc::O_NONBLOCK)
 }
 
 /// Whether epoll can wait on `fd` (it refuses regular files and devices without poll).

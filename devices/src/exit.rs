@@ -13,7 +13,16 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-/// Why the VM stopped.
+/// Why a VM stopped: the guest's own doing, or the host's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest stopped itself.
+    Guest(GuestExit),
+    /// The host stopped the guest.
+    Host(HostStop),
+}
+
+/// How a guest stopped itself; a device saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestExit {
     /// The guest powered itself off (ACPI S5).
@@ -22,19 +31,25 @@ pub enum GuestExit {
     Reset,
     /// The guest kernel panicked (pvpanic, or a KVM crash event).
     Panic,
+}
+
+/// Why the host stopped a guest that had not stopped itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostStop {
     /// The host's time limit for the guest ran out.
     TimedOut,
-    /// The host stopped the guest without waiting for it.
+    /// The host stopped the guest without waiting for it (or waited for it to stop after
+    /// being asked, and it did not within the grace time).
     Killed,
     /// The host process got this signal, passed it to the guest, and the guest did not
     /// stop within the grace time.
-    HostSignal(i32),
+    Signal(i32),
 }
 
 struct Inner {
-    reason: Mutex<Option<GuestExit>>,
+    reason: Mutex<Option<VmExit>>,
     /// When the host stops the guest if it has not stopped by then, and with which reason.
-    deadline: Mutex<Option<(Instant, GuestExit)>>,
+    deadline: Mutex<Option<(Instant, HostStop)>>,
     /// Set by every request and wake-up, before `wake` is signalled: the VM is ending.
     woken: AtomicBool,
     /// The host asked to stop without waiting, after the guest's own request too: output
@@ -68,15 +83,25 @@ impl ExitNotifier {
         })
     }
 
-    /// Requests that the VM stop. The first request wins: a panic followed by the
-    /// reset the guest's `panic=` setting triggers is still a panic.
-    pub fn request(&self, why: GuestExit) {
+    /// A device saw the guest stop itself. The first request wins: a panic followed by
+    /// the reset the guest's `panic=` setting triggers is still a panic.
+    pub fn guest_stopped(&self, how: GuestExit) {
+        self.request(VmExit::Guest(how));
+    }
+
+    /// The host stops the guest now. [`HostStop::Killed`] and [`HostStop::Signal`] also
+    /// abandon output still waiting for its host reader, even after the guest's own stop.
+    pub fn host_stop(&self, why: HostStop) {
+        self.request(VmExit::Host(why));
+    }
+
+    fn request(&self, why: VmExit) {
         let mut reason = self.inner.reason.lock().unwrap_or_else(|e| e.into_inner());
         if reason.is_none() {
             *reason = Some(why);
         }
         drop(reason);
-        if matches!(why, GuestExit::Killed | GuestExit::HostSignal(_)) {
+        if matches!(why, VmExit::Host(HostStop::Killed | HostStop::Signal(_))) {
             self.inner.forced.store(true, Ordering::Release);
         }
         self.wake();
@@ -94,20 +119,20 @@ impl ExitNotifier {
         self.inner.woken.load(Ordering::Acquire)
     }
 
-    /// Whether the host asked to stop at once ([`GuestExit::Killed`], or a grace time
-    /// after a [`GuestExit::HostSignal`] ran out), even after the guest's own request.
+    /// Whether the host asked to stop at once ([`HostStop::Killed`], or a grace time
+    /// after a [`HostStop::Signal`] ran out), even after the guest's own request.
     pub fn forced(&self) -> bool {
         self.inner.forced.load(Ordering::Acquire)
     }
 
     /// The request recorded so far, if any.
-    pub fn reason(&self) -> Option<GuestExit> {
+    pub fn reason(&self) -> Option<VmExit> {
         *self.inner.reason.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops the guest with `why` at `at` unless it stops before; an earlier deadline
     /// set before stays.
-    pub fn set_deadline(&self, at: Instant, why: GuestExit) {
+    pub fn set_deadline(&self, at: Instant, why: HostStop) {
         let mut deadline = self
             .inner
             .deadline
@@ -155,13 +180,13 @@ impl ExitWatcher {
         };
         let left = at.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            self.notifier.request(why);
+            self.notifier.host_stop(why);
             return;
         }
         if let Err(e) = self.timer.reset(left, None) {
             // Without the timer the deadline cannot be kept: stop now rather than never.
             tracing::warn!("cannot arm the VM's deadline timer, stopping now: {e}");
-            self.notifier.request(why);
+            self.notifier.host_stop(why);
         }
     }
 }
@@ -176,7 +201,7 @@ impl MutEventSubscriber for ExitWatcher {
         ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
                 tracing::error!("cannot watch the VM's exit events, stopping it: {e}");
-                self.notifier.request(GuestExit::Killed);
+                self.notifier.host_stop(HostStop::Killed);
             }
         }
         self.arm();
@@ -216,10 +241,10 @@ mod tests {
     fn first_request_wins_and_wakes() {
         let notifier = ExitNotifier::new().unwrap();
         assert_eq!(notifier.reason(), None);
-        notifier.request(GuestExit::Panic);
-        notifier.request(GuestExit::Reset);
+        notifier.guest_stopped(GuestExit::Panic);
+        notifier.guest_stopped(GuestExit::Reset);
         wait(&notifier);
-        assert_eq!(notifier.reason(), Some(GuestExit::Panic));
+        assert_eq!(notifier.reason(), Some(VmExit::Guest(GuestExit::Panic)));
         assert!(!notifier.forced());
     }
 
@@ -229,14 +254,14 @@ mod tests {
         let start = Instant::now();
         notifier.set_deadline(
             start + std::time::Duration::from_secs(3600),
-            GuestExit::TimedOut,
+            HostStop::TimedOut,
         );
         notifier.set_deadline(
             start + std::time::Duration::from_millis(50),
-            GuestExit::Killed,
+            HostStop::Killed,
         );
         wait(&notifier);
-        assert_eq!(notifier.reason(), Some(GuestExit::Killed));
+        assert_eq!(notifier.reason(), Some(VmExit::Host(HostStop::Killed)));
         assert!(notifier.forced());
         assert!(start.elapsed() >= std::time::Duration::from_millis(50));
     }
@@ -249,12 +274,12 @@ mod tests {
         let thread = std::thread::spawn(move || {
             host.set_deadline(
                 Instant::now() + std::time::Duration::from_millis(30),
-                GuestExit::TimedOut,
+                HostStop::TimedOut,
             )
         });
         wait(&notifier);
         thread.join().unwrap();
-        assert_eq!(notifier.reason(), Some(GuestExit::TimedOut));
+        assert_eq!(notifier.reason(), Some(VmExit::Host(HostStop::TimedOut)));
         assert!(start.elapsed() >= std::time::Duration::from_millis(30));
     }
 
@@ -263,21 +288,21 @@ mod tests {
         let notifier = ExitNotifier::new().unwrap();
         notifier.set_deadline(
             Instant::now() + std::time::Duration::from_secs(3600),
-            GuestExit::TimedOut,
+            HostStop::TimedOut,
         );
         let guest = notifier.clone();
-        let thread = std::thread::spawn(move || guest.request(GuestExit::PowerOff));
+        let thread = std::thread::spawn(move || guest.guest_stopped(GuestExit::PowerOff));
         wait(&notifier);
         thread.join().unwrap();
-        assert_eq!(notifier.reason(), Some(GuestExit::PowerOff));
+        assert_eq!(notifier.reason(), Some(VmExit::Guest(GuestExit::PowerOff)));
     }
 
     #[test]
     fn a_kill_after_the_guest_stopped_is_still_seen() {
         let notifier = ExitNotifier::new().unwrap();
-        notifier.request(GuestExit::PowerOff);
-        notifier.request(GuestExit::Killed);
-        assert_eq!(notifier.reason(), Some(GuestExit::PowerOff));
+        notifier.guest_stopped(GuestExit::PowerOff);
+        notifier.host_stop(HostStop::Killed);
+        assert_eq!(notifier.reason(), Some(VmExit::Guest(GuestExit::PowerOff)));
         assert!(notifier.forced());
     }
 }

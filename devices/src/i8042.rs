@@ -17,7 +17,7 @@ impl Trigger for ResetRequest {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        self.0.request(GuestExit::Reset);
+        self.0.guest_stopped(GuestExit::Reset);
         Ok(())
     }
 }
@@ -52,6 +52,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::VmExit;
 
     #[test]
     fn reset_command_requests_reset() {
@@ -64,6 +65,6 @@ mod tests {
             "0xfe on the data port is not a command"
         );
         i8042.write(COMMAND_OFFSET, &[0xfe]);
-        assert_eq!(exit.reason(), Some(GuestExit::Reset));
+        assert_eq!(exit.reason(), Some(VmExit::Guest(GuestExit::Reset)));
     }
 }

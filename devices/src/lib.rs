@@ -13,11 +13,9 @@ pub mod event_loop;
 pub mod exit;
 pub mod i8042;
 pub mod pvpanic;
-pub mod seccomp;
 pub mod serial;
 pub mod status_port;
-pub mod terminal;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
-pub use exit::{ExitNotifier, GuestExit};
+pub use exit::{ExitNotifier, GuestExit, HostStop, VmExit};

@@ -33,7 +33,7 @@ impl BusDevice for PvPanic {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if data.first().is_some_and(|events| events & PANICKED != 0) {
-            self.exit.request(GuestExit::Panic);
+            self.exit.guest_stopped(GuestExit::Panic);
         }
     }
 }
@@ -41,6 +41,7 @@ impl BusDevice for PvPanic {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::VmExit;
 
     #[test]
     fn panicked_event_requests_panic_exit() {
@@ -52,6 +53,6 @@ mod tests {
         dev.write(0, &[CRASH_LOADED]);
         assert_eq!(exit.reason(), None);
         dev.write(0, &[PANICKED]);
-        assert_eq!(exit.reason(), Some(GuestExit::Panic));
+        assert_eq!(exit.reason(), Some(VmExit::Guest(GuestExit::Panic)));
     }
 }

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::bus::BusDevice;
 
-/// Width of the port: one 32-bit register.
-pub const STATUS_PORT_LEN: u64 = 4;
+/// Width of the port: one 32-bit register, as the guest init's protocol has it.
+pub const STATUS_PORT_LEN: u64 = tvix_boot_guest_init::protocol::EXIT_STATUS_PORT_LEN as u64;
 
 /// The last value the guest wrote. Cheap to clone; every clone sees the same value.
 #[derive(Clone, Default)]
@@ -46,9 +46,9 @@ impl BusDevice for StatusPort {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        // Only a whole 32-bit write counts: a stray byte write (a driver probing
+        // Only a whole register write counts: a stray byte write (a driver probing
         // ports) must not be mistaken for a status.
-        match (offset, <[u8; 4]>::try_from(data)) {
+        match (offset, <[u8; STATUS_PORT_LEN as usize]>::try_from(data)) {
             (0, Ok(bytes)) => self.status.set(u32::from_le_bytes(bytes)),
             _ => tracing::debug!(
                 "status port: ignored {}-byte write at offset {offset}",

@@ -192,6 +192,8 @@ struct Model {
 
 struct Harness {
     transport: MmioTransport,
+    /// Activates the device, as the VM's event loop does, after each status write.
+    event_loop: EventLoop,
     seen: Arc<Mutex<Seen>>,
     features: u64,
     sizes: Vec<u16>,
@@ -251,6 +253,7 @@ impl Harness {
         );
         Some(Self {
             transport: transport.ok()?,
+            event_loop,
             seen,
             features,
             model: Model {
@@ -504,6 +507,9 @@ impl Harness {
         };
         self.transport
             .write(VIRTIO_MMIO_STATUS.into(), &value.to_le_bytes());
+        self.event_loop
+            .run_once(0)
+            .expect("the event loop runs the activation");
         let new = self.read32(VIRTIO_MMIO_STATUS);
         let (activated, reset, active) = {
             let seen = self.seen();

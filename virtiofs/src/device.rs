@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use tvix_boot_devices::event_loop::{EventOps, EventSet, Events, MutEventSubscriber};
-use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
 use tvix_boot_devices::virtio::{
     ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, pop_chain,
 };
+use tvix_boot_seccomp::{self as seccomp, RoleThread, ThreadRole};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -242,12 +242,13 @@ impl VirtioDevice for VirtioFs {
             } else {
                 format!("virtio-fs-q{index}")
             };
-            let handle = seccomp::spawn(ThreadRole::VirtioFs, name, move || worker.run()).map_err(
-                |source| ActivateError::Thread {
-                    device: "virtio-fs",
-                    source,
-                },
-            )?;
+            let handle =
+                seccomp::spawn(ThreadRole::VirtioFs, name, move || worker.run()).map_err(|e| {
+                    ActivateError::Thread {
+                        device: "virtio-fs",
+                        source: std::io::Error::other(e),
+                    }
+                })?;
             self.workers.push((stop, handle));
         }
         Ok(())

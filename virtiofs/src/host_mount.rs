@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 use thiserror::Error;
-use tvix_boot_devices::seccomp::{self, RoleThread, ThreadRole};
+use tvix_boot_seccomp::{self as seccomp, RoleThread, ThreadRole};
 
 use crate::fs::StoreFs;
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::api::server::Server;
-use tvix_boot_devices::seccomp::{self, ThreadRole};
+use tvix_boot_seccomp::{self as seccomp, ThreadRole};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringT};

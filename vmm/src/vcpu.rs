@@ -10,8 +10,8 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use tvix_boot_devices::seccomp::{self, RoleThread, SeccompError, ThreadRole};
 use tvix_boot_devices::{Bus, ExitNotifier, GuestExit};
+use tvix_boot_seccomp::{self as seccomp, RoleThread, SeccompError, ThreadRole};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 /// Why a vCPU stopped the VM, or could not be started. `index` is the vCPU's number.
@@ -141,11 +141,11 @@ impl Vcpu {
                     }
                 }
                 // A triple fault; also Linux's `reboot=t`.
-                Ok(VcpuExit::Shutdown) => ctx.exit.request(GuestExit::Reset),
+                Ok(VcpuExit::Shutdown) => ctx.exit.guest_stopped(GuestExit::Reset),
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => ctx.exit.request(GuestExit::PowerOff),
-                    KVM_SYSTEM_EVENT_RESET => ctx.exit.request(GuestExit::Reset),
-                    KVM_SYSTEM_EVENT_CRASH => ctx.exit.request(GuestExit::Panic),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ctx.exit.guest_stopped(GuestExit::PowerOff),
+                    KVM_SYSTEM_EVENT_RESET => ctx.exit.guest_stopped(GuestExit::Reset),
+                    KVM_SYSTEM_EVENT_CRASH => ctx.exit.guest_stopped(GuestExit::Panic),
                     other => {
                         return Err(VcpuError::UnexpectedExit {
                             index,
@@ -187,7 +187,7 @@ pub(crate) fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> Result<VcpuThread, VcpuErro
     install_kick_handler()?;
     let index = vcpu.index;
     // From the VM's thread, whose event-loop filter allows all a vCPU's does.
-    let handle = seccomp::spawn_from_here(ThreadRole::Vcpu, format!("vcpu{index}"), move || {
+    let handle = seccomp::spawn(ThreadRole::Vcpu, format!("vcpu{index}"), move || {
         let exit = ctx.exit.clone();
         // Wake the VMM however this thread ends, panics included.
         struct WakeOnDrop(ExitNotifier);

@@ -1,7 +1,15 @@
-//! The VM: KVM setup, guest memory, devices, boot and the run/stop lifecycle.
+//! The VM, in two types whose order is the order of its life: a [`VmBuilder`] is a
+//! machine with its guest loaded, to which devices and event-loop subscribers are added;
+//! [`VmBuilder::build`] writes the tables that describe them to the guest and creates the
+//! vCPUs, and the [`Vm`] it gives can only be run. A device cannot be added after the
+//! tables are written, nor a machine run without a guest: the types do not allow it.
+//!
+//! [`Vm::run`] runs on the thread that is to run the VM's event loop; it starts the vCPU
+//! threads, serves the loop until the guest or the host stops the VM, and joins them.
+//! Everything process-wide (the host terminal, signals, seccomp) is the front end's.
 
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,18 +21,14 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use tvix_boot_devices::acpi_sleep::AcpiSleepRegister;
 use tvix_boot_devices::bus::SharedDevice;
+use tvix_boot_devices::event_loop::{EventLoop, EventLoopError, EventLoopHandle, Subscriber};
 use tvix_boot_devices::i8042::{self, I8042};
 use tvix_boot_devices::pvpanic::PvPanic;
-use tvix_boot_devices::seccomp::{self, ThreadRole};
-
-use crate::startup;
-use tvix_boot_devices::event_loop::{EventLoop, EventLoopError, EventLoopHandle, Subscriber};
 use tvix_boot_devices::serial::{self, ConsoleOutput, IrqTrigger, SerialConsole, SerialIo};
 use tvix_boot_devices::status_port::{self, GuestStatus, StatusPort};
-use tvix_boot_devices::terminal::RawTerminal;
 use tvix_boot_devices::virtio::VirtioDevice;
 use tvix_boot_devices::virtio::mmio::{MmioError, MmioTransport};
-use tvix_boot_devices::{Bus, BusError, ExitNotifier, GuestExit};
+use tvix_boot_devices::{Bus, BusError, ExitNotifier, VmExit};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -33,6 +37,7 @@ use crate::arch::x86_64::acpi::{self, AcpiConfig, AcpiError, MmioDeviceInfo};
 use crate::arch::x86_64::linux::{self, BootError, Initrd, LoadedInitrd, LoadedKernel};
 use crate::arch::x86_64::regs::{self, EntryMode, RegsError};
 use crate::arch::x86_64::{cpuid, layout, mptable};
+use crate::startup;
 use crate::vcpu::{self, Vcpu, VcpuContext, VcpuError};
 
 /// Most vCPUs we create: APIC ids are 8 bits in the MADT and MP table, and one id
@@ -97,9 +102,6 @@ pub enum VmError {
         what: &'static str,
         source: std::io::Error,
     },
-    /// The host terminal could not be put in raw mode.
-    #[error("cannot set up the terminal: {0}")]
-    Terminal(std::io::Error),
     /// The VM's event loop could not be created or failed.
     #[error("{0}")]
     EventLoop(#[from] EventLoopError),
@@ -109,28 +111,29 @@ pub enum VmError {
         what: &'static str,
         source: std::io::Error,
     },
-    /// The event-loop seccomp filter could not be installed on the thread that runs the VM.
-    #[error("{0}")]
-    Seccomp(tvix_boot_devices::seccomp::SeccompError),
-    /// A device added after [`Vm::prepare`], which wrote the tables that describe them.
-    #[error("devices must be added before the VM is prepared")]
-    DeviceAfterPrepare,
-    /// [`Vm::run`] on a VM without a guest; [`Vm::new`] always loads one.
-    #[error("no guest was loaded into the VM")]
-    NothingToBoot,
 }
 
 fn kvm_error(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { ioctl, source }
 }
 
-/// Where the guest's serial console goes.
-pub enum Console {
-    /// The host's stdout, and stdin as input (raw mode while running if it is a
-    /// terminal).
-    Stdio,
-    /// Output to a writer, no input (tests, embedding).
-    Writer(Box<dyn Write + Send>),
+/// The host's ends of the guest's serial console.
+pub struct ConsoleIo {
+    /// What the guest reads, read when the guest has room (a terminal is the front end's
+    /// to put in raw mode); `None` for a console without input.
+    pub input: Option<OwnedFd>,
+    /// Where the guest's output goes.
+    pub output: Box<dyn Write + Send>,
+}
+
+impl ConsoleIo {
+    /// Output to `output`, no input (tests, embedding).
+    pub fn output_only(output: impl Write + Send + 'static) -> Self {
+        Self {
+            input: None,
+            output: Box::new(output),
+        }
+    }
 }
 
 /// What to boot and with which resources.
@@ -145,12 +148,10 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest RAM in bytes, at least 64 MiB. Above 3 GiB the rest is placed above 4 GiB.
     pub mem_size: u64,
-    /// Where the serial console goes.
-    pub console: Console,
 }
 
 impl VmConfig {
-    /// One vCPU, 512 MiB, console on stdio, empty command line.
+    /// One vCPU, 512 MiB, empty command line, no initrd.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
             kernel: kernel.into(),
@@ -158,7 +159,6 @@ impl VmConfig {
             cmdline: String::new(),
             vcpus: 1,
             mem_size: 512 << 20,
-            console: Console::Stdio,
         }
     }
 }
@@ -186,8 +186,8 @@ enum BootEntry {
     Flat32 { entry: u64 },
 }
 
-/// A VM that has been set up and can be run once.
-pub struct Vm {
+/// The parts of a VM that both [`VmBuilder`] and [`Vm`] hold.
+struct Machine {
     kvm: Kvm,
     vm_fd: VmFd,
     memory: GuestMemoryMmap,
@@ -196,25 +196,36 @@ pub struct Vm {
     mmio: Arc<Bus>,
     exit: ExitNotifier,
     serial: Arc<Mutex<SerialConsole>>,
+    console_input: Option<OwnedFd>,
     /// The last value the guest wrote to the exit-status port.
     guest_status: GuestStatus,
-    stdio: bool,
-    virtio_mmio: Vec<MmioDeviceInfo>,
-    /// What vCPU 0 runs; set by the constructor that loaded a guest.
-    entry: Option<BootEntry>,
+    /// Runs the host side of the devices (everything but vCPUs and virtio-fs queue
+    /// workers) on the thread that calls [`Vm::run`].
+    event_loop: EventLoop,
     /// When KVM setup began, for the start-up time logged by `run`.
     created_at: Instant,
-    /// Runs the host side of the devices (everything but vCPUs and virtio-fs queue
-    /// workers) on the thread that calls [`run`](Self::run).
-    event_loop: EventLoop,
-    /// Created by [`prepare`](Self::prepare), started by [`run`](Self::run).
-    vcpus: Option<Vec<Vcpu>>,
 }
 
-impl Vm {
-    /// Checks the configuration, creates the VM and loads kernel and initrd. Nothing
-    /// runs yet; every input error is reported here.
-    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+/// A VM being set up: KVM VM, memory and legacy devices made, the guest loaded. Add
+/// devices and subscribers, then [`build`](Self::build) it.
+pub struct VmBuilder {
+    machine: Machine,
+    entry: BootEntry,
+    virtio_mmio: Vec<MmioDeviceInfo>,
+}
+
+/// A VM ready to run: its boot tables written and its vCPUs created. Nothing about it
+/// can change any more; [`run`](Self::run) it once.
+pub struct Vm {
+    machine: Machine,
+    vcpus: Vec<Vcpu>,
+}
+
+impl VmBuilder {
+    /// Checks the configuration, creates the VM and loads kernel and initrd, with the
+    /// guest's serial console on `console`. Nothing runs yet; every input error is
+    /// reported here.
+    pub fn new(config: VmConfig, console: ConsoleIo) -> Result<Self, VmError> {
         if config.mem_size < layout::MIN_MEMORY {
             return Err(VmError::TooLittleMemory {
                 requested_mib: config.mem_size >> 20,
@@ -225,25 +236,256 @@ impl Vm {
         // Parse early: a bad command line is an input error too.
         linux::build_cmdline(&config.cmdline)?;
 
-        let mut vm = Self::create(config.vcpus, config.mem_size, config.console)?;
+        let machine = Machine::create(config.vcpus, config.mem_size, console)?;
         startup::mark("legacy devices");
-        let kernel = linux::load_kernel(&vm.memory, &config.kernel)?;
+        let kernel = linux::load_kernel(&machine.memory, &config.kernel)?;
         startup::mark("kernel loaded");
         let initrd = match &config.initrd {
-            Some(initrd) => Some(linux::load_initrd(&vm.memory, initrd, kernel.end)?),
+            Some(initrd) => Some(linux::load_initrd(&machine.memory, initrd, kernel.end)?),
             None => None,
         };
         startup::mark("initrd loaded");
-        vm.entry = Some(BootEntry::Linux {
-            kernel,
-            initrd,
-            cmdline: config.cmdline,
-        });
-        Ok(vm)
+        Ok(Self {
+            machine,
+            entry: BootEntry::Linux {
+                kernel,
+                initrd,
+                cmdline: config.cmdline,
+            },
+            virtio_mmio: Vec::new(),
+        })
     }
 
+    /// The value the guest reports on the exit-status port (`layout::STATUS_PORT`), to
+    /// read after [`Vm::run`] returns: tvix-boot's init writes the exit status of the
+    /// program it ran there.
+    pub fn guest_status(&self) -> GuestStatus {
+        self.machine.guest_status.clone()
+    }
+
+    /// Where devices report how the guest wants to stop; the host stops the VM through it
+    /// too (a request, or a deadline), from any thread, also while [`Vm::run`] runs.
+    pub fn exit_notifier(&self) -> ExitNotifier {
+        self.machine.exit.clone()
+    }
+
+    /// Guest memory, for devices that read and write it (virtio queues).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.machine.memory
+    }
+
+    /// Places a virtio-mmio device in the next free slot: `make` gets the slot and an
+    /// eventfd that raises the slot's interrupt, and returns the device. The device is
+    /// announced to the guest in the DSDT (see `write_boot_state` for why not also on
+    /// the command line).
+    pub fn add_virtio_mmio_device(
+        &mut self,
+        make: impl FnOnce(MmioSlot, EventFd) -> Result<SharedDevice, VmError>,
+    ) -> Result<MmioSlot, VmError> {
+        let index = self.virtio_mmio.len() as u64;
+        let (addr, irq) = layout::virtio_mmio_slot(index).ok_or(VmError::NoVirtioMmioSlot {
+            slots: layout::VIRTIO_MMIO_SLOTS,
+        })?;
+        let slot = MmioSlot {
+            addr,
+            len: layout::VIRTIO_MMIO_SLOT_SIZE,
+            irq,
+        };
+        let interrupt = irqfd(&self.machine.vm_fd, irq, "virtio-mmio interrupt")?;
+        let device = make(slot, interrupt)?;
+        self.machine
+            .mmio
+            .insert(&format!("virtio-mmio slot {index}"), addr, slot.len, device)?;
+        self.virtio_mmio.push(MmioDeviceInfo {
+            addr,
+            len: slot.len,
+            irq,
+        });
+        Ok(slot)
+    }
+
+    /// Puts a virtio device on the MMIO bus behind a virtio-mmio transport. Queue
+    /// notifications reach the device through KVM ioeventfds, without a trip through the
+    /// vCPU thread; the device is activated on the VM's event-loop thread.
+    pub fn add_virtio_device(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<MmioSlot, VmError> {
+        let memory = self.machine.memory.clone();
+        let event_loop = self.machine.event_loop.handle();
+        let mut transport = None;
+        let slot = self.add_virtio_mmio_device(|_slot, irq| {
+            let shared = Arc::new(Mutex::new(MmioTransport::new(
+                device, memory, irq, event_loop,
+            )?));
+            transport = Some(shared.clone());
+            Ok(shared)
+        })?;
+        let transport = transport.expect("add_virtio_mmio_device calls make");
+        let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+        let notify = IoEventAddress::Mmio(slot.addr + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+        for (index, event) in transport.queue_events().iter().enumerate() {
+            startup::kvm_ioctl("KVM_IOEVENTFD", || {
+                self.machine
+                    .vm_fd
+                    .register_ioevent(event, &notify, index as u32)
+            })
+            .map_err(kvm_error("KVM_IOEVENTFD"))?;
+        }
+        Ok(slot)
+    }
+
+    /// Adds a subscriber to the VM's event loop (e.g. one that follows a signalfd); it
+    /// runs on the thread that calls [`Vm::run`].
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.machine.event_loop.add(subscriber);
+    }
+
+    /// Adds subscribers to the VM's event loop from other threads, also while it runs.
+    pub fn event_loop(&self) -> EventLoopHandle {
+        self.machine.event_loop.handle()
+    }
+
+    /// Writes the boot tables that describe the machine and its devices, and creates the
+    /// vCPUs (KVM ioctls on the VM and vCPU fds, which the thread that runs the VM may
+    /// not be allowed once it has its seccomp filter).
+    pub fn build(self) -> Result<Vm, VmError> {
+        startup::mark("virtio devices added");
+        let (entry, mode) = self.write_boot_state()?;
+        startup::mark("boot tables written");
+        let vcpus = self.machine.create_vcpus(entry, mode)?;
+        startup::mark("vcpus created");
+        Ok(Vm {
+            machine: self.machine,
+            vcpus,
+        })
+    }
+
+    /// Writes everything the guest reads at boot; returns vCPU 0's entry point.
+    fn write_boot_state(&self) -> Result<(u64, EntryMode), VmError> {
+        let memory = &self.machine.memory;
+        match &self.entry {
+            BootEntry::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                // virtio-mmio devices are described in the DSDT only, not also with
+                // virtio_mmio.device= on the command line: the ACPI tables are
+                // hardware-reduced, so Linux has no legacy IRQs and cannot request a bare
+                // IRQ number from the command line ("probe failed with error -22"); the
+                // DSDT's _CRS gives it a GSI it maps. Listing a device in both places made
+                // the second probe fail to claim the region.
+                let cmdline = linux::build_cmdline(cmdline)?;
+                linux::write_boot_params(memory, kernel, *initrd, &cmdline)?;
+                let vcpu_count = u32::from(self.machine.vcpu_count);
+                mptable::write(memory, vcpu_count)?;
+                acpi::write_tables(
+                    memory,
+                    &AcpiConfig {
+                        vcpu_count,
+                        virtio_mmio: &self.virtio_mmio,
+                    },
+                )?;
+                Ok((kernel.entry, EntryMode::Linux64))
+            }
+            #[cfg(test)]
+            BootEntry::Flat32 { entry } => Ok((*entry, EntryMode::Flat32)),
+        }
+    }
+}
+
+impl Vm {
+    /// See [`VmBuilder::guest_status`].
+    pub fn guest_status(&self) -> GuestStatus {
+        self.machine.guest_status.clone()
+    }
+
+    /// See [`VmBuilder::exit_notifier`].
+    pub fn exit_notifier(&self) -> ExitNotifier {
+        self.machine.exit.clone()
+    }
+
+    /// Starts the vCPUs and serves the VM's event loop on this thread until the guest
+    /// powers off, resets or panics, or the host stops it. All vCPU threads are stopped
+    /// and joined before it returns, and what the guest wrote has gone out (unless the
+    /// host stopped it at once).
+    pub fn run(self) -> Result<VmExit, VmError> {
+        let Vm { mut machine, vcpus } = self;
+        let serial_io = SerialIo::new(machine.serial.clone(), machine.console_input.take())
+            .map_err(|source| VmError::HostIo {
+                what: "serial console",
+                source,
+            })?;
+        machine.event_loop.add(Box::new(serial_io));
+        let exit_watcher = machine.exit.watcher().map_err(|source| VmError::HostIo {
+            what: "exit watcher",
+            source,
+        })?;
+        machine.event_loop.add(Box::new(exit_watcher));
+        startup::mark("event loop set up");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = VcpuContext {
+            pio: machine.pio.clone(),
+            mmio: machine.mmio.clone(),
+            exit: machine.exit.clone(),
+            stop: stop.clone(),
+        };
+        let mut threads = Vec::with_capacity(vcpus.len());
+        let mut result = Ok(());
+        for vcpu in vcpus {
+            match vcpu::spawn(vcpu, ctx.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            tracing::info!(
+                "guest started: {:?} after KVM setup began",
+                machine.created_at.elapsed()
+            );
+            // Until a device's exit request, a deadline, or a vCPU thread ending.
+            let exit = machine.exit.clone();
+            result = machine
+                .event_loop
+                .run_until(|| exit.woken())
+                .map_err(VmError::from);
+        }
+
+        stop.store(true, Ordering::Release);
+        let vcpu_result = vcpu::stop_all(threads);
+        // What the guest wrote before it stopped still goes out, unless the host asked to
+        // stop at once.
+        let exit = machine.exit.clone();
+        if let Err(e) = machine.event_loop.drain(|| exit.forced()) {
+            tracing::warn!("output after the guest stopped may be lost: {e}");
+        }
+        // The guest's last words (e.g. a panic message) may still be buffered.
+        tvix_boot_devices::bus::lock(&machine.serial).flush_output();
+        result?;
+
+        match machine.exit.reason() {
+            Some(reason) => Ok(reason),
+            None => {
+                vcpu_result?;
+                // Every vCPU ended without an error and without a guest request:
+                // only possible if one stopped on its own, which is a bug.
+                Err(VmError::Vcpu(VcpuError::UnexpectedExit {
+                    index: 0,
+                    exit: "vCPU stopped without a reason".into(),
+                }))
+            }
+        }
+    }
+}
+
+impl Machine {
     /// The machine without a guest: KVM VM, irqchip, PIT, memory, legacy devices.
-    fn create(vcpus: u8, mem_size: u64, console: Console) -> Result<Self, VmError> {
+    fn create(vcpus: u8, mem_size: u64, console: ConsoleIo) -> Result<Self, VmError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(VmError::VcpuCount {
                 requested: vcpus,
@@ -301,14 +543,9 @@ impl Vm {
             source,
         })?;
         let serial_irq = irqfd(&vm_fd, layout::SERIAL_IRQ, "serial interrupt")?;
-        let (output, stdio): (Box<dyn Write + Send>, bool) = match console {
-            Console::Stdio => (Box::new(std::io::stdout()), true),
-            Console::Writer(writer) => (writer, false),
-        };
-        let output = ConsoleOutput::new(output);
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             IrqTrigger::new(serial_irq),
-            output,
+            ConsoleOutput::new(console.output),
         )));
 
         let pio = Arc::new(Bus::new());
@@ -353,260 +590,11 @@ impl Vm {
             mmio: Arc::new(Bus::new()),
             exit,
             serial,
+            console_input: console.input,
             guest_status,
-            stdio,
-            virtio_mmio: Vec::new(),
-            entry: None,
-            created_at,
             event_loop: EventLoop::new()?,
-            vcpus: None,
+            created_at,
         })
-    }
-
-    /// The value the guest reports on the exit-status port (layout::STATUS_PORT), to
-    /// read after [`run`](Self::run) returns: tvix-boot's init writes the exit status
-    /// of the program it ran there.
-    pub fn guest_status(&self) -> GuestStatus {
-        self.guest_status.clone()
-    }
-
-    /// Where devices report how the guest wants to stop; the host stops the VM through it
-    /// too (a request, or a deadline), from any thread, also while [`run`](Self::run)
-    /// runs.
-    pub fn exit_notifier(&self) -> ExitNotifier {
-        self.exit.clone()
-    }
-
-    /// Guest memory, for devices that read and write it (virtio queues).
-    pub fn guest_memory(&self) -> &GuestMemoryMmap {
-        &self.memory
-    }
-
-    /// Places a virtio-mmio device in the next free slot: `make` gets the slot and an
-    /// eventfd that raises the slot's interrupt, and returns the device. The device is
-    /// announced to the guest in the DSDT (see `write_boot_state` for why not also on
-    /// the command line).
-    pub fn add_virtio_mmio_device(
-        &mut self,
-        make: impl FnOnce(MmioSlot, EventFd) -> Result<SharedDevice, VmError>,
-    ) -> Result<MmioSlot, VmError> {
-        if self.vcpus.is_some() {
-            // The boot tables that describe the devices are written already.
-            return Err(VmError::DeviceAfterPrepare);
-        }
-        let index = self.virtio_mmio.len() as u64;
-        let (addr, irq) = layout::virtio_mmio_slot(index).ok_or(VmError::NoVirtioMmioSlot {
-            slots: layout::VIRTIO_MMIO_SLOTS,
-        })?;
-        let slot = MmioSlot {
-            addr,
-            len: layout::VIRTIO_MMIO_SLOT_SIZE,
-            irq,
-        };
-        let interrupt = irqfd(&self.vm_fd, irq, "virtio-mmio interrupt")?;
-        let device = make(slot, interrupt)?;
-        self.mmio
-            .insert(&format!("virtio-mmio slot {index}"), addr, slot.len, device)?;
-        self.virtio_mmio.push(MmioDeviceInfo {
-            addr,
-            len: slot.len,
-            irq,
-        });
-        Ok(slot)
-    }
-
-    /// Puts a virtio device on the MMIO bus behind a virtio-mmio transport. Queue
-    /// notifications reach the device through KVM ioeventfds, without a trip through the
-    /// vCPU thread.
-    pub fn add_virtio_device(
-        &mut self,
-        device: Box<dyn VirtioDevice>,
-    ) -> Result<MmioSlot, VmError> {
-        let memory = self.memory.clone();
-        let event_loop = self.event_loop.handle();
-        let mut transport = None;
-        let slot = self.add_virtio_mmio_device(|_slot, irq| {
-            let shared = Arc::new(Mutex::new(MmioTransport::new(
-                device,
-                memory,
-                irq,
-                event_loop.clone(),
-            )?));
-            transport = Some(shared.clone());
-            Ok(shared)
-        })?;
-        let transport = transport.expect("add_virtio_mmio_device calls make");
-        let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
-        let notify = IoEventAddress::Mmio(slot.addr + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
-        for (index, event) in transport.queue_events().iter().enumerate() {
-            startup::kvm_ioctl("KVM_IOEVENTFD", || {
-                self.vm_fd.register_ioevent(event, &notify, index as u32)
-            })
-            .map_err(kvm_error("KVM_IOEVENTFD"))?;
-        }
-        Ok(slot)
-    }
-
-    /// Writes the boot tables and creates the vCPUs (KVM ioctls on the VM and vCPU fds),
-    /// after the last device was added. [`run`](Self::run) does it if it was not done;
-    /// doing it first lets `run` go on a thread that already has the event loop's
-    /// seccomp filter, which does not allow these ioctls.
-    pub fn prepare(&mut self) -> Result<(), VmError> {
-        startup::mark("virtio devices added");
-        let (entry, mode) = self.write_boot_state()?;
-        startup::mark("boot tables written");
-        self.vcpus = Some(self.create_vcpus(entry, mode)?);
-        startup::mark("vcpus created");
-        Ok(())
-    }
-
-    /// Adds a subscriber to the VM's event loop (e.g. one that follows a signalfd); it
-    /// runs on the thread that calls [`run`](Self::run).
-    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
-        self.event_loop.add(subscriber);
-    }
-
-    /// Adds subscribers to the VM's event loop from other threads, also while it runs.
-    pub fn event_loop(&self) -> EventLoopHandle {
-        self.event_loop.handle()
-    }
-
-    /// Writes boot tables, starts the vCPUs and waits until the guest powers off,
-    /// resets or panics. All vCPU threads are stopped and joined before it returns.
-    pub fn run(mut self) -> Result<GuestExit, VmError> {
-        if self.vcpus.is_none() {
-            self.prepare()?;
-        }
-        let vcpus = self.vcpus.take().unwrap_or_default();
-
-        // Raw mode only while the guest runs; dropped (restored) on every return path.
-        let _raw_terminal = if self.stdio {
-            RawTerminal::enable_if_tty().map_err(VmError::Terminal)?
-        } else {
-            None
-        };
-        let stdin = if self.stdio {
-            match std::io::stdin().as_fd().try_clone_to_owned() {
-                Ok(stdin) => Some(stdin),
-                // No stdin at all: a console without input.
-                Err(e) if e.raw_os_error() == Some(libc::EBADF) => None,
-                Err(source) => {
-                    return Err(VmError::HostIo {
-                        what: "console input",
-                        source,
-                    });
-                }
-            }
-        } else {
-            None
-        };
-        let serial_io =
-            SerialIo::new(self.serial.clone(), stdin).map_err(|source| VmError::HostIo {
-                what: "serial console",
-                source,
-            })?;
-        self.event_loop.add(Box::new(serial_io));
-        let exit_watcher = self.exit.watcher().map_err(|source| VmError::HostIo {
-            what: "exit watcher",
-            source,
-        })?;
-        self.event_loop.add(Box::new(exit_watcher));
-        startup::mark("event loop set up");
-
-        // Set-up is done: from here on this thread only runs the VM's event loop. Every
-        // thread it starts narrows this filter to its own role (see devices::seccomp).
-        seccomp::apply_to_current_thread(ThreadRole::EventLoop).map_err(VmError::Seccomp)?;
-        startup::mark("event-loop filter installed");
-        let stop = Arc::new(AtomicBool::new(false));
-        let ctx = VcpuContext {
-            pio: self.pio.clone(),
-            mmio: self.mmio.clone(),
-            exit: self.exit.clone(),
-            stop: stop.clone(),
-        };
-        let mut threads = Vec::with_capacity(vcpus.len());
-        let mut result = Ok(());
-        for vcpu in vcpus {
-            match vcpu::spawn(vcpu, ctx.clone()) {
-                Ok(thread) => threads.push(thread),
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            }
-        }
-        if result.is_ok() {
-            tracing::info!(
-                "guest started: {:?} after KVM setup began",
-                self.created_at.elapsed()
-            );
-            // Until a device's exit request, a deadline, or a vCPU thread ending.
-            let exit = self.exit.clone();
-            result = self
-                .event_loop
-                .run_until(|| exit.woken())
-                .map_err(VmError::from);
-        }
-
-        stop.store(true, Ordering::Release);
-        let vcpu_result = vcpu::stop_all(threads);
-        // What the guest wrote before it stopped still goes out, unless the host asked to
-        // stop at once.
-        let exit = self.exit.clone();
-        if let Err(e) = self.event_loop.drain(|| exit.forced()) {
-            tracing::warn!("output after the guest stopped may be lost: {e}");
-        }
-        // The guest's last words (e.g. a panic message) may still be buffered.
-        tvix_boot_devices::bus::lock(&self.serial).flush_output();
-        result?;
-
-        match self.exit.reason() {
-            Some(reason) => Ok(reason),
-            None => {
-                vcpu_result?;
-                // Every vCPU ended without an error and without a guest request:
-                // only possible if one stopped on its own, which is a bug.
-                Err(VmError::Vcpu(VcpuError::UnexpectedExit {
-                    index: 0,
-                    exit: "vCPU stopped without a reason".into(),
-                }))
-            }
-        }
-    }
-
-    /// Writes everything the guest reads at boot; returns vCPU 0's entry point.
-    fn write_boot_state(&mut self) -> Result<(u64, EntryMode), VmError> {
-        let Some(entry) = &self.entry else {
-            return Err(VmError::NothingToBoot);
-        };
-        match entry {
-            BootEntry::Linux {
-                kernel,
-                initrd,
-                cmdline,
-            } => {
-                // virtio-mmio devices are described in the DSDT only, not also with
-                // virtio_mmio.device= on the command line: the ACPI tables are
-                // hardware-reduced, so Linux has no legacy IRQs and cannot request a bare
-                // IRQ number from the command line ("probe failed with error -22"); the
-                // DSDT's _CRS gives it a GSI it maps. Listing a device in both places made
-                // the second probe fail to claim the region.
-                let cmdline = linux::build_cmdline(cmdline)?;
-                linux::write_boot_params(&self.memory, kernel, *initrd, &cmdline)?;
-                let vcpu_count = u32::from(self.vcpu_count);
-                mptable::write(&self.memory, vcpu_count)?;
-                acpi::write_tables(
-                    &self.memory,
-                    &AcpiConfig {
-                        vcpu_count,
-                        virtio_mmio: &self.virtio_mmio,
-                    },
-                )?;
-                Ok((kernel.entry, EntryMode::Linux64))
-            }
-            #[cfg(test)]
-            BootEntry::Flat32 { entry } => Ok((*entry, EntryMode::Flat32)),
-        }
     }
 
     fn create_vcpus(&self, entry: u64, mode: EntryMode) -> Result<Vec<Vcpu>, VmError> {
@@ -686,6 +674,7 @@ mod tests {
 
     use super::*;
     use std::time::{Duration, Instant};
+    use tvix_boot_devices::GuestExit;
     use tvix_boot_devices::acpi_sleep;
 
     /// Where test guest code is placed and entered (flat 32-bit protected mode).
@@ -743,27 +732,25 @@ mod tests {
         code
     }
 
-    fn test_vm(code: &[u8], vcpus: u8) -> (Vm, Capture) {
+    fn test_vm(code: &[u8], vcpus: u8) -> (VmBuilder, Capture) {
         let capture = Capture::default();
-        let vm = Vm::create(
-            vcpus,
-            TEST_MEMORY,
-            Console::Writer(Box::new(capture.clone())),
-        )
-        .expect("these tests need a usable /dev/kvm");
-        vm.memory
+        let machine = Machine::create(vcpus, TEST_MEMORY, ConsoleIo::output_only(capture.clone()))
+            .expect("these tests need a usable /dev/kvm");
+        machine
+            .memory
             .write_slice(code, GuestAddress(CODE_START))
             .unwrap();
-        let vm = Vm {
-            entry: Some(BootEntry::Flat32 { entry: CODE_START }),
-            ..vm
+        let vm = VmBuilder {
+            machine,
+            entry: BootEntry::Flat32 { entry: CODE_START },
+            virtio_mmio: Vec::new(),
         };
         (vm, capture)
     }
 
-    fn run_with_deadline(vm: Vm) -> GuestExit {
+    fn run_with_deadline(vm: VmBuilder) -> VmExit {
         let start = Instant::now();
-        let exit = vm.run().expect("guest ran");
+        let exit = vm.build().expect("vCPUs created").run().expect("guest ran");
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "VM took too long"
@@ -779,7 +766,7 @@ mod tests {
         code.extend(power_off());
         // vCPU 1 never gets a SIPI and sits in KVM_RUN: stopping must still join it.
         let (vm, capture) = test_vm(&code, 2);
-        assert_eq!(run_with_deadline(vm), GuestExit::PowerOff);
+        assert_eq!(run_with_deadline(vm), VmExit::Guest(GuestExit::PowerOff));
         assert_eq!(capture.text(), "hello\n");
     }
 
@@ -788,7 +775,7 @@ mod tests {
         let mut code = out_bytes(I8042_COMMAND_PORT, &[I8042_RESET_CPU]);
         code.extend(HALT_FOREVER);
         let (vm, _) = test_vm(&code, 1);
-        assert_eq!(run_with_deadline(vm), GuestExit::Reset);
+        assert_eq!(run_with_deadline(vm), VmExit::Guest(GuestExit::Reset));
     }
 
     #[test]
@@ -799,7 +786,7 @@ mod tests {
         );
         code.extend(HALT_FOREVER);
         let (vm, _) = test_vm(&code, 1);
-        assert_eq!(run_with_deadline(vm), GuestExit::Panic);
+        assert_eq!(run_with_deadline(vm), VmExit::Guest(GuestExit::Panic));
     }
 
     #[test]
@@ -816,7 +803,7 @@ mod tests {
         let (vm, _) = test_vm(&code, 1);
         let status = vm.guest_status();
         assert_eq!(status.get(), None);
-        assert_eq!(run_with_deadline(vm), GuestExit::PowerOff);
+        assert_eq!(run_with_deadline(vm), VmExit::Guest(GuestExit::PowerOff));
         assert_eq!(status.get(), Some(0x101));
     }
 
@@ -826,7 +813,7 @@ mod tests {
         code.extend(out_bytes(I8042_COMMAND_PORT, &[I8042_RESET_CPU]));
         code.extend(HALT_FOREVER);
         let (vm, _) = test_vm(&code, 1);
-        assert_eq!(run_with_deadline(vm), GuestExit::Reset);
+        assert_eq!(run_with_deadline(vm), VmExit::Guest(GuestExit::Reset));
     }
 
     /// (offset, bytes) of every write the probe saw.
@@ -874,7 +861,7 @@ mod tests {
         assert_eq!(slot.addr, layout::VIRTIO_MMIO_START);
         assert_eq!(slot.irq, layout::VIRTIO_MMIO_FIRST_IRQ);
 
-        assert_eq!(run_with_deadline(vm), GuestExit::PowerOff);
+        assert_eq!(run_with_deadline(vm), VmExit::Guest(GuestExit::PowerOff));
         assert_eq!(
             *writes.lock().unwrap(),
             vec![(0x10, 0x1234_5678u32.to_le_bytes().to_vec())]
@@ -886,21 +873,29 @@ mod tests {
     fn input_errors_are_reported_before_anything_runs() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("no-such-vmlinux");
-        let err = Vm::new(VmConfig::new(&missing)).err().unwrap();
+        let console = || ConsoleIo::output_only(std::io::sink());
+        let err = VmBuilder::new(VmConfig::new(&missing), console())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("no-such-vmlinux"), "{err}");
 
         let garbage = dir.path().join("garbage");
         std::fs::write(&garbage, b"not a kernel").unwrap();
-        let err = Vm::new(VmConfig::new(&garbage)).err().unwrap();
+        let err = VmBuilder::new(VmConfig::new(&garbage), console())
+            .err()
+            .unwrap();
         assert!(
             matches!(err, VmError::Boot(BootError::UnknownKernelFormat { .. })),
             "{err}"
         );
 
-        let err = Vm::new(VmConfig {
-            mem_size: 16 << 20,
-            ..VmConfig::new(&garbage)
-        })
+        let err = VmBuilder::new(
+            VmConfig {
+                mem_size: 16 << 20,
+                ..VmConfig::new(&garbage)
+            },
+            console(),
+        )
         .err()
         .unwrap();
         assert!(matches!(err, VmError::TooLittleMemory { .. }), "{err}");

@@ -114,6 +114,14 @@ impl HostRequest {
         }
     }
 
+    /// The request to pass `signal` on; `None` for a number that is not a signal (1 to
+    /// 64).
+    pub fn signal(signal: i32) -> Option<Self> {
+        (1..=64)
+            .contains(&signal)
+            .then_some(HostRequest::Signal(signal))
+    }
+
     /// A line from the host; `None` for anything else (a newer host may send more).
     pub fn parse(line: &str) -> Option<Self> {
         let line = line.trim();
@@ -121,10 +129,7 @@ impl HostRequest {
             return Some(HostRequest::Stop);
         }
         let number = line.strip_prefix(SIGNAL_REQUEST)?.strip_prefix(' ')?;
-        let signal: i32 = number.parse().ok()?;
-        (1..=64)
-            .contains(&signal)
-            .then_some(HostRequest::Signal(signal))
+        Self::signal(number.parse().ok()?)
     }
 }
 
@@ -164,9 +169,10 @@ pub const DEFAULT_SHELL: &str = "/bin/sh";
 
 /// I/O port the init writes the exit status to (32-bit `out`). 0x501 is
 /// QEMU's isa-debug-exit default and collides with none of the VMM's ports
-/// (serial 0x3f8, i8042 0x60/0x64, ACPI sleep 0x3c0, pvpanic 0x505).
+/// (serial 0x3f8, i8042 0x60/0x64, ACPI sleep 0x3c0, pvpanic 0x505). This is the one
+/// definition: the VMM's memory layout places its exit-status device here.
 pub const EXIT_STATUS_PORT: u16 = 0x501;
-/// Width of the exit-status write, in bytes.
+/// Width of the exit-status write, in bytes: the device's one register.
 pub const EXIT_STATUS_PORT_LEN: u16 = 4;
 /// Status reported when the init itself failed (mounts, bad command line,
 /// switch_root): outside 0..=255 so it cannot be mistaken for a program's.

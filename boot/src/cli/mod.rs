@@ -47,15 +47,21 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    // Before any thread starts: a VM that follows the terminal's size reads SIGWINCH
-    // from a signalfd, which only sees signals no thread takes.
-    if let Err(e) = tvix_boot::block_signals(&[libc::SIGWINCH]) {
-        tracing::warn!("the guest console will not follow the terminal's size: {e}");
-    }
     startup::mark_at("main entered", entered);
     startup::mark("logging set up");
     let cli = Cli::parse();
     startup::mark("flags parsed");
+    // The signals a command reads from a signalfd, blocked before its first thread
+    // starts: a signalfd only sees signals that no thread takes.
+    let signals: &[i32] = match &cli.command {
+        None => &run_vm::SIGNALS,
+        Some(Command::Store(args)) if args.waits_for_stop_signals() => &tvix_boot::STOP_SIGNALS,
+        Some(Command::Store(_)) => &[],
+    };
+    if let Err(e) = tvix_boot::block_signals(signals) {
+        eprintln!("tvix-boot: cannot take over the signals {signals:?}: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli.command {
         Some(Command::Store(args)) => store_command::run(&cli.store, args),
         None => run_vm::run(cli.vm, &cli.store),

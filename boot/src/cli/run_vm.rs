@@ -1,16 +1,19 @@
 //! Booting a VM from the command line: flags in, exit code out; the library
-//! ([`tvix_boot::MicroVm`]) does the rest. What is process-wide lives here: the terminal
-//! (the console on stdio), SIGWINCH, seccomp.
+//! ([`tvix_boot::MicroVm`]) decides what the flags mean for the guest (its mode, its
+//! console, which signals its program takes). What is process-wide is the CLI's: which
+//! signals are blocked, seccomp, and how the process ends.
 
 use std::fs::File;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tvix_boot::seccomp::SeccompError;
-use tvix_boot::{DEFAULT_STOP_GRACE, ExitStatus, MicroVm, MicroVmError, QueueService};
-use tvix_boot_guest_init::protocol::{Cmdline, Mode};
+use tvix_boot::seccomp::EnableError;
+use tvix_boot::{
+    Console, DEFAULT_STOP_GRACE, ExitStatus, FORWARDED_SIGNALS, GuestEnd, HostStop, MicroVm,
+    MicroVmError, QueueService,
+};
+use tvix_boot_guest_init::protocol::Mode;
 
 use super::console_log::{ConsoleLog, ConsoleTail, TAIL_LINES};
 use super::mode_flags::{ModeArgs, ModeArgsError};
@@ -21,6 +24,16 @@ use super::store_command::StoreAddrArgs;
 const GUEST_PANIC_STATUS: u8 = 2;
 /// Exit status when --timeout stopped the guest, as timeout(1) has it.
 const TIMED_OUT_STATUS: u8 = 124;
+
+/// The signals a VM takes (blocked before any thread starts, read from a signalfd):
+/// those passed to the guest's program, and SIGWINCH for the terminal's size.
+pub const SIGNALS: [i32; 5] = [
+    FORWARDED_SIGNALS[0],
+    FORWARDED_SIGNALS[1],
+    FORWARDED_SIGNALS[2],
+    FORWARDED_SIGNALS[3],
+    libc::SIGWINCH,
+];
 
 /// Flags that describe the VM to boot.
 #[derive(clap::Args)]
@@ -105,7 +118,7 @@ pub enum VmCmdError {
     #[error(transparent)]
     MicroVm(#[from] MicroVmError),
     #[error(transparent)]
-    Seccomp(#[from] SeccompError),
+    Seccomp(#[from] EnableError),
     #[error("cannot open the store: {0}")]
     Store(#[from] tvix_boot::store::StoreError),
     #[error("cannot create the console log {path}: {source}")]
@@ -113,8 +126,6 @@ pub enum VmCmdError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot take over the signals for the guest: {0}")]
-    Signals(std::io::Error),
     #[error(
         "--console-log is for --run with separate program streams (stdin or stdout not a \
          terminal, or -T); here the console is the terminal"
@@ -124,6 +135,12 @@ pub enum VmCmdError {
 
 pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     let timeout = args.timeout;
+    // Whether a signal went to the guest's program first (else it stopped the VM at once).
+    let program_took_signals = args.initrd.is_none()
+        && (args.mode.run.is_some()
+            || args.mode.shell
+            || args.mode.shell_path.is_some()
+            || args.mode.find);
     let (status, console) = match boot(args, store_addrs) {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -132,47 +149,51 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
         }
     };
     let code = match status {
-        ExitStatus::Exited(status) => ExitCode::from(status),
-        ExitStatus::PoweredOff => ExitCode::SUCCESS,
-        ExitStatus::NoStatus => {
+        ExitStatus::Guest(GuestEnd::Exited(status)) => ExitCode::from(status),
+        ExitStatus::Guest(GuestEnd::PoweredOff) => ExitCode::SUCCESS,
+        ExitStatus::Guest(GuestEnd::NoStatus) => {
             eprintln!(
                 "tvix-boot: the guest powered off without reporting an exit status (a guest \
                  kernel without CONFIG_X86_IOPL_IOPERM cannot write the status port)"
             );
             ExitCode::FAILURE
         }
-        ExitStatus::InitFailed => {
+        ExitStatus::Guest(GuestEnd::InitFailed) => {
             eprintln!("tvix-boot: the guest init failed; its error is on the console");
             ExitCode::FAILURE
         }
-        ExitStatus::InvalidStatus(status) => {
+        ExitStatus::Guest(GuestEnd::InvalidStatus(status)) => {
             eprintln!("tvix-boot: the guest reported an invalid exit status {status}");
             ExitCode::FAILURE
         }
-        ExitStatus::Panicked => {
+        ExitStatus::Guest(GuestEnd::Panicked) => {
             eprintln!("tvix-boot: the guest kernel panicked");
             ExitCode::from(GUEST_PANIC_STATUS)
         }
-        ExitStatus::TimedOut => {
+        ExitStatus::Host(HostStop::TimedOut) => {
             let limit = timeout.map_or_else(String::new, |t| format!(" within {t:?}"));
             eprintln!("tvix-boot: the guest did not stop{limit}; stopped it");
             ExitCode::from(TIMED_OUT_STATUS)
         }
-        ExitStatus::Killed => {
+        ExitStatus::Host(HostStop::Killed) => {
             eprintln!("tvix-boot: the VM was stopped");
             ExitCode::FAILURE
         }
-        ExitStatus::HostSignal(signal) => {
-            eprintln!(
-                "tvix-boot: the guest had not ended {:?} after signal {signal}; stopped it",
-                DEFAULT_STOP_GRACE
-            );
-            die_of(signal)
+        ExitStatus::Host(HostStop::Signal(signal)) => {
+            if program_took_signals {
+                eprintln!(
+                    "tvix-boot: the guest had not ended {:?} after signal {signal}; stopped it",
+                    DEFAULT_STOP_GRACE
+                );
+            }
+            tvix_boot::die_of_signal(signal);
+            ExitCode::FAILURE
         }
     };
     let failed = matches!(
         status,
-        ExitStatus::Panicked | ExitStatus::InitFailed | ExitStatus::NoStatus | ExitStatus::TimedOut
+        ExitStatus::Guest(GuestEnd::Panicked | GuestEnd::InitFailed | GuestEnd::NoStatus)
+            | ExitStatus::Host(HostStop::TimedOut)
     );
     if failed && let Some(console) = &console {
         eprintln!("tvix-boot: the guest console's last lines:");
@@ -183,55 +204,12 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     code
 }
 
-/// Ends the process by `signal`'s default action, so that the parent sees the real cause
-/// (the VM has ended and the terminal is restored by now); FAILURE if that did not end it.
-fn die_of(signal: i32) -> ExitCode {
-    // SAFETY: plain calls without pointers but the sigset, which is initialised by
-    // sigemptyset before sigaddset and pthread_sigmask read it.
-    unsafe {
-        libc::signal(signal, libc::SIG_DFL);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, signal);
-        libc::raise(signal);
-        // Blocked (every thread blocks forwarded signals): unblocking delivers it.
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
-    ExitCode::FAILURE
-}
-
 /// Boots what the flags say and waits for the guest to stop.
 fn boot(
     args: VmArgs,
     store_addrs: &StoreAddrArgs,
 ) -> Result<(ExitStatus, Option<ConsoleTail>), VmCmdError> {
     let requested = args.mode.requested()?;
-    let cmdline = args.cmdline.clone().unwrap_or_default();
-    // What the guest will run: the flag's mode, or the command line's own keys (the
-    // library refuses the two when they disagree).
-    let guest_mode = match &requested {
-        Some(mode) => Some(mode.clone()),
-        None => Mode::from_cmdline(&Cmdline::parse(&cmdline)).ok(),
-    };
-    let runs_a_program = matches!(guest_mode, Some(Mode::Run { .. }));
-    let has_a_program = runs_a_program || matches!(guest_mode, Some(Mode::Shell { .. }));
-    // The program's own streams, unless it is to have the terminal.
-    let stdio_ports = args.initrd.is_none()
-        && runs_a_program
-        && !args.tty
-        && (args.no_tty || !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()));
-    if args.console_log.is_some() && !stdio_ports {
-        return Err(VmCmdError::ConsoleLogWithTerminal);
-    }
-    // The guest's program takes this process's SIGTERM, SIGHUP, SIGINT and SIGQUIT, as
-    // it would on a host; blocked before the first thread starts (the filters' store
-    // runtime), since the VM reads them from a signalfd. Other guests have no program to
-    // take them: tvix-boot dies of them as before.
-    let find = matches!(guest_mode, Some(Mode::Find));
-    let forward_signals = args.initrd.is_none() && (has_a_program || find);
-    if forward_signals {
-        tvix_boot::block_signals(&tvix_boot::FORWARDED_SIGNALS).map_err(VmCmdError::Signals)?;
-    }
     args.seccomp.enable(store_addrs)?;
     tvix_boot_vmm::startup::mark("seccomp filters built");
 
@@ -243,12 +221,17 @@ fn boot(
         (None, Some(Mode::Find)) => MicroVm::find(),
         (None, Some(Mode::Nothing) | None) => MicroVm::from_cmdline_keys(),
     };
+    let console = match (args.tty, args.no_tty) {
+        (true, _) => Console::Stdio,
+        (false, true) => Console::StdioExceptRun,
+        (false, false) => Console::Auto,
+    };
     vm = vm
         .store_addrs(store_addrs.addrs()?)
         .cpus(args.cpus)
         .memory(args.memory)
-        .cmdline(cmdline)
-        .console_stdio(!stdio_ports);
+        .cmdline(args.cmdline.unwrap_or_default())
+        .console(console);
     if let Some(kernel) = args.kernel {
         vm = vm.kernel(kernel);
     }
@@ -263,7 +246,11 @@ fn boot(
         vm = vm.workdir(dir);
     }
     let mut console_tail = None;
-    if stdio_ports {
+    if vm.console_on_stdio()? {
+        if args.console_log.is_some() {
+            return Err(VmCmdError::ConsoleLogWithTerminal);
+        }
+    } else {
         let file = match &args.console_log {
             Some(path) => Some(File::create(path).map_err(|source| VmCmdError::ConsoleLog {
                 path: path.clone(),
@@ -276,10 +263,8 @@ fn boot(
         console_tail = Some(tail);
         vm = vm.console_log(log);
     }
-    // With the terminal, the guest's console follows its size (main blocked SIGWINCH).
-    vm = vm
-        .follow_terminal_size(has_a_program && !stdio_ports)
-        .forward_signals(forward_signals);
+    // main blocked SIGNALS: the VM reads them (see MicroVm::forward_signals).
+    vm = vm.follow_terminal_size(true).forward_signals(true);
     let status = vm.start()?.wait()?;
     Ok((status, console_tail))
 }
@@ -350,17 +335,6 @@ fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn init_and_vmm_agree_on_the_status_port() {
-        use tvix_boot_guest_init::protocol::{EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN};
-        use tvix_boot_vmm::arch::x86_64::layout::STATUS_PORT;
-        assert_eq!(EXIT_STATUS_PORT, STATUS_PORT);
-        assert_eq!(
-            u64::from(EXIT_STATUS_PORT_LEN),
-            tvix_boot_devices::status_port::STATUS_PORT_LEN
-        );
-    }
 
     #[test]
     fn environment_entries() {

@@ -1,7 +1,7 @@
-//! `--seccomp`: the system-call filters of devices::seccomp, for the commands that serve a
-//! guest (a VM, the vhost-user backend) or a FUSE mount.
+//! `--seccomp`: the system-call filters (tvix_boot::seccomp), for the commands that serve
+//! a guest (a VM, the vhost-user backend) or a FUSE mount.
 
-use tvix_boot_devices::seccomp::{self, Policy, SeccompError, SeccompMode, ThreadRole};
+use tvix_boot::seccomp::{self, EnableError, Policy, SeccompMode};
 
 use super::store_command::StoreAddrArgs;
 
@@ -24,26 +24,12 @@ enum SeccompArg {
 impl SeccompArgs {
     /// Turns the filters on, before any filtered thread (the store's I/O runtime
     /// included) starts, so each starts under its own. Call it before the store is used.
-    pub fn enable(self, store_addrs: &StoreAddrArgs) -> Result<(), SeccompError> {
+    pub fn enable(self, store_addrs: &StoreAddrArgs) -> Result<(), EnableError> {
         let mode = match self.seccomp {
             SeccompArg::On => SeccompMode::Enforce,
             SeccompArg::Log => SeccompMode::Log,
             SeccompArg::Off => return Ok(()),
         };
-        let started = tvix_boot_store::start_io_runtime(|| {
-            if let Err(e) = seccomp::apply_to_current_thread(ThreadRole::StoreIo) {
-                // A store thread without its filter must not run.
-                eprintln!("tvix-boot: {e}");
-                std::process::abort();
-            }
-        })
-        .map_err(|source| SeccompError::Spawn {
-            name: "store-io-start".to_owned(),
-            source,
-        })?;
-        if !started {
-            tracing::warn!("the store's I/O threads started before their filter was ready");
-        }
         seccomp::enable(
             mode,
             Policy {

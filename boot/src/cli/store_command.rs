@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use thiserror::Error;
-use tvix_boot_devices::seccomp::{self, SeccompError, ThreadRole};
+use tvix_boot::StopSignals;
+use tvix_boot::seccomp::{EnableError, SeccompError, ThreadRole};
 use tvix_boot_store::binary_cache::{self, CacheError};
 use tvix_boot_store::import::{ImportError, import_path};
 use tvix_boot_store::local_nix::{self, LocalNixError};
@@ -85,6 +84,19 @@ impl StoreAddrArgs {
 pub struct StoreArgs {
     #[command(subcommand)]
     command: StoreCommand,
+}
+
+impl StoreArgs {
+    /// Whether the command serves until SIGINT or SIGTERM, which it then reads from a
+    /// signalfd ([`StopSignals`]): they must be blocked before any thread starts.
+    pub fn waits_for_stop_signals(&self) -> bool {
+        matches!(
+            self.command,
+            StoreCommand::ServeNar { .. }
+                | StoreCommand::Mount { .. }
+                | StoreCommand::Virtiofs { .. }
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -162,6 +174,8 @@ enum StoreCommand {
 #[derive(Debug, Error)]
 enum CliError {
     #[error(transparent)]
+    EnableSeccomp(#[from] EnableError),
+    #[error(transparent)]
     Seccomp(#[from] SeccompError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -204,7 +218,7 @@ pub fn run(addrs: &StoreAddrArgs, args: StoreArgs) -> ExitCode {
 }
 
 fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliError> {
-    // The threads that serve requests run under filters (see devices::seccomp).
+    // The threads that serve requests run under filters (see tvix_boot::seccomp).
     if let StoreCommand::Mount { seccomp, .. } | StoreCommand::Virtiofs { seccomp, .. } = &command {
         seccomp.enable(addrs)?;
     }
@@ -351,31 +365,25 @@ fn write_info(out: &mut impl Write, info: &PathInfo) -> std::io::Result<()> {
 }
 
 fn serve_nar(store: Store, listen: &str) -> Result<(), CliError> {
+    let signals = StopSignals::new().map_err(CliError::Signals)?;
     let runtime = tokio::runtime::Runtime::new().map_err(CliError::Runtime)?;
     runtime.block_on(async {
         let (listener, addr) = binary_cache::bind(listen).await?;
         eprintln!("tvix-boot: serving the store as a binary cache on http://{addr}");
-        binary_cache::serve(Arc::new(store), listener, shutdown_signal()).await?;
+        let shutdown = async move {
+            match signals.recv().await {
+                Ok(signal) => tracing::info!(signal, "stopping the binary cache"),
+                Err(e) => {
+                    // Nothing else would ever stop the server: say so, and serve on
+                    // until the process is killed.
+                    tracing::warn!("cannot wait for SIGINT and SIGTERM: {e}");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        binary_cache::serve(Arc::new(store), listener, shutdown).await?;
         Ok(())
     })
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut interrupt), Ok(mut terminate)) => {
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        // Without signal handlers the default actions still end the process.
-        _ => std::future::pending().await,
-    }
 }
 
 fn mount(
@@ -384,22 +392,21 @@ fn mount(
     options: StoreFsOptions,
     threads: usize,
 ) -> Result<(), CliError> {
-    // Register for the signals before mounting, so none is lost in between.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
-    let signals_handle = signals.handle();
-    // An unmount from outside ends the serving threads; closing the signal iterator then
-    // ends the wait below, as FUSE daemons exit when their file system goes away.
+    let mut signals = StopSignals::new().map_err(CliError::Signals)?;
+    // An unmount from outside ends the serving threads, which then end the wait below,
+    // as FUSE daemons exit when their file system goes away.
+    let unmounted = signals.waker();
     let mounted = HostMount::mount(
         StoreFs::new(Arc::new(store), options),
         dir,
         threads,
-        Box::new(move || signals_handle.close()),
+        Box::new(unmounted),
     )?;
     eprintln!(
         "tvix-boot: store mounted at {}; SIGINT or SIGTERM unmounts",
         dir.display()
     );
-    match signals.forever().next() {
+    match signals.wait().map_err(CliError::Signals)? {
         Some(signal) => {
             tracing::info!(signal, "unmounting");
             mounted.unmount()?;
@@ -420,24 +427,25 @@ fn serve_vhost_user(
     options: StoreFsOptions,
     once: bool,
 ) -> Result<(), CliError> {
-    // Register for the signals before the socket exists, so none is lost in between.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(CliError::Signals)?;
+    let mut signals = StopSignals::new().map_err(CliError::Signals)?;
     let mut listener = VhostUserFsSocket::bind(socket, group)?;
     let socket_path = socket.to_owned();
     // The main thread blocks in accept or in a session; a signal ends the process from
     // here. Nothing is lost by that: the store is only read.
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
+        .spawn(move || match signals.wait() {
+            Ok(Some(signal)) => {
                 let _ = std::fs::remove_file(&socket_path);
                 eprintln!("tvix-boot: signal {signal}: socket removed, exiting");
                 std::process::exit(0);
             }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot wait for SIGINT and SIGTERM: {e}"),
         })
         .map_err(CliError::Signals)?;
-    // From here on this thread only serves frontends (see devices::seccomp).
-    seccomp::apply_to_current_thread(ThreadRole::VhostUserFrontend)?;
+    // From here on this thread only serves frontends.
+    tvix_boot_seccomp::apply_to_current_thread(ThreadRole::VhostUserFrontend)?;
     eprintln!(
         "tvix-boot: serving the store as vhost-user-fs on {} ({request_queues} request queues)",
         socket.display()

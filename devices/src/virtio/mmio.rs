@@ -1,11 +1,19 @@
-//! The virtio-mmio transport, version 2 ("modern"), as the Linux driver
-//! `virtio_mmio` expects when the device is given on the kernel command line
-//! (`virtio_mmio.device=4K@0xd0000000:5`).
+//! The virtio-mmio transport, version 2 ("modern"), as the Linux driver `virtio_mmio`
+//! expects. The VMM describes each device to the guest in the ACPI DSDT (`LNRO0005`, a
+//! register window and an interrupt), not on the kernel command line.
 //!
 //! Every register access comes from the guest and is checked: wrong widths, unknown
 //! offsets and writes in the wrong device state are ignored (and logged), never trusted.
+//!
+//! Register accesses arrive on vCPU threads. Activation does not run there: when the
+//! driver sets DRIVER_OK the transport checks the queues and hands the activation to the
+//! VM's event loop, whose thread starts the device's workers. So every thread of a VM
+//! but the vCPUs is started by the thread that runs the VM (see the seccomp crate), and a
+//! vCPU thread never starts one. The guest sees no difference: notifications it sends
+//! meanwhile wait in the queues' eventfds, and a failed activation shows as
+//! DEVICE_NEEDS_RESET in the status register.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -28,7 +36,10 @@ const VENDOR_ID: u32 = 0x4258_5654;
 /// A virtio device behind the virtio-mmio registers: a [`BusDevice`] for the MMIO region
 /// the VMM gives it, which hands the device its queues once the driver sets DRIVER_OK.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    device: Arc<Mutex<DeviceSlot>>,
+    /// The device's constants, read without taking its lock.
+    device_type: u32,
+    device_features: u64,
     memory: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
@@ -40,8 +51,24 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_select: u32,
     status: u32,
-    activated: bool,
+    /// DRIVER_OK was set and an activation handed to the event loop since the last reset.
+    activation_requested: bool,
     event_loop: EventLoopHandle,
+}
+
+/// The device and how far its activation got, shared by the transport (on vCPU threads)
+/// and the activation it hands to the event loop.
+struct DeviceSlot {
+    device: Box<dyn VirtioDevice>,
+    /// Counts resets: an activation requested before the last one no longer applies.
+    generation: u64,
+    active: bool,
+    /// The last activation failed; the status register says DEVICE_NEEDS_RESET.
+    failed: bool,
+}
+
+fn lock(slot: &Mutex<DeviceSlot>) -> MutexGuard<'_, DeviceSlot> {
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Why a transport could not be set up for a device.
@@ -77,7 +104,14 @@ impl MmioTransport {
             queue_events.push(EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd)?);
         }
         Ok(Self {
-            device,
+            device_type: device.device_type(),
+            device_features: device.features(),
+            device: Arc::new(Mutex::new(DeviceSlot {
+                device,
+                generation: 0,
+                active: false,
+                failed: false,
+            })),
             memory,
             interrupt: Arc::new(Interrupt::new(irqfd)),
             event_loop,
@@ -88,7 +122,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             status: 0,
-            activated: false,
+            activation_requested: false,
         })
     }
 
@@ -119,17 +153,23 @@ impl MmioTransport {
         match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
-            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_DEVICE_ID => self.device_type,
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_select {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
+                0 => self.device_features as u32,
+                1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size() as u32),
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().is_some_and(|q| q.ready()) as u32,
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_STATUS => {
+                if lock(&self.device).failed {
+                    self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+                } else {
+                    self.status
+                }
+            }
             VIRTIO_MMIO_CONFIG_GENERATION => 0,
             // No shared memory regions (yet): the spec says a missing region reads as all
             // ones. Reading 0 instead makes Linux's virtio-fs think it has a DAX window of
@@ -220,7 +260,7 @@ impl MmioTransport {
         }
         let added = value & !self.status;
         if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-            let unknown = self.driver_features & !self.device.features();
+            let unknown = self.driver_features & !self.device_features;
             if unknown != 0 {
                 tracing::warn!(
                     unknown,
@@ -232,11 +272,13 @@ impl MmioTransport {
             }
         }
         self.status = value;
-        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.activated {
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.activation_requested {
             self.activate();
         }
     }
 
+    /// Checks the queues the driver set up and hands the device's activation to the
+    /// event loop.
     fn activate(&mut self) {
         let required =
             VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
@@ -291,20 +333,40 @@ impl MmioTransport {
             interrupt: self.interrupt.clone(),
             event_loop: self.event_loop.clone(),
         };
-        match self.device.activate(activation) {
-            Ok(()) => self.activated = true,
-            Err(e) => {
-                tracing::warn!(error = %e, "virtio-mmio: device activation failed");
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        let slot = self.device.clone();
+        let generation = lock(&slot).generation;
+        let activate = move || {
+            let mut slot = lock(&slot);
+            if slot.generation != generation {
+                // The driver reset the device before the loop got here.
+                return;
             }
+            match slot.device.activate(activation) {
+                Ok(()) => slot.active = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-mmio: device activation failed");
+                    slot.failed = true;
+                }
+            }
+        };
+        self.activation_requested = true;
+        if let Err(e) = self.event_loop.run_on_loop(activate) {
+            tracing::warn!(error = %e, "virtio-mmio: cannot hand the activation to the event loop");
+            lock(&self.device).failed = true;
         }
     }
 
     fn reset(&mut self) {
-        if self.activated {
-            self.device.reset();
-            self.activated = false;
+        {
+            let mut slot = lock(&self.device);
+            slot.generation += 1;
+            if slot.active {
+                slot.device.reset();
+                slot.active = false;
+            }
+            slot.failed = false;
         }
+        self.activation_requested = false;
         for queue in &mut self.queues {
             queue.reset();
         }
@@ -321,7 +383,8 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if offset >= VIRTIO_MMIO_CONFIG as u64 {
-            self.device
+            lock(&self.device)
+                .device
                 .read_config(offset - VIRTIO_MMIO_CONFIG as u64, data);
             return;
         }
@@ -365,6 +428,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
+    use crate::event_loop::EventLoop;
     use crate::virtio::ActivateError;
 
     #[derive(Default)]
@@ -403,20 +467,27 @@ mod tests {
         }
     }
 
-    fn transport() -> (MmioTransport, Arc<Mutex<Recorded>>) {
+    /// A transport for a fake device, and the event loop that activates it (run it with
+    /// [`activations`]).
+    fn transport() -> (MmioTransport, Arc<Mutex<Recorded>>, EventLoop) {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let device = Box::new(FakeDevice(recorded.clone()));
-        (
-            MmioTransport::new(
-                device,
-                memory,
-                EventFd::new(0).unwrap(),
-                crate::event_loop::EventLoop::new().unwrap().handle(),
-            )
-            .unwrap(),
-            recorded,
+        let event_loop = EventLoop::new().unwrap();
+        let transport = MmioTransport::new(
+            device,
+            memory,
+            EventFd::new(0).unwrap(),
+            event_loop.handle(),
         )
+        .unwrap();
+        (transport, recorded, event_loop)
+    }
+
+    /// The activations so far, once the event loop has run what the transport handed it.
+    fn activations(event_loop: &mut EventLoop, recorded: &Mutex<Recorded>) -> Vec<(u64, usize)> {
+        event_loop.run_once(0).unwrap();
+        recorded.lock().unwrap().activations.clone()
     }
 
     fn read(t: &mut MmioTransport, offset: u32) -> u32 {
@@ -443,7 +514,7 @@ mod tests {
 
     #[test]
     fn driver_handshake_activates_the_device() {
-        let (mut t, recorded) = transport();
+        let (mut t, recorded, mut event_loop) = transport();
         assert_eq!(read(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
         assert_eq!(read(&mut t, VIRTIO_MMIO_VERSION), 2);
         assert_eq!(read(&mut t, VIRTIO_MMIO_DEVICE_ID), 26);
@@ -462,8 +533,14 @@ mod tests {
         assert_eq!(read(&mut t, VIRTIO_MMIO_STATUS), ok);
         set_up_queues(&mut t);
         write(&mut t, VIRTIO_MMIO_STATUS, ok | VIRTIO_CONFIG_S_DRIVER_OK);
+        // Not on this (the vCPU's) thread: the event loop activates the device.
+        assert!(recorded.lock().unwrap().activations.is_empty());
         assert_eq!(
-            recorded.lock().unwrap().activations,
+            read(&mut t, VIRTIO_MMIO_STATUS),
+            ok | VIRTIO_CONFIG_S_DRIVER_OK
+        );
+        assert_eq!(
+            activations(&mut event_loop, &recorded),
             vec![(crate::virtio::VIRTIO_F_VERSION_1, 2)]
         );
 
@@ -498,7 +575,7 @@ mod tests {
     fn a_queue_with_its_available_ring_at_zero_is_not_activated() {
         // virtio-queue takes an available ring at 0 for a queue never set up and pops
         // nothing from it. A misaligned address is ignored, which leaves it at 0.
-        let (mut t, recorded) = transport();
+        let (mut t, recorded, mut event_loop) = transport();
         write(&mut t, VIRTIO_MMIO_STATUS, 0x3);
         write(&mut t, VIRTIO_MMIO_STATUS, 0xb);
         for (index, base) in [(0u32, 0x1000u32), (1, 0x4000)] {
@@ -511,7 +588,7 @@ mod tests {
             write(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
         }
         write(&mut t, VIRTIO_MMIO_STATUS, 0xf);
-        assert!(recorded.lock().unwrap().activations.is_empty());
+        assert!(activations(&mut event_loop, &recorded).is_empty());
         assert_ne!(
             read(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
             0
@@ -520,7 +597,7 @@ mod tests {
 
     #[test]
     fn hostile_driver_cannot_break_the_transport() {
-        let (mut t, recorded) = transport();
+        let (mut t, recorded, mut event_loop) = transport();
         // Features the device never offered: FEATURES_OK does not stick.
         write(
             &mut t,
@@ -535,7 +612,7 @@ mod tests {
         );
         // DRIVER_OK without negotiation fails rather than activating.
         write(&mut t, VIRTIO_MMIO_STATUS, 0x3 | VIRTIO_CONFIG_S_DRIVER_OK);
-        assert!(recorded.lock().unwrap().activations.is_empty());
+        assert!(activations(&mut event_loop, &recorded).is_empty());
         write(&mut t, VIRTIO_MMIO_STATUS, 0);
 
         // Queues pointing outside guest memory: the device is not activated.
@@ -549,7 +626,7 @@ mod tests {
             write(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
         }
         write(&mut t, VIRTIO_MMIO_STATUS, 0xf);
-        assert!(recorded.lock().unwrap().activations.is_empty());
+        assert!(activations(&mut event_loop, &recorded).is_empty());
         assert_ne!(
             read(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
             0
@@ -566,5 +643,81 @@ mod tests {
         write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
         write(&mut t, 0xf00, 1);
         t.read(u64::MAX - 3, &mut [0u8; 4]);
+    }
+
+    /// The fake device's handshake up to DRIVER_OK, with valid queues.
+    fn start_driver(t: &mut MmioTransport) {
+        write(t, VIRTIO_MMIO_STATUS, 0x3);
+        write(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write(t, VIRTIO_MMIO_STATUS, 0xb);
+        set_up_queues(t);
+        write(t, VIRTIO_MMIO_STATUS, 0xf);
+    }
+
+    #[test]
+    fn a_reset_before_the_event_loop_activates_cancels_the_activation() {
+        let (mut t, recorded, mut event_loop) = transport();
+        start_driver(&mut t);
+        write(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert!(activations(&mut event_loop, &recorded).is_empty());
+        assert_eq!(recorded.lock().unwrap().resets, 0);
+        // The driver starts over: this activation counts.
+        start_driver(&mut t);
+        assert_eq!(activations(&mut event_loop, &recorded).len(), 1);
+    }
+
+    #[test]
+    fn a_failed_activation_asks_the_driver_for_a_reset() {
+        struct Failing;
+        impl VirtioDevice for Failing {
+            fn device_type(&self) -> u32 {
+                26
+            }
+            fn features(&self) -> u64 {
+                crate::virtio::VIRTIO_F_VERSION_1
+            }
+            fn queue_max_sizes(&self) -> Vec<u16> {
+                vec![16, 16]
+            }
+            fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+            fn activate(&mut self, _activation: Activation) -> Result<(), ActivateError> {
+                Err(ActivateError::QueueCount {
+                    device: "failing",
+                    expected: 1,
+                    actual: 2,
+                })
+            }
+            fn reset(&mut self) {}
+        }
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut event_loop = EventLoop::new().unwrap();
+        let mut t = MmioTransport::new(
+            Box::new(Failing),
+            memory,
+            EventFd::new(0).unwrap(),
+            event_loop.handle(),
+        )
+        .unwrap();
+        start_driver(&mut t);
+        event_loop.run_once(0).unwrap();
+        assert_eq!(
+            read(&mut t, VIRTIO_MMIO_STATUS),
+            0xf | VIRTIO_CONFIG_S_NEEDS_RESET
+        );
+        write(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn without_an_event_loop_the_device_is_not_activated_and_says_so() {
+        let (mut t, recorded, event_loop) = transport();
+        drop(event_loop);
+        start_driver(&mut t);
+        assert!(recorded.lock().unwrap().activations.is_empty());
+        assert_ne!(
+            read(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! Virtio devices and their MMIO transport.
 //!
 //! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on the MMIO bus,
-//! negotiates features and queues with the guest driver, and hands the device its queues
-//! once the driver says DRIVER_OK. The device then serves each queue on its own terms
-//! (typically a thread per queue woken by the queue's notify eventfd).
+//! negotiates features and queues with the guest driver, and once the driver says
+//! DRIVER_OK hands the device its queues, on the VM's event-loop thread. The device then
+//! serves each queue on its own terms (a thread per queue woken by the queue's notify
+//! eventfd, or a subscriber of the event loop).
 
 pub mod console;
 pub mod mmio;
@@ -37,11 +38,11 @@ pub enum ActivateError {
         device: &'static str,
         source: std::io::Error,
     },
-    /// A worker thread could not be started under its seccomp filter.
+    /// A worker thread could not be started.
     #[error("cannot start a {device} queue worker thread: {source}")]
     Thread {
         device: &'static str,
-        source: crate::seccomp::SeccompError,
+        source: std::io::Error,
     },
     /// The device's subscriber could not be handed to the VM's event loop.
     #[error("cannot hand the {device} device to the event loop: {source}")]
@@ -138,8 +139,9 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> Vec<u16>;
     /// Read device-specific configuration; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Start serving the queues (the driver set DRIVER_OK). An error marks the device as
-    /// needing a reset.
+    /// Start serving the queues (the driver set DRIVER_OK). Called on the VM's event-loop
+    /// thread; threads started here inherit its seccomp filter. An error marks the device
+    /// as needing a reset.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stop using the queues and guest memory (the driver reset the device).
     fn reset(&mut self);

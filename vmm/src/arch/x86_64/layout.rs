@@ -108,9 +108,9 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 pub const ACPI_SLEEP_PORT: u16 = 0x3c0;
 /// QEMU's pvpanic device (default ISA port).
 pub const PVPANIC_PORT: u16 = 0x505;
-/// The exit-status port (tvix_boot_devices::status_port), 4 bytes wide. 0x501 is
-/// where QEMU users put isa-debug-exit, and free in our port map.
-pub const STATUS_PORT: u16 = 0x501;
+/// The exit-status port (tvix_boot_devices::status_port): where the guest init writes
+/// its program's status, so the init's protocol defines it.
+pub const STATUS_PORT: u16 = tvix_boot_guest_init::protocol::EXIT_STATUS_PORT;
 
 /// IOAPIC lines for virtio-mmio devices: everything above the legacy ISA lines we use.
 pub const VIRTIO_MMIO_FIRST_IRQ: u32 = 5;

@@ -1,6 +1,9 @@
 //! Raw mode for the host terminal while a guest console is attached, restored on every
-//! way out: normal return, unwinding panic (guard drop and panic hook), and fatal
-//! signals (SIGTERM, SIGHUP, SIGINT, SIGQUIT).
+//! way out: normal return, unwinding panic (guard drop and panic hook), a forbidden
+//! system call (the seccomp filters' SIGSYS handler calls [`restore`]). Signals from
+//! outside do not end the process with the terminal raw: a process that puts it in raw
+//! mode blocks them and reads them from a signalfd (see `host_signals`), and ends after
+//! the VM, through the guard.
 
 use std::io;
 use std::sync::Once;
@@ -8,15 +11,13 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const STDIN_FD: libc::c_int = libc::STDIN_FILENO;
-const RESTORE_ON_SIGNALS: [libc::c_int; 4] =
-    [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT];
 
 /// The terminal settings from before raw mode. Written once, then only read, which is
 /// what lets the signal handler use it.
 static ORIGINAL: OnceLock<libc::termios> = OnceLock::new();
 /// Whether raw mode is currently on (so restoring twice is harmless).
 static RAW_ACTIVE: AtomicBool = AtomicBool::new(false);
-static INSTALL_HOOKS: Once = Once::new();
+static INSTALL_PANIC_HOOK: Once = Once::new();
 
 /// Keeps stdin in raw mode while alive.
 pub struct RawTerminal(());
@@ -35,7 +36,7 @@ impl RawTerminal {
             return Err(io::Error::last_os_error());
         }
         let original = *ORIGINAL.get_or_init(|| current);
-        INSTALL_HOOKS.call_once(install_restore_hooks);
+        INSTALL_PANIC_HOOK.call_once(install_panic_hook);
 
         let mut raw = original;
         // SAFETY: `raw` is a valid termios; cfmakeraw only edits its flags.
@@ -60,7 +61,7 @@ impl Drop for RawTerminal {
 
 /// Restores the saved settings if raw mode is on. Async-signal-safe: an atomic swap, a
 /// read of initialised static data and tcsetattr.
-pub(crate) fn restore() {
+pub fn restore() {
     if RAW_ACTIVE.swap(false, Ordering::SeqCst)
         && let Some(original) = ORIGINAL.get()
     {
@@ -69,30 +70,10 @@ pub(crate) fn restore() {
     }
 }
 
-extern "C" fn restore_and_reraise(signal: libc::c_int) {
-    restore();
-    // SAFETY: resetting to the default disposition and raising again is the standard
-    // way to die "of" the signal, so the parent sees the real cause; both calls are
-    // async-signal-safe.
-    unsafe {
-        libc::signal(signal, libc::SIG_DFL);
-        libc::raise(signal);
-    }
-}
-
-fn install_restore_hooks() {
+fn install_panic_hook() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         restore();
         previous(info);
     }));
-    for signal in RESTORE_ON_SIGNALS {
-        // SAFETY: the handler only calls async-signal-safe functions (see above).
-        unsafe {
-            libc::signal(
-                signal,
-                restore_and_reraise as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
-    }
 }
