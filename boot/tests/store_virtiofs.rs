@@ -109,10 +109,8 @@ impl Backend {
 
     fn terminate(&mut self) -> ExitStatus {
         // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
-            0
-        );
+        let sent = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(sent, 0);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -152,7 +150,9 @@ fn socket_is_private_and_sigterm_removes_it() {
     let mut backend = Backend::start(dir.path(), &socket, &["--threads", "1"]);
     let meta = std::fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert_eq!(meta.uid(), unsafe { libc::getuid() });
+    // SAFETY: getuid takes nothing and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    assert_eq!(meta.uid(), uid);
     assert!(backend.terminate().success(), "{}", backend.log());
     assert!(!socket.exists(), "SIGTERM leaves no socket behind");
     assert!(
