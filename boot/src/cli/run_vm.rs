@@ -135,12 +135,6 @@ pub enum VmCmdError {
 
 pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
     let timeout = args.timeout;
-    // Whether a signal went to the guest's program first (else it stopped the VM at once).
-    let program_took_signals = args.initrd.is_none()
-        && (args.mode.run.is_some()
-            || args.mode.shell
-            || args.mode.shell_path.is_some()
-            || args.mode.find);
     let (status, console) = match boot(args, store_addrs) {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -180,12 +174,10 @@ pub fn run(args: VmArgs, store_addrs: &StoreAddrArgs) -> ExitCode {
             ExitCode::FAILURE
         }
         ExitStatus::Host(HostStop::Signal(signal)) => {
-            if program_took_signals {
-                eprintln!(
-                    "tvix-boot: the guest had not ended {:?} after signal {signal}; stopped it",
-                    DEFAULT_STOP_GRACE
-                );
-            }
+            eprintln!(
+                "tvix-boot: signal {signal}: stopped the guest (a program in it that takes \
+                 signals had {DEFAULT_STOP_GRACE:?} to end)"
+            );
             tvix_boot::die_of_signal(signal);
             ExitCode::FAILURE
         }
