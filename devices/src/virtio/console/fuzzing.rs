@@ -6,21 +6,22 @@
 
 use virtio_queue::Queue;
 
-use super::{
-    ActivateError, Activation, CONTROL_RX, CONTROL_TX, Ports, VirtioConsole, fill_buffers,
-    port_rx_queue,
-};
+use super::VirtioConsole;
+use super::device::{CONTROL_RX, CONTROL_TX, port_rx_queue};
+use super::event_handler::ActiveConsole;
+use super::queue::fill_buffers;
+use crate::virtio::{ActivateError, Activation};
 
 /// A console's queues, served one pass at a time on the calling thread.
 pub struct ConsoleQueues {
-    ports: Ports,
+    ports: ActiveConsole,
 }
 
 impl ConsoleQueues {
     /// The work `console.activate(activation)` would hand to the event loop.
     pub fn new(console: &mut VirtioConsole, activation: Activation) -> Result<Self, ActivateError> {
         Ok(Self {
-            ports: console.ports(activation)?,
+            ports: console.take_activation(activation)?,
         })
     }
 
@@ -45,7 +46,7 @@ impl ConsoleQueues {
     pub fn deliver_input(&mut self, port: usize, data: &[u8]) -> Option<bool> {
         let ports = &mut self.ports;
         let input = ports.inputs.iter_mut().find(|i| i.port == port)?;
-        if !ports.ctx.control.ports[port].guest_open {
+        if !ports.ctx.control.guest_open(port) {
             return None;
         }
         Some(fill_buffers(&mut input.queue, &ports.ctx, data).is_ok_and(|n| n == data.len()))
@@ -62,12 +63,7 @@ impl ConsoleQueues {
 
     /// The driver said the guest side of `port` is open.
     pub fn guest_open(&self, port: usize) -> bool {
-        self.ports
-            .ctx
-            .control
-            .ports
-            .get(port)
-            .is_some_and(|p| p.guest_open)
+        self.ports.ctx.control.guest_open(port)
     }
 
     /// The device's own state of queue `index` (numbered as the transport numbers them):
@@ -91,6 +87,6 @@ impl ConsoleQueues {
 
     /// Messages for the driver still waiting for a control receive buffer.
     pub fn messages_waiting(&self) -> usize {
-        self.ports.ctx.control.outbox.len()
+        self.ports.ctx.control.messages_waiting()
     }
 }
