@@ -123,17 +123,11 @@ impl ActiveConsole {
     fn update_watches(&mut self, ops: &mut EventOps) {
         for input in &mut self.inputs {
             let on = input.waits_for_host(&self.ctx.control);
-            input.watch.set(ops, on);
-            if !input.watch.is_on() {
-                input.retired = None;
-            }
+            input.host.watch(ops, on);
         }
         for output in &mut self.outputs {
             let on = output.waits_for_host();
-            output.watch.set(ops, on);
-            if !output.watch.is_on() {
-                output.retired = None;
-            }
+            output.host.watch(ops, on);
         }
     }
 
@@ -147,10 +141,10 @@ impl ActiveConsole {
             let _ = ops.remove(Events::new(event, EventSet::IN));
         }
         for input in &mut self.inputs {
-            input.watch.set(ops, false);
+            input.host.watch(ops, false);
         }
         for output in &mut self.outputs {
-            output.watch.set(ops, false);
+            output.host.watch(ops, false);
         }
         // Closes the host ends.
         self.inputs.clear();

@@ -56,8 +56,7 @@ impl ConsoleQueues {
     pub fn end_input(&mut self, port: usize) {
         let ports = &mut self.ports;
         if let Some(input) = ports.inputs.iter_mut().find(|i| i.port == port) {
-            input.retired = input.host.take();
-            ports.ctx.control.close_host_side(port);
+            input.host.close(&mut ports.ctx.control, port);
         }
     }
 

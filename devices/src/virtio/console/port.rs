@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ConsoleError;
 use super::control::Control;
 use super::queue::{Context, add_used, fill_buffers, read_chain};
-use crate::event_loop::{HostFd, PendingOutput, Watch};
+use crate::event_loop::{EventOps, HostFd, PendingOutput, Watch};
 use crate::virtio::pop_chain;
 
 /// Host reads for an input port: a few guest buffers' worth at a time.
@@ -48,18 +48,55 @@ impl PortSpec {
     }
 }
 
+/// A port's host descriptor during one activation, and its registration with the loop.
+pub(super) struct HostSide {
+    /// `None` once the stream is over: end of input, or the output's reader went away.
+    open: Option<HostFd>,
+    /// The descriptor after that, kept open until it is no longer watched: the loop knows
+    /// descriptors by number, and a closed number may come back for another one.
+    retired: Option<HostFd>,
+    watch: Watch,
+}
+
+impl HostSide {
+    /// `host`, whose readiness for `events` comes with `token`; not watched yet.
+    fn new(host: HostFd, token: u32, events: EventSet) -> Self {
+        Self {
+            watch: Watch::new(&host, token, events),
+            open: Some(host),
+            retired: None,
+        }
+    }
+
+    /// Open, and the loop can wait on it (else it is always ready, or over).
+    fn pollable(&self) -> bool {
+        self.open.as_ref().is_some_and(HostFd::pollable)
+    }
+
+    /// The stream is over: the descriptor is retired and the driver hears that the host
+    /// side of `port` closed.
+    pub(super) fn close(&mut self, control: &mut Control, port: usize) {
+        self.retired = self.open.take();
+        control.close_host_side(port);
+    }
+
+    /// Registers the descriptor with the loop or not, to match `on`; a retired one is
+    /// closed once it is not.
+    pub(super) fn watch(&mut self, ops: &mut EventOps, on: bool) {
+        self.watch.set(ops, on);
+        if !self.watch.is_on() {
+            self.retired = None;
+        }
+    }
+}
+
 /// Host to guest.
 pub(super) struct InputPort {
     pub(super) port: usize,
     pub(super) queue: Queue,
     /// The driver's notifications on `queue`.
     pub(super) event: EventFd,
-    /// `None` once the host end reached end of file (or failed).
-    pub(super) host: Option<HostFd>,
-    /// The host end after that, kept open until it is no longer watched: the loop knows
-    /// descriptors by number, and a closed number may come back for another one.
-    pub(super) retired: Option<HostFd>,
-    pub(super) watch: Watch,
+    pub(super) host: HostSide,
     /// Bytes read from the host; `chunk[start..end]` are not in the guest yet.
     chunk: Vec<u8>,
     start: usize,
@@ -73,10 +110,8 @@ impl InputPort {
         Self {
             port,
             queue,
-            watch: Watch::new(&host, token, EventSet::IN),
             event,
-            host: Some(host),
-            retired: None,
+            host: HostSide::new(host, token, EventSet::IN),
             chunk: vec![0; INPUT_CHUNK],
             start: 0,
             end: 0,
@@ -88,7 +123,7 @@ impl InputPort {
         control.guest_open(self.port)
             && !self.broken
             && self.start == self.end
-            && self.host.as_ref().is_some_and(HostFd::pollable)
+            && self.host.pollable()
     }
 
     /// Moves input along: what was read into the guest's buffers, then more from the
@@ -112,7 +147,7 @@ impl InputPort {
                     return; // waits for buffers
                 }
             }
-            let Some(host) = &self.host else {
+            let Some(host) = &self.host.open else {
                 return;
             };
             if host.pollable() && !readable {
@@ -131,8 +166,7 @@ impl InputPort {
             // One read per readiness: a terminal or pipe says again when it has more.
             readable = false;
         }
-        self.retired = self.host.take();
-        ctx.control.close_host_side(self.port);
+        self.host.close(&mut ctx.control, self.port);
     }
 }
 
@@ -142,12 +176,8 @@ pub(super) struct OutputPort {
     pub(super) queue: Queue,
     /// The driver's notifications on `queue`.
     pub(super) event: EventFd,
-    /// `None` once the host side broke: later output is taken and dropped.
-    host: Option<HostFd>,
-    /// The host end after that, kept open until it is no longer watched (see
-    /// `InputPort::retired`).
-    pub(super) retired: Option<HostFd>,
-    pub(super) watch: Watch,
+    /// Once its stream is over, later output is taken and dropped.
+    pub(super) host: HostSide,
     /// Taken from the guest, not yet taken by the host: `pending[start..]`. While any is
     /// left no more buffers are taken, so a slow host reader holds the guest's writer
     /// back (flow control), as a local pipe would.
@@ -164,10 +194,8 @@ impl OutputPort {
         Self {
             port,
             queue,
-            watch: Watch::new(&host, token, EventSet::OUT),
             event,
-            host: Some(host),
-            retired: None,
+            host: HostSide::new(host, token, EventSet::OUT),
             pending: Vec::new(),
             start: 0,
             counted: None,
@@ -176,7 +204,7 @@ impl OutputPort {
     }
 
     pub(super) fn waits_for_host(&self) -> bool {
-        !self.broken && self.has_pending() && self.host.as_ref().is_some_and(HostFd::pollable)
+        !self.broken && self.has_pending() && self.host.pollable()
     }
 
     fn has_pending(&self) -> bool {
@@ -247,7 +275,7 @@ impl OutputPort {
     /// Writes `pending[start..]` to the host as far as it takes it without blocking.
     fn write_pending(&mut self, control: &mut Control) {
         while self.has_pending() {
-            let Some(host) = &self.host else {
+            let Some(host) = &self.host.open else {
                 self.pending.clear();
                 self.start = 0;
                 return;
@@ -255,8 +283,7 @@ impl OutputPort {
             match host.file().write(&self.pending[self.start..]) {
                 Ok(0) => {
                     tracing::warn!("virtio-console: the host end takes no output");
-                    self.retired = self.host.take();
-                    control.close_host_side(self.port);
+                    self.host.close(control, self.port);
                 }
                 Ok(n) => self.start += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -265,8 +292,7 @@ impl OutputPort {
                     if e.kind() != io::ErrorKind::BrokenPipe {
                         tracing::warn!(error = %e, "virtio-console: writing output failed");
                     }
-                    self.retired = self.host.take();
-                    control.close_host_side(self.port);
+                    self.host.close(control, self.port);
                 }
             }
         }
@@ -299,9 +325,9 @@ mod tests {
     use vm_memory::{Bytes, GuestMemoryMmap};
 
     use super::*;
-    use crate::virtio::{VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice};
     use crate::virtio::console::VirtioConsole;
     use crate::virtio::console::device::QUEUE_SIZE;
+    use crate::virtio::{VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice};
 
     #[test]
     fn a_slow_host_reader_holds_output_back_and_is_counted() {
