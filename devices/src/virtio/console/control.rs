@@ -41,6 +41,7 @@ pub(super) struct Control {
     outbox: VecDeque<Vec<u8>>,
 }
 
+/// A control message for port `id` (a PORT_NAME message's payload is the name).
 pub(super) fn control_message(id: u32, event: u16, value: u16, payload: &[u8]) -> Vec<u8> {
     let mut message = Vec::with_capacity(CONTROL_LEN + payload.len());
     message.extend_from_slice(&id.to_le_bytes());
@@ -48,6 +49,16 @@ pub(super) fn control_message(id: u32, event: u16, value: u16, payload: &[u8]) -
     message.extend_from_slice(&value.to_le_bytes());
     message.extend_from_slice(payload);
     message
+}
+
+/// The port id, event, value and payload of a control message; `None` when it is
+/// shorter than its header.
+fn parse_control_message(message: &[u8]) -> Option<(u32, u16, u16, &[u8])> {
+    let (header, payload) = message.split_first_chunk::<CONTROL_LEN>()?;
+    let id = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    let event = u16::from_le_bytes(header[4..6].try_into().expect("2 bytes"));
+    let value = u16::from_le_bytes(header[6..8].try_into().expect("2 bytes"));
+    Some((id, event, value, payload))
 }
 
 impl Control {
@@ -72,13 +83,10 @@ impl Control {
 
     /// Handles one message from the driver; returns the port whose guest side it opened.
     pub(super) fn handle(&mut self, message: &[u8]) -> Option<usize> {
-        let Some(header) = message.get(..CONTROL_LEN) else {
+        let Some((id, event, value, _)) = parse_control_message(message) else {
             tracing::warn!(len = message.len(), "virtio-console: short control message");
             return None;
         };
-        let id = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-        let event = u16::from_le_bytes(header[4..6].try_into().expect("2 bytes"));
-        let value = u16::from_le_bytes(header[6..8].try_into().expect("2 bytes"));
         if event == event::DEVICE_READY {
             if value == 1 {
                 for id in 0..self.ports.len() as u32 {
@@ -229,12 +237,8 @@ mod tests {
     use super::*;
 
     fn decode(message: &[u8]) -> (u32, u16, u16, Vec<u8>) {
-        (
-            u32::from_le_bytes(message[0..4].try_into().unwrap()),
-            u16::from_le_bytes(message[4..6].try_into().unwrap()),
-            u16::from_le_bytes(message[6..8].try_into().unwrap()),
-            message[8..].to_vec(),
-        )
+        let (id, event, value, payload) = parse_control_message(message).unwrap();
+        (id, event, value, payload.to_vec())
     }
 
     #[test]
