@@ -10,9 +10,13 @@ use super::event_handler::ActiveConsole;
 use super::port::{PortEnd, PortSpec};
 use super::queue::Context;
 use crate::event_loop::HostFd;
+
 use crate::virtio::{
     ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
 };
+
+/// How errors name this device.
+const DEVICE_NAME: &str = "virtio-console";
 
 const VIRTIO_ID_CONSOLE: u32 = 3;
 /// The device has more than one port and a control queue pair (virtio 1.2, 5.3.3).
@@ -93,7 +97,7 @@ impl VirtioConsole {
         let expected = self.queue_count();
         if activation.queues.len() != expected {
             return Err(ActivateError::QueueCount {
-                device: "virtio-console",
+                device: DEVICE_NAME,
                 expected,
                 actual: activation.queues.len(),
             });
@@ -103,7 +107,7 @@ impl VirtioConsole {
         let rx = queues[CONTROL_RX].take().expect("counted above");
         let tx = queues[CONTROL_TX].take().expect("counted above");
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| ActivateError::Spawn {
-            device: "virtio-console",
+            device: DEVICE_NAME,
             source,
         })?;
         let ctx = Context {
@@ -180,13 +184,13 @@ impl VirtioDevice for VirtioConsole {
             .stop
             .try_clone()
             .map_err(|source| ActivateError::Spawn {
-                device: "virtio-console",
+                device: DEVICE_NAME,
                 source,
             })?;
         event_loop
             .add(Box::new(active))
             .map_err(|source| ActivateError::EventLoop {
-                device: "virtio-console",
+                device: DEVICE_NAME,
                 source,
             })?;
         self.stop = Some(stop);
