@@ -35,49 +35,50 @@ fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let mut plan = Plan::new().log_dir(concat!(env!("CARGO_TARGET_TMPDIR"), "/e2e-logs"));
     // Costs: roughly how long each boot took on the 2-core build machine with another
-    // test host beside it; they only set the order (longest first).
+    // test host beside it (and other builds: halve them for a quiet machine); they only
+    // set the order, longest first.
     plan.suite(
         "bounded_resources",
-        secs(480),
+        secs(600),
         bounded_resources::suite,
         bounded_resources::CHECKS,
     );
     plan.suite(
         "system_closures",
-        secs(300),
+        secs(90),
         system_closures::suite,
         system_closures::CHECKS,
     );
     plan.suite(
         "program_streams",
-        secs(200),
+        secs(320),
         program_streams::suite,
         program_streams::CHECKS,
     );
-    plan.suite("run_modes", secs(200), run_modes::suite, run_modes::CHECKS);
-    plan.suite("terminal", secs(100), terminal::suite, terminal::CHECKS);
+    plan.suite("run_modes", secs(165), run_modes::suite, run_modes::CHECKS);
+    plan.suite("terminal", secs(65), terminal::suite, terminal::CHECKS);
     plan.suite(
         "library_examples",
-        secs(100),
+        secs(50),
         library_examples::suite,
         library_examples::CHECKS,
     );
     plan.suite(
         "vhost_user_fs",
-        secs(100),
+        secs(180),
         vhost_user_fs::suite,
         vhost_user_fs::CHECKS,
     );
     plan.suite(
         "virtiofs_guest",
-        secs(100),
+        secs(75),
         virtiofs_guest::suite,
         virtiofs_guest::CHECKS,
     );
-    plan.suite("vm_boot", secs(100), vm_boot::suite, vm_boot::CHECKS);
+    plan.suite("vm_boot", secs(45), vm_boot::suite, vm_boot::CHECKS);
     plan.suite(
         "nix_closure",
-        secs(80),
+        secs(30),
         nix_closure::suite,
         nix_closure::CHECKS,
     );
