@@ -32,7 +32,7 @@ use crate::testhost::{
 const DIR: &str = "/testhost/suite";
 /// Time the test host needs around the scripts (boot, initramfs, power-off), on top of
 /// the setup's and the cases' own deadlines, under contention on 2 cores.
-const BOOT_ALLOWANCE: Duration = Duration::from_secs(180);
+pub const BOOT_ALLOWANCE: Duration = Duration::from_secs(180);
 
 /// Cases that share one test-host boot; see the module documentation.
 #[derive(Debug, Clone)]
