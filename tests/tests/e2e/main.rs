@@ -71,9 +71,15 @@ fn main() {
     );
     plan.suite(
         "virtiofs_guest",
-        secs(75),
+        secs(45),
         virtiofs_guest::suite,
         virtiofs_guest::CHECKS,
+    );
+    plan.suite(
+        "virtiofs_guest_two_cpus",
+        secs(40),
+        virtiofs_guest::two_cpus_suite,
+        virtiofs_guest::TWO_CPUS_CHECKS,
     );
     plan.suite("vm_boot", secs(45), vm_boot::suite, vm_boot::CHECKS);
     plan.suite(
