@@ -131,10 +131,7 @@ fn read_rest(file: &mut fs::File, buf: &mut [u8]) -> usize {
 }
 
 fn main() {
-    if std::env::args().all(|a| a != "--bench") {
-        println!("blob_first_byte: a benchmark; run it with cargo bench");
-        return;
-    }
+    tvix_boot_benches::bench_mode_only("blob_first_byte");
     let rounds: usize = std::env::var("BLOB_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

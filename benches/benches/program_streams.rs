@@ -57,10 +57,7 @@ done
 "#;
 
 fn main() {
-    if std::env::args().all(|a| a != "--bench") {
-        println!("program_streams: a benchmark; run it with cargo bench");
-        return;
-    }
+    tvix_boot_benches::bench_mode_only("program_streams");
     let tvix_boot = assets::tvix_boot_static().unwrap_or_else(|e| panic!("tvix-boot: {e}"));
     let script = SCRIPT
         .replace("{kernel}", GUEST_KERNEL)

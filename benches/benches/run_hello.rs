@@ -30,10 +30,7 @@ done
 "#;
 
 fn main() {
-    if std::env::args().all(|a| a != "--bench") {
-        println!("run_hello: a benchmark; run it with cargo bench");
-        return;
-    }
+    tvix_boot_benches::bench_mode_only("run_hello");
     let work = tempfile::tempdir().unwrap();
     let hello = work.path().join("hello");
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boot/demo/hello.c");

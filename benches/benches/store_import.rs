@@ -86,7 +86,9 @@ fn settle() {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` runs this too, with a tiny scale.
+    // `cargo bench` passes --bench. `cargo test` runs this too (`test = true`), with a
+    // tiny tree: a check, not a measurement, that every contender's result agrees (the
+    // embedded and the memory store import the same tree, its NAR ingests back to it).
     let quick = std::env::args().all(|a| a != "--bench");
     let scale: u64 = std::env::var("STORE_BENCH_SCALE")
         .ok()
@@ -96,14 +98,21 @@ fn main() {
     let mut trees = Vec::new();
     if quick {
         let root = work.path().join("tiny");
-        fs::create_dir(&root).unwrap();
+        fs::create_dir_all(root.join("bin")).unwrap();
         fs::write(root.join("f"), b"x").unwrap();
+        fs::write(root.join("bin/tool"), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(
+            root.join("bin/tool"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("bin/tool", root.join("link")).unwrap();
         trees.push((
             root,
             Tree {
                 label: "tiny",
-                bytes: 1,
-                files: 1,
+                bytes: 11,
+                files: 2,
             },
         ));
     } else {
@@ -134,7 +143,7 @@ fn main() {
         let embedded = Store::open(&StoreAddrs::in_directory(embedded_dir.path())).unwrap();
         settle();
         let started = Instant::now();
-        import_path(&embedded, root, &mut |_| {}).unwrap();
+        let embedded_info = import_path(&embedded, root, &mut |_| {}).unwrap();
         report(
             &"tvix-boot, embedded file store".to_string()[..],
             tree,
@@ -146,6 +155,10 @@ fn main() {
         let started = Instant::now();
         let info = import_path(&memory, root, &mut |_| {}).unwrap();
         report("tvix-boot, memory store", tree, started.elapsed());
+        assert_eq!(
+            embedded_info.node, info.node,
+            "the embedded and the memory store import the tree alike"
+        );
 
         let mut nar = Vec::with_capacity(tree.bytes as usize + (1 << 20));
         memory.write_nar(&info.node, &mut nar).unwrap();
@@ -166,8 +179,12 @@ fn main() {
         );
         settle();
         let started = Instant::now();
-        Store::memory().ingest_nar(&nar[..]).unwrap();
+        let ingested = Store::memory().ingest_nar(&nar[..]).unwrap();
         report("NAR ingest, memory store", &nar_tree, started.elapsed());
+        assert_eq!(
+            ingested.node, info.node,
+            "the NAR ingests to the imported tree"
+        );
         if nix_available {
             let restore_to = tempfile::tempdir().unwrap();
             let target = restore_to.path().join("out");

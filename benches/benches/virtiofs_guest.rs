@@ -188,10 +188,7 @@ struct Sample {
 }
 
 fn main() {
-    if std::env::args().all(|a| a != "--bench") {
-        println!("virtiofs_guest: a benchmark; run it with cargo bench");
-        return;
-    }
+    tvix_boot_benches::bench_mode_only("virtiofs_guest");
     let virtiofsd = qemu::virtiofsd().unwrap_or_else(|e| panic!("{e}"));
     let tvix_boot = assets::tvix_boot_static().unwrap_or_else(|e| panic!("tvix-boot: {e}"));
     let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));

@@ -95,10 +95,7 @@ impl Drop for Mount {
 }
 
 fn main() {
-    if std::env::args().all(|a| a != "--bench") {
-        println!("virtiofs_host: a benchmark; run it with cargo bench");
-        return;
-    }
+    tvix_boot_benches::bench_mode_only("virtiofs_host");
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("tree");
     build_tree(&src);

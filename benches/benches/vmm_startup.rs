@@ -30,13 +30,10 @@ const TARGET_NON_IOCTL_MS: f64 = 3.0;
 const TARGET_RSS_MIB: f64 = 5.0;
 
 fn main() {
-    if std::env::args().all(|a| a != "--bench") {
-        println!("vmm_startup: a benchmark; run it with cargo bench");
-        return;
-    }
+    tvix_boot_benches::bench_mode_only("vmm_startup");
     if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("vmm_startup: SKIPPED: no /dev/kvm on this machine");
-        return;
+        eprintln!("vmm_startup: no /dev/kvm on this machine: nothing to measure");
+        std::process::exit(1);
     }
     let work = tempfile::tempdir().unwrap();
     let kernel = work.path().join("tiny.elf");

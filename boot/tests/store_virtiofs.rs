@@ -1,7 +1,7 @@
 //! `tvix-boot store virtiofs`: the vhost-user-fs backend's behaviour towards its socket,
 //! its frontends and signals, on the build machine. The frontends are raw vhost-user
 //! messages (malformed on purpose) and the real peer, QEMU, under TCG here (the test-host
-//! test in tests/tests/vhost_user_fs.rs runs it with KVM). Fails loudly when QEMU, the
+//! test in tests/tests/e2e/vhost_user_fs.rs runs it with KVM). Fails loudly when QEMU, the
 //! guest kernel or busybox is missing.
 
 use std::io::{BufRead, BufReader, Read, Write};

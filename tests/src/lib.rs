@@ -22,19 +22,30 @@
 //!
 //! Heavy inputs (Debian test-host kernel, guest kernel) are cached under
 //! [`assets::cache_dir`]; the per-run initramfs is rebuilt every time.
+//!
+//! A boot costs seconds to tens of seconds, so the end-to-end tests
+//! (`tests/tests/e2e/`) share them: a [`Suite`] runs many cases in one boot, each with
+//! its own output and exit status, and a [`Plan`] runs the suites, two test hosts at a
+//! time on the build machines' two cores, the longest first, with every case a test
+//! of its own.
 
 pub mod assets;
 mod error;
 pub mod initramfs;
 mod kvm;
 pub mod nix;
+pub mod plan;
 pub mod qemu;
+pub mod suite;
 pub mod testhost;
 pub mod tree;
 
 pub use error::{Error, Result};
 pub use initramfs::Initramfs;
 pub use kvm::hardware_kvm_available;
+pub use plan::Plan;
+pub use suite::{Suite, SuiteOutput};
 pub use testhost::{
     FileContents, GUEST_KERNEL, GuestFile, TVIX_BOOT, TestHost, TestHostBuilder, TestHostOutput,
+    Timings,
 };

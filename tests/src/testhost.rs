@@ -84,17 +84,63 @@ impl GuestFile {
     }
 }
 
-/// What one test-host run produced.
+/// What one test-host run produced (or one case of a shared run, see [`crate::suite`]).
 #[derive(Debug, Clone)]
 pub struct TestHostOutput {
-    /// Everything the test host wrote to its serial console, `\r` removed.
+    /// What ran: "test host", or the case and its suite.
+    pub label: String,
+    /// Everything the test host wrote to its serial console, `\r` removed (for a case of
+    /// a suite: what it wrote while that case ran).
     pub serial: String,
     /// The script's exit code, if /init got to report it.
     pub exit_code: Option<i32>,
     /// The run was killed at its deadline.
     pub timed_out: bool,
-    /// Wall time from starting QEMU to its exit (or the kill).
+    /// Wall time from starting QEMU to its exit (or the kill); for a case, its own time
+    /// in the test host.
     pub elapsed: Duration,
+    /// Where the time went; see [`Timings`].
+    pub timings: Timings,
+}
+
+/// Where a test-host run's time went, for choosing what to share and what to move out of
+/// the test host. Uptimes are the test host's own clock (kernel start = 0), so "booted"
+/// covers the kernel's boot, unpacking the initramfs and loading the KVM modules.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Size of the initramfs, in bytes.
+    pub initramfs_bytes: u64,
+    /// Host time to build and write the initramfs.
+    pub initramfs_build: Duration,
+    /// Test-host uptime when /init started the script, in seconds.
+    pub script_start_uptime: Option<f64>,
+    /// Test-host uptime when the script ended, in seconds.
+    pub script_end_uptime: Option<f64>,
+}
+
+impl Timings {
+    /// Seconds the script ran, by the test host's clock.
+    pub fn script_seconds(&self) -> Option<f64> {
+        Some(self.script_end_uptime? - self.script_start_uptime?)
+    }
+}
+
+impl std::fmt::Display for Timings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "initramfs {:.1} MB built in {:.2} s",
+            self.initramfs_bytes as f64 / 1e6,
+            self.initramfs_build.as_secs_f64()
+        )?;
+        if let Some(up) = self.script_start_uptime {
+            write!(f, ", booted to the script at uptime {up:.1} s")?;
+        }
+        if let Some(script) = self.script_seconds() {
+            write!(f, ", script {script:.1} s")?;
+        }
+        Ok(())
+    }
 }
 
 impl TestHostOutput {
@@ -114,13 +160,17 @@ impl TestHostOutput {
     /// The serial output without the kernel's and /init's own lines: just
     /// what the script printed, as far as it can be told apart.
     pub fn script_output(&self) -> &str {
+        // The marker's line also carries the uptime; the script's output starts after it.
         let start = self
             .serial
             .find(SCRIPT_START)
-            .map(|i| i + SCRIPT_START.len())
+            .map(|i| {
+                self.serial[i..]
+                    .find('\n')
+                    .map_or(self.serial.len(), |n| i + n + 1)
+            })
             .unwrap_or(0);
         let rest = &self.serial[start..];
-        let rest = rest.strip_prefix('\n').unwrap_or(rest);
         let end = rest.find(EXIT_MARKER).unwrap_or(rest.len());
         &rest[..end]
     }
@@ -131,15 +181,17 @@ impl std::fmt::Display for TestHostOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "test host: exit_code={:?} timed_out={} after {:.1?}; serial:",
-            self.exit_code, self.timed_out, self.elapsed
+            "{}: exit_code={:?} timed_out={} after {:.1?} ({}); serial:",
+            self.label, self.exit_code, self.timed_out, self.elapsed, self.timings
         )?;
         f.write_str(&self.serial)
     }
 }
 
-/// Printed by /init right before it runs the script.
+/// Printed by /init right before it runs the script, with the uptime.
 const SCRIPT_START: &str = "TESTHOST-SCRIPT-START";
+/// Printed by /init when the script has ended, with the nonce and the uptime.
+const SCRIPT_END: &str = "TESTHOST-SCRIPT-END";
 
 /// A prepared test host: everything except the per-run initramfs, which is
 /// rebuilt (cheaply, in memory) for every [`TestHost::run`].
@@ -311,9 +363,15 @@ impl TestHost {
             .tempdir()
             .map_err(Error::io(std::env::temp_dir()))?;
         let initrd = workdir.path().join("initrd.cpio");
+        let started = std::time::Instant::now();
         let archive = self.initramfs(script, files, &nonce)?;
+        let initramfs_bytes = archive.len() as u64;
         std::fs::write(&initrd, archive).map_err(Error::io(&initrd))?;
-        self.boot(&initrd, &nonce, timeout)
+        let initramfs_build = started.elapsed();
+        let mut out = self.boot(&initrd, &nonce, timeout)?;
+        out.timings.initramfs_bytes = initramfs_bytes;
+        out.timings.initramfs_build = initramfs_build;
+        Ok(out)
     }
 
     /// Runs tvix-boot in the test host with the guest kernel
@@ -335,19 +393,7 @@ impl TestHost {
                     .into(),
             });
         }
-        let mut line = String::new();
-        for (key, value) in env {
-            line.push_str(&format!("{key}={} ", shell_quote(value)));
-        }
-        line.push_str(TVIX_BOOT);
-        if !args.contains(&"--kernel") {
-            line.push_str(&format!(" --kernel {GUEST_KERNEL}"));
-        }
-        for arg in args {
-            line.push(' ');
-            line.push_str(&shell_quote(arg));
-        }
-        self.run(&format!("{line}\n"), files, timeout)
+        self.run(&tvix_boot_command(args, env), files, timeout)
     }
 
     fn initramfs(&self, script: &str, files: &[GuestFile], nonce: &str) -> Result<Vec<u8>> {
@@ -393,6 +439,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 finish() {{
+    read up _ < /proc/uptime
+    echo "{SCRIPT_END}-{nonce} $up"
     echo "{EXIT_MARKER}-{nonce}=$1"
     sync
     reboot -f
@@ -402,7 +450,8 @@ for m in {modules}; do
     insmod {MODULE_DIR}/$m.ko || {{ echo "testhost: insmod $m failed"; finish 125; }}
 done
 [ -c /dev/kvm ] || {{ echo "testhost: /dev/kvm missing after loading KVM modules"; finish 125; }}
-echo "{SCRIPT_START}"
+read up _ < /proc/uptime
+echo "{SCRIPT_START} $up"
 cd /root
 sh {SCRIPT} </dev/console
 finish $?
@@ -447,11 +496,18 @@ finish $?
                 output: format!("{}\n{}", out.stderr, out.serial),
             });
         }
+        let timings = Timings {
+            script_start_uptime: marker_value(&out.serial, SCRIPT_START),
+            script_end_uptime: marker_value(&out.serial, &format!("{SCRIPT_END}-{nonce}")),
+            ..Timings::default()
+        };
         Ok(TestHostOutput {
+            label: "test host".into(),
             serial: out.serial,
             exit_code,
             timed_out: out.timed_out,
             elapsed: out.elapsed,
+            timings,
         })
     }
 }
@@ -466,8 +522,20 @@ fn parse_exit(serial: &str, nonce: &str) -> Option<i32> {
     })
 }
 
+/// The number after the first line that starts with `marker` and a space.
+pub(crate) fn marker_value(serial: &str, marker: &str) -> Option<f64> {
+    serial.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(marker)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Unique enough per run: time and process id and a per-process counter.
-fn nonce() -> String {
+pub(crate) fn nonce() -> String {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -475,6 +543,26 @@ fn nonce() -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!("{:x}{:x}{n:x}", std::process::id(), nanos)
+}
+
+/// The shell line that runs tvix-boot in the test host with the guest kernel
+/// (`--kernel /guest/vmlinux` unless `args` has its own `--kernel`), `args` and `env`, as
+/// [`TestHost::run_tvix_boot`] does; for cases of a [`crate::Suite`].
+pub fn tvix_boot_command(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut line = String::new();
+    for (key, value) in env {
+        line.push_str(&format!("{key}={} ", shell_quote(value)));
+    }
+    line.push_str(TVIX_BOOT);
+    if !args.contains(&"--kernel") {
+        line.push_str(&format!(" --kernel {GUEST_KERNEL}"));
+    }
+    for arg in args {
+        line.push(' ');
+        line.push_str(&shell_quote(arg));
+    }
+    line.push('\n');
+    line
 }
 
 /// Quotes a word for busybox sh.

@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tvix_boot_tests::nix::{ServeNar, nix, nix_build, run};
+use tvix_boot_tests::plan::Check;
 use tvix_boot_tests::testhost::shell_quote;
-use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, TestHostOutput, assets};
+use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Suite, TestHost, TestHostOutput, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -31,45 +32,87 @@ fn build(file: &str) -> String {
     nix_build(&Path::new(env!("CARGO_MANIFEST_DIR")).join("nix").join(file))
 }
 
-/// Copies the closure of `path` into a fresh tvix-boot store under `data_home` through
-/// `nix copy --to http://…` and `tvix-boot store serve-nar`, and returns the store's
-/// files as test-host files under /input/data.
-fn closure_into_store(tvix_boot: &Path, work: &Path, path: &str) -> Vec<GuestFile> {
-    let data_home = work.join("data");
+/// Copies the closure of `path` into a fresh tvix-boot store under `work/<name>/data`
+/// through `nix copy --to http://…` and `tvix-boot store serve-nar`, and returns the
+/// store's files as test-host files under /input/<name>/data.
+fn closure_into_store(tvix_boot: &Path, work: &Path, name: &str, path: &str) -> Vec<GuestFile> {
+    let data_home = work.join(name).join("data");
     let server = ServeNar::start(tvix_boot, &data_home);
-    run(nix(&work.join("nix-cache"))
+    run(nix(&work.join(name).join("nix-cache"))
         .args(["copy", "--to", &server.url("?compression=none")])
         .arg(path));
     server.stop();
-    GuestFile::host_tree(&data_home, "/input/data")
+    GuestFile::host_tree(&data_home, &format!("/input/{name}/data"))
         .unwrap_or_else(|e| panic!("the store copied into the test host: {e}"))
 }
 
-fn in_test_host(tvix_boot: &Path, script: &str, files: &[GuestFile]) -> TestHostOutput {
-    let script =
-        format!("export XDG_DATA_HOME=/input/data TVIX_BOOT_KERNEL={GUEST_KERNEL}\n{script}");
-    TestHost::builder()
-        .tvix_boot(tvix_boot)
-        .run_checked(&script, files, TIMEOUT)
+/// A case's script, run with the store its closure was copied into.
+fn in_store(name: &str, script: &str) -> String {
+    format!("export XDG_DATA_HOME=/input/{name}/data TVIX_BOOT_KERNEL={GUEST_KERNEL}\n{script}")
 }
 
-#[test]
-fn systemd_boots_to_multi_user_through_init_and_powers_off() {
+pub const CHECKS: &[(&str, Check)] = &[
+    (
+        "systemd_boots_to_multi_user_through_init_and_powers_off",
+        systemd_boots_to_multi_user_through_init_and_powers_off,
+    ),
+    (
+        "python_closure_runs_and_loads_c_extension_modules",
+        python_closure_runs_and_loads_c_extension_modules,
+    ),
+];
+
+/// Builds both closures with Nix, copies each into a store of its own, and boots one test
+/// host for both.
+pub fn suite() -> Suite {
     let tvix_boot = tvix_boot_bin();
     let work = tempfile::tempdir().unwrap();
-    let system = build("systemd-system.nix");
-    let files = closure_into_store(&tvix_boot, work.path(), &system);
 
-    let out = in_test_host(
-        &tvix_boot,
-        &format!(
-            "echo systemd-begin\n\
-             tvix-boot --init {system}/init\n\
-             echo \"systemd-status=$?\"\n\
-             echo systemd-end\n"
-        ),
-        &files,
-    );
+    let system = build("systemd-system.nix");
+    let systemd_files = closure_into_store(&tvix_boot, work.path(), "systemd", &system);
+
+    let python = build("python.nix");
+    let python_files = closure_into_store(&tvix_boot, work.path(), "python", &python);
+
+    Suite::new("system_closures", TestHost::builder().tvix_boot(&tvix_boot))
+        .case(
+            "systemd_boots_to_multi_user_through_init_and_powers_off",
+            &in_store(
+                "systemd",
+                &format!(
+                    "echo systemd-begin\n\
+                     tvix-boot --init {system}/init\n\
+                     echo \"systemd-status=$?\"\n\
+                     echo systemd-end\n"
+                ),
+            ),
+            systemd_files,
+            TIMEOUT,
+        )
+        // The program goes into the store too (the kernel command line that carries the
+        // arguments is too short for it).
+        .case(
+            "python_closure_runs_and_loads_c_extension_modules",
+            &in_store(
+                "python",
+                &format!(
+                    "mkdir -p /tmp/program && printf '%s' {program} > /tmp/program/check.py\n\
+                     PROGRAM=$(tvix-boot store import /tmp/program)\n\
+                     echo python-begin\n\
+                     tvix-boot --run {python}/bin/python3.11 -- \"$PROGRAM/check.py\" {python}\n\
+                     echo \"python-status=$?\"\n\
+                     echo python-end\n",
+                    program = shell_quote(PYTHON_PROGRAM),
+                ),
+            ),
+            python_files,
+            TIMEOUT,
+        )
+        .hold(work)
+}
+
+fn systemd_boots_to_multi_user_through_init_and_powers_off(out: &TestHostOutput) {
+    assert!(!out.timed_out, "timed out: {out}");
     let guest = out
         .between("systemd-begin", "systemd-end")
         .unwrap_or_else(|| panic!("no systemd-begin ... systemd-end: {out}"));
@@ -118,28 +161,8 @@ print("python-checks", "ok" if not failed else "failed: " + " ".join(failed))
 sys.exit(3)
 "#;
 
-#[test]
-fn python_closure_runs_and_loads_c_extension_modules() {
-    let tvix_boot = tvix_boot_bin();
-    let work = tempfile::tempdir().unwrap();
-    let python = build("python.nix");
-    let files = closure_into_store(&tvix_boot, work.path(), &python);
-
-    // The program goes into the store too (the kernel command line that carries the
-    // arguments is too short for it).
-    let out = in_test_host(
-        &tvix_boot,
-        &format!(
-            "mkdir -p /tmp/program && printf '%s' {program} > /tmp/program/check.py\n\
-             PROGRAM=$(tvix-boot store import /tmp/program)\n\
-             echo python-begin\n\
-             tvix-boot --run {python}/bin/python3.11 -- \"$PROGRAM/check.py\" {python}\n\
-             echo \"python-status=$?\"\n\
-             echo python-end\n",
-            program = shell_quote(PYTHON_PROGRAM),
-        ),
-        &files,
-    );
+fn python_closure_runs_and_loads_c_extension_modules(out: &TestHostOutput) {
+    assert!(!out.timed_out, "timed out: {out}");
     let guest = out
         .between("python-begin", "python-end")
         .unwrap_or_else(|| panic!("no python-begin ... python-end: {out}"));

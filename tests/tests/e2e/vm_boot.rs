@@ -5,13 +5,16 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tvix_boot_tests::{GuestFile, Initramfs, TestHost, TestHostOutput, assets};
+use tvix_boot_tests::plan::Check;
+use tvix_boot_tests::testhost::tvix_boot_command;
+use tvix_boot_tests::{GuestFile, Initramfs, Suite, TestHost, TestHostOutput, assets};
 
 /// Generous: the test host alone boots in ~3 s, but TCG is slow and tests run in
 /// parallel on 2 cores.
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-/// Where the guest's initrd is put inside the test host.
+/// Where the benchmarks put the guest's initrd inside the test host (each case of the
+/// suite has its own, see [`case_initrd`]).
 const GUEST_INITRD: &str = "/guest/initrd.cpio";
 
 /// The static tvix-boot binary: $TVIX_BOOT_BIN, else built once for all tests.
@@ -27,29 +30,89 @@ fn test_host() -> TestHost {
         .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
 }
 
-/// A busybox guest initrd whose /init runs `init_body` after the usual mounts.
-fn guest_initrd(init_body: &str) -> GuestFile {
+/// A busybox guest initrd at `path` whose /init runs `init_body` after the usual mounts.
+fn guest_initrd_at(path: &str, init_body: &str) -> GuestFile {
     let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
     let initrd = Initramfs::busybox_init(&busybox, init_body)
         .unwrap_or_else(|e| panic!("building the guest initrd: {e}"))
         .finish();
-    GuestFile::bytes(GUEST_INITRD, initrd, 0o644)
+    GuestFile::bytes(path, initrd, 0o644)
 }
 
-/// Runs tvix-boot with the guest kernel, `init_body` as the guest's init and `env`.
-fn boot(init_body: &str, env: &[(&str, &str)]) -> TestHostOutput {
-    let out = test_host()
-        .run_tvix_boot(
-            &["--initrd", GUEST_INITRD],
-            env,
-            &[guest_initrd(init_body)],
-            TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    assert!(!out.timed_out, "tvix-boot did not finish: {out}");
-    // Shown with --nocapture (and for failing tests).
-    eprintln!("{out}");
-    out
+/// A busybox guest initrd at [`GUEST_INITRD`].
+fn guest_initrd(init_body: &str) -> GuestFile {
+    guest_initrd_at(GUEST_INITRD, init_body)
+}
+
+/// Where case `name` finds its guest initrd in the shared test host.
+fn case_initrd(name: &str) -> String {
+    format!("/guest/{name}.cpio")
+}
+
+pub const CHECKS: &[(&str, Check)] = &[
+    (
+        "cpus_and_memory_from_env_and_poweroff_exits_zero",
+        cpus_and_memory_from_env_and_poweroff_exits_zero,
+    ),
+    ("reboot_exits_zero", reboot_exits_zero),
+    ("guest_panic_exits_nonzero", guest_panic_exits_nonzero),
+    ("bzimage_boots_too", bzimage_boots_too),
+];
+
+/// Runs tvix-boot with the guest kernel, its own initrd (a busybox /init that runs
+/// `init_body`) and `env`; the case's exit status is tvix-boot's.
+fn boot(suite: Suite, name: &str, init_body: &str, env: &[(&str, &str)]) -> Suite {
+    let initrd = case_initrd(name);
+    suite.case(
+        name,
+        &tvix_boot_command(&["--initrd", &initrd], env),
+        vec![guest_initrd_at(&initrd, init_body)],
+        TIMEOUT,
+    )
+}
+
+/// The four boots in one test host.
+pub fn suite() -> Suite {
+    let suite = Suite::new("vm_boot", TestHost::builder().tvix_boot(tvix_boot_bin()));
+    let suite = boot(
+        suite,
+        "cpus_and_memory_from_env_and_poweroff_exits_zero",
+        "echo guest-cpus=$(nproc)\n\
+         echo guest-memtotal-kib=$(awk '/MemTotal/ {print $2}' /proc/meminfo)\n\
+         poweroff -f\n",
+        &[("CH_NUM_CPUS", "2"), ("CH_MEM_SIZE", "256M")],
+    );
+    let suite = boot(
+        suite,
+        "reboot_exits_zero",
+        "echo about-to-reboot\nreboot -f\n",
+        &[],
+    );
+    // When init exits the kernel panics ("Attempted to kill init!").
+    let suite = boot(
+        suite,
+        "guest_panic_exits_nonzero",
+        "echo init-exits-now\nexit 1\n",
+        &[],
+    );
+    // build.sh leaves the same kernel as a bzImage next to the vmlinux.
+    let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
+    let bzimage = vmlinux.with_file_name("bzImage");
+    assert!(
+        bzimage.is_file(),
+        "no bzImage next to {}",
+        vmlinux.display()
+    );
+    let initrd = case_initrd("bzimage_boots_too");
+    suite.case(
+        "bzimage_boots_too",
+        &tvix_boot_command(&["--kernel", "/guest/bzImage", "--initrd", &initrd], &[]),
+        vec![
+            GuestFile::host("/guest/bzImage", bzimage, 0o644),
+            guest_initrd_at(&initrd, "echo booted-from-bzimage\npoweroff -f\n"),
+        ],
+        TIMEOUT,
+    )
 }
 
 /// The value after `key=` on its own line of the guest's output.
@@ -59,21 +122,15 @@ fn reported<'a>(out: &'a TestHostOutput, key: &str) -> Option<&'a str> {
         .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix('='))
 }
 
-#[test]
-fn cpus_and_memory_from_env_and_poweroff_exits_zero() {
-    let out = boot(
-        "echo guest-cpus=$(nproc)\n\
-         echo guest-memtotal-kib=$(awk '/MemTotal/ {print $2}' /proc/meminfo)\n\
-         poweroff -f\n",
-        &[("CH_NUM_CPUS", "2"), ("CH_MEM_SIZE", "256M")],
-    );
+fn cpus_and_memory_from_env_and_poweroff_exits_zero(out: &TestHostOutput) {
+    assert!(!out.timed_out, "tvix-boot did not finish: {out}");
     assert_eq!(
         out.exit_code,
         Some(0),
         "poweroff -f must end tvix-boot with 0: {out}"
     );
-    assert_eq!(reported(&out, "guest-cpus"), Some("2"), "{out}");
-    let mem_kib: u64 = reported(&out, "guest-memtotal-kib")
+    assert_eq!(reported(out, "guest-cpus"), Some("2"), "{out}");
+    let mem_kib: u64 = reported(out, "guest-memtotal-kib")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no MemTotal in output: {out}"));
     // MemTotal is RAM minus what the kernel keeps for itself (its image, page
@@ -85,17 +142,14 @@ fn cpus_and_memory_from_env_and_poweroff_exits_zero() {
     );
 }
 
-#[test]
-fn reboot_exits_zero() {
-    let out = boot("echo about-to-reboot\nreboot -f\n", &[]);
+fn reboot_exits_zero(out: &TestHostOutput) {
+    assert!(!out.timed_out, "tvix-boot did not finish: {out}");
     assert_eq!(out.exit_code, Some(0), "{out}");
     assert!(out.serial.contains("about-to-reboot"), "{out}");
 }
 
-#[test]
-fn guest_panic_exits_nonzero() {
-    // When init exits the kernel panics ("Attempted to kill init!").
-    let out = boot("echo init-exits-now\nexit 1\n", &[]);
+fn guest_panic_exits_nonzero(out: &TestHostOutput) {
+    assert!(!out.timed_out, "tvix-boot did not finish: {out}");
     assert!(
         matches!(out.exit_code, Some(code) if code != 0),
         "a guest panic must end tvix-boot with a nonzero status: {out}"
@@ -103,14 +157,18 @@ fn guest_panic_exits_nonzero() {
     assert!(out.serial.contains("guest kernel panicked"), "{out}");
 }
 
+fn bzimage_boots_too(out: &TestHostOutput) {
+    assert!(!out.timed_out, "{out}");
+    assert_eq!(out.exit_code, Some(0), "{out}");
+    assert!(out.serial.contains("booted-from-bzimage"), "{out}");
+}
+
 /// Boot-time benchmark, not a pass/fail test: prints the time from starting tvix-boot
 /// to the guest's /init and to tvix-boot's exit, measured inside the test host (TCG
 /// stretches absolute numbers; compare only runs made side by side).
 ///
-///     cargo test -p tvix-boot-tests --test vm_boot -- --ignored --nocapture boot_timing
-#[test]
-#[ignore = "benchmark; run explicitly"]
-fn boot_timing() {
+///     cargo test -p tvix-boot-tests --test e2e -- --ignored vm_boot::boot_timing
+pub fn boot_timing() {
     const RUNS: usize = 3;
     // The default command line has `quiet`; `loglevel=7` brings the boot log back.
     for (label, extra_cmdline) in [
@@ -177,41 +235,12 @@ fn boot_timing() {
     }
 }
 
-#[test]
-fn bzimage_boots_too() {
-    // build.sh leaves the same kernel as a bzImage next to the vmlinux.
-    let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
-    let bzimage = vmlinux.with_file_name("bzImage");
-    assert!(
-        bzimage.is_file(),
-        "no bzImage next to {}",
-        vmlinux.display()
-    );
-    let out = test_host()
-        .run_tvix_boot(
-            &["--kernel", "/guest/bzImage", "--initrd", GUEST_INITRD],
-            &[],
-            &[
-                GuestFile::host("/guest/bzImage", bzimage, 0o644),
-                guest_initrd("echo booted-from-bzimage\npoweroff -f\n"),
-            ],
-            TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
-    assert!(!out.timed_out, "{out}");
-    assert_eq!(out.exit_code, Some(0), "{out}");
-    assert!(out.serial.contains("booted-from-bzimage"), "{out}");
-}
-
 /// tvix-boot against QEMU (microvm, KVM) with the same bzImage, initrd, command line,
 /// 1 vCPU and 512 MiB, interleaved in one test host. Prints start->init and
 /// start->exit for each; like [`boot_timing`] a benchmark, not a pass/fail test.
 ///
-///     cargo test -p tvix-boot-tests --test vm_boot -- --ignored --nocapture qemu_comparison
-#[test]
-#[ignore = "benchmark; run explicitly"]
-fn qemu_comparison_timing() {
+///     cargo test -p tvix-boot-tests --test e2e -- --ignored vm_boot::qemu_comparison
+pub fn qemu_comparison_timing() {
     const RUNS: usize = 3;
     let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
     let bzimage = vmlinux.with_file_name("bzImage");

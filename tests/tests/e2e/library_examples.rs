@@ -9,7 +9,8 @@
 
 use std::time::Duration;
 
-use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, assets};
+use tvix_boot_tests::plan::Check;
+use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Suite, TestHost, TestHostOutput, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 const EXAMPLES: [&str; 3] = ["run_capture", "two_vms", "stop_sleeping"];
@@ -23,8 +24,12 @@ for example in run_capture two_vms stop_sleeping; do
 done
 "#;
 
-#[test]
-fn the_library_examples_run_and_check_out() {
+pub const CHECKS: &[(&str, Check)] = &[(
+    "the_library_examples_run_and_check_out",
+    the_library_examples_run_and_check_out,
+)];
+
+pub fn suite() -> Suite {
     let files: Vec<GuestFile> = EXAMPLES
         .iter()
         .map(|name| {
@@ -33,10 +38,20 @@ fn the_library_examples_run_and_check_out() {
             GuestFile::host(&format!("/bin/{name}"), path, 0o755)
         })
         .collect();
-    let out = TestHost::builder()
-        .with_static_tvix_boot()
-        .memory_mib(2048)
-        .run_checked(&SCRIPT.replace("{kernel}", GUEST_KERNEL), &files, TIMEOUT);
+    Suite::new(
+        "library_examples",
+        TestHost::builder().with_static_tvix_boot().memory_mib(2048),
+    )
+    .case(
+        "the_library_examples_run_and_check_out",
+        &SCRIPT.replace("{kernel}", GUEST_KERNEL),
+        files,
+        TIMEOUT,
+    )
+}
+
+fn the_library_examples_run_and_check_out(out: &TestHostOutput) {
+    assert!(!out.timed_out, "timed out: {out}");
     for name in EXAMPLES {
         assert!(
             out.serial.contains(&format!("{name}-status=0")),

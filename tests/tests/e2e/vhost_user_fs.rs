@@ -6,8 +6,11 @@
 
 use std::time::Duration;
 
+use tvix_boot_tests::plan::Check;
 use tvix_boot_tests::tree::{LIST_TREE, MAKE_TREE, TREE_ENTRIES, lines_with};
-use tvix_boot_tests::{GuestFile, Initramfs, TVIX_BOOT, TestHost, assets, qemu};
+use tvix_boot_tests::{
+    GuestFile, Initramfs, Suite, TVIX_BOOT, TestHost, TestHostOutput, assets, qemu,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 const GUEST_INITRD: &str = "/guest/initrd.cpio";
@@ -57,8 +60,12 @@ if [ -e /run/tvix-vfs.sock ]; then echo socket-left; else echo socket-removed; f
 sed 's/^/backend-log /' /run/backend.log
 "#;
 
-#[test]
-fn qemu_guest_reads_an_imported_tree_through_the_vhost_user_backend() {
+pub const CHECKS: &[(&str, Check)] = &[(
+    "qemu_guest_reads_an_imported_tree_through_the_vhost_user_backend",
+    qemu_guest_reads_an_imported_tree_through_the_vhost_user_backend,
+)];
+
+pub fn suite() -> Suite {
     let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
     let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
     let initrd = Initramfs::busybox_init(&busybox, &format!("{LIST_TREE}{GUEST_INIT}"))
@@ -76,10 +83,20 @@ fn qemu_guest_reads_an_imported_tree_through_the_vhost_user_backend() {
         .replace("{bzimage}", GUEST_BZIMAGE)
         .replace("{initrd}", GUEST_INITRD)
         .replace("tvix-boot ", &format!("{TVIX_BOOT} "));
-    let out = TestHost::builder()
-        .with_static_tvix_boot()
-        .memory_mib(2048)
-        .run_checked(&script, &files, TIMEOUT);
+    Suite::new(
+        "vhost_user_fs",
+        TestHost::builder().with_static_tvix_boot().memory_mib(2048),
+    )
+    .case(
+        "qemu_guest_reads_an_imported_tree_through_the_vhost_user_backend",
+        &script,
+        files,
+        TIMEOUT,
+    )
+}
+
+fn qemu_guest_reads_an_imported_tree_through_the_vhost_user_backend(out: &TestHostOutput) {
+    assert!(!out.timed_out, "timed out: {out}");
     assert_eq!(out.exit_code, Some(0), "{out}");
     let serial = &out.serial;
     assert!(!serial.contains("guest-mount-failed"), "{out}");

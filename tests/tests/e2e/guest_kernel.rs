@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use tvix_boot_tests::{Initramfs, assets, qemu};
 
-#[test]
-fn guest_kernel_boots_under_qemu_and_powers_off_via_acpi() {
+pub fn guest_kernel_boots_under_qemu_and_powers_off_via_acpi() {
     let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
     // QEMU loads bzImage (its ELF loader wants a PVH note); build.sh keeps
     // both side by side.
@@ -168,8 +167,7 @@ const FORBIDDEN_OPTIONS: &[(&str, &str)] = &[
     ),
 ];
 
-#[test]
-fn guest_kernel_config_has_what_tvix_boot_and_systemd_need() {
+pub fn guest_kernel_config_has_what_tvix_boot_and_systemd_need() {
     let vmlinux = assets::guest_kernel().unwrap_or_else(|e| panic!("guest kernel: {e}"));
     let config_path = vmlinux.with_file_name("config");
     let config = std::fs::read_to_string(&config_path)

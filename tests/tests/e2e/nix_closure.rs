@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tvix_boot_tests::nix::{CacheKey, ServeNar, nix, nix_build, run};
-use tvix_boot_tests::{GUEST_KERNEL, GuestFile, TestHost, assets};
+use tvix_boot_tests::plan::Check;
+use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Suite, TestHost, TestHostOutput, assets};
 
 const TIMEOUT: Duration = Duration::from_secs(420);
 
@@ -38,8 +39,14 @@ in derivation { name = "greeter"; system = builtins.currentSystem; builder = sh;
   '' ]; }
 "#;
 
-#[test]
-fn a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily() {
+pub const CHECKS: &[(&str, Check)] = &[(
+    "a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily",
+    a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily,
+)];
+
+/// Builds the closure with Nix, copies it both ways on the host, and runs it from both
+/// in the test host.
+pub fn suite() -> Suite {
     let tvix_boot: PathBuf = assets::tvix_boot_static_once()
         .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"));
     let work = tempfile::tempdir().unwrap();
@@ -90,13 +97,18 @@ echo "untrusted-status=$?"
 "#,
         key = public_key.trim(),
     );
-    let out = TestHost::builder()
-        .tvix_boot(&tvix_boot)
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"))
-        .run(&script, &files, TIMEOUT)
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
+    Suite::new("nix_closure", TestHost::builder().tvix_boot(&tvix_boot))
+        .case(
+            "a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily",
+            &script,
+            files,
+            TIMEOUT,
+        )
+        .hold(work)
+}
+
+fn a_closure_from_nix_runs_in_a_guest_copied_and_substituted_lazily(out: &TestHostOutput) {
+    assert!(!out.timed_out, "timed out: {out}");
     assert!(out.success(), "{out}");
 
     let section = |name: &str| {

@@ -4,53 +4,81 @@
 //! imported inside the test host. These tests fail, never skip, when the test host
 //! cannot run.
 //!
-//! Each test-host boot costs tens of seconds under TCG, so one test runs several
-//! tvix-boot commands and prints `<marker>-status N` after each.
+//! The three cases share one test-host boot; each runs several tvix-boot commands and
+//! prints `<marker>-status N` after each.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use tvix_boot_tests::plan::Check;
 use tvix_boot_tests::tree::last_value;
-use tvix_boot_tests::{GUEST_KERNEL, TVIX_BOOT, TestHost, TestHostOutput, assets};
+use tvix_boot_tests::{GUEST_KERNEL, Suite, TVIX_BOOT, TestHost, TestHostOutput};
 
 const TIMEOUT: Duration = Duration::from_secs(420);
 
-/// Runs first in every test host: the embedded store under /tmp/data gets busybox as
-/// the store path `$BB` (`bin/busybox`, `bin/sh -> busybox`).
+/// Runs first in the test host: the embedded store under /suite/data gets busybox as the
+/// store path `$BB` (`bin/busybox`, `bin/sh -> busybox`); every case sees `$BB`,
+/// `$XDG_DATA_HOME` and `$TVIX_BOOT_KERNEL`.
 const SETUP: &str = r#"
 set -e
-export XDG_DATA_HOME=/tmp/data TVIX_BOOT_KERNEL={kernel}
-mkdir -p /tmp/bb/bin
-cp /bin/busybox /tmp/bb/bin/busybox
-ln -s busybox /tmp/bb/bin/sh
-BB=$(tvix-boot store import /tmp/bb)
-echo "bb-path=$BB"
+export XDG_DATA_HOME=/suite/data TVIX_BOOT_KERNEL={kernel}
+mkdir -p /suite/bb/bin
+cp /bin/busybox /suite/bb/bin/busybox
+ln -s busybox /suite/bb/bin/sh
+BB=$(tvix-boot store import /suite/bb)
 set +e
 "#;
 
-fn tvix_boot_bin() -> PathBuf {
-    assets::tvix_boot_static_once()
-        .unwrap_or_else(|e| panic!("cannot get the static tvix-boot: {e}"))
-}
+/// Every case starts by naming the store path the setup made.
+const CASE_START: &str = "echo \"bb-path=$BB\"\n";
 
-/// Runs `script` after [`SETUP`] in a fresh test host; `tvix-boot` in it is the static
-/// binary (on PATH), and TVIX_BOOT_KERNEL names the project's guest kernel.
-fn in_test_host(script: &str) -> TestHostOutput {
-    let host = TestHost::builder()
-        .tvix_boot(tvix_boot_bin())
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"));
+pub const CHECKS: &[(&str, Check)] = &[
+    (
+        "run_passes_arguments_and_returns_the_exit_status",
+        run_passes_arguments_and_returns_the_exit_status,
+    ),
+    (
+        "find_and_shell_from_stdin_and_the_original_cmdline_keys",
+        find_and_shell_from_stdin_and_the_original_cmdline_keys,
+    ),
+    (
+        "init_switches_root_into_a_system_closure",
+        init_switches_root_into_a_system_closure,
+    ),
+];
+
+/// The cases in one test host; `tvix-boot` in it is the static binary (on PATH), and
+/// TVIX_BOOT_KERNEL names the project's guest kernel.
+pub fn suite() -> Suite {
     assert_eq!(
         TVIX_BOOT, "/bin/tvix-boot",
         "the scripts call tvix-boot through PATH"
     );
-    let script = format!("{SETUP}{script}").replace("{kernel}", GUEST_KERNEL);
-    let out = host
-        .run(&script, &[], TIMEOUT)
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
+    let case = |script: &str| format!("{CASE_START}{script}");
+    Suite::new("run_modes", TestHost::builder().with_static_tvix_boot())
+        .setup(&SETUP.replace("{kernel}", GUEST_KERNEL), TIMEOUT)
+        .case(
+            "run_passes_arguments_and_returns_the_exit_status",
+            &case(RUN_PASSES_ARGUMENTS),
+            vec![],
+            TIMEOUT,
+        )
+        .case(
+            "find_and_shell_from_stdin_and_the_original_cmdline_keys",
+            &case(FIND_AND_SHELL),
+            vec![],
+            TIMEOUT,
+        )
+        .case(
+            "init_switches_root_into_a_system_closure",
+            &case(INIT_SWITCHES_ROOT),
+            vec![],
+            TIMEOUT,
+        )
+}
+
+/// What a test host of its own was checked for first.
+fn finished(out: &TestHostOutput) {
     assert!(!out.timed_out, "timed out: {out}");
-    out
 }
 
 /// The value of `key=` at the start of a line of the serial output (the last one).
@@ -64,10 +92,7 @@ fn between<'a>(out: &'a TestHostOutput, begin: &str, end: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {begin} ... {end} in the output: {out}"))
 }
 
-#[test]
-fn run_passes_arguments_and_returns_the_exit_status() {
-    let out = in_test_host(
-        r#"
+const RUN_PASSES_ARGUMENTS: &str = r#"
 echo run-args-begin
 tvix-boot --run "$BB/bin/busybox" -- printf 'arg=[%s]\n' 'a b' '' ' lead' 'x"y' '$HOME'
 echo "run-args-status=$?"
@@ -89,12 +114,14 @@ echo "missing-entry-status=$?"
 tvix-boot --run /bin/sh
 echo "outside-store-status=$?"
 echo missing-end
-"#,
-    );
-    assert!(out.success(), "{out}");
-    let bb = value(&out, "bb-path");
+"#;
 
-    let run_args = between(&out, "run-args-begin", "run-args-end");
+fn run_passes_arguments_and_returns_the_exit_status(out: &TestHostOutput) {
+    finished(out);
+    assert!(out.success(), "{out}");
+    let bb = value(out, "bb-path");
+
+    let run_args = between(out, "run-args-begin", "run-args-end");
     let printed: Vec<&str> = run_args
         .lines()
         .filter_map(|l| l.trim().strip_prefix("arg="))
@@ -104,10 +131,10 @@ echo missing-end
         ["[a b]", "[]", "[ lead]", "[x\"y]", "[$HOME]"],
         "arguments arrive intact: {out}"
     );
-    assert_eq!(value(&out, "run-args-status"), "0", "{out}");
+    assert_eq!(value(out, "run-args-status"), "0", "{out}");
     // A program that ends right after writing kilobytes: its last lines must not be lost
     // when it exits (the keeper lets the console drain before the session ends).
-    let numbers: Vec<u32> = between(&out, "run-lines-begin", "run-lines-end")
+    let numbers: Vec<u32> = between(out, "run-lines-begin", "run-lines-end")
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
@@ -120,16 +147,16 @@ echo missing-end
         run_args.contains("Nothing left to be done, powering off."),
         "{out}"
     );
-    assert_eq!(value(&out, "run-exit-status"), "42", "{out}");
+    assert_eq!(value(out, "run-exit-status"), "42", "{out}");
     assert_eq!(
-        value(&out, "run-crash-status"),
+        value(out, "run-crash-status"),
         "139",
         "128 + SIGSEGV: {out}"
     );
-    assert_eq!(value(&out, "run-cpus-status"), "2", "CH_NUM_CPUS: {out}");
+    assert_eq!(value(out, "run-cpus-status"), "2", "CH_NUM_CPUS: {out}");
 
     // Missing programs are refused before anything boots, by name.
-    let missing = between(&out, "missing-begin", "missing-end");
+    let missing = between(out, "missing-begin", "missing-end");
     assert!(
         missing.contains("/nix/store/00000000000000000000000000000000-nope is not in the store"),
         "{out}"
@@ -148,14 +175,11 @@ echo missing-end
         "missing-entry-status",
         "outside-store-status",
     ] {
-        assert_eq!(value(&out, key), "1", "{key}: {out}");
+        assert_eq!(value(out, key), "1", "{key}: {out}");
     }
 }
 
-#[test]
-fn find_and_shell_from_stdin_and_the_original_cmdline_keys() {
-    let out = in_test_host(
-        r#"
+const FIND_AND_SHELL: &str = r#"
 echo find-begin
 tvix-boot --find
 echo "find-status=$?"
@@ -176,10 +200,12 @@ CH_CMDLINE="tvix.run=$BB/bin/sh tvix.args=LWMAZXhpdCA1AA" tvix-boot
 echo "cmdline-run-status=$?"
 tvix-boot --run "$BB/bin/sh" --cmdline tvix.shell
 echo "conflict-status=$?"
-"#,
-    );
+"#;
+
+fn find_and_shell_from_stdin_and_the_original_cmdline_keys(out: &TestHostOutput) {
+    finished(out);
     assert!(out.success(), "{out}");
-    let bb = value(&out, "bb-path");
+    let bb = value(out, "bb-path");
 
     for (begin, end, status) in [
         ("find-begin", "find-end", "find-status"),
@@ -189,7 +215,7 @@ echo "conflict-status=$?"
             "cmdline-find-status",
         ),
     ] {
-        let listing = between(&out, begin, end);
+        let listing = between(out, begin, end);
         let lines: Vec<&str> = listing.lines().map(str::trim).collect();
         for path in [
             bb.to_owned(),
@@ -202,34 +228,31 @@ echo "conflict-status=$?"
                 "{begin}: {path} missing: {out}"
             );
         }
-        assert_eq!(value(&out, status), "0", "{out}");
+        assert_eq!(value(out, status), "0", "{out}");
     }
 
-    let shell = between(&out, "shell-begin", "shell-end");
+    let shell = between(out, "shell-begin", "shell-end");
     let basename = bb.trim_start_matches("/nix/store/");
     assert!(
         shell.contains(&format!("shell-sees-{basename}")),
         "the shell read its commands from stdin: {out}"
     );
-    assert_eq!(value(&out, "shell-status"), "3", "{out}");
+    assert_eq!(value(out, "shell-status"), "3", "{out}");
     assert!(
-        between(&out, "store-shell-begin", "store-shell-end").contains("store-shell-42"),
+        between(out, "store-shell-begin", "store-shell-end").contains("store-shell-42"),
         "{out}"
     );
-    assert_eq!(value(&out, "store-shell-status"), "0", "{out}");
+    assert_eq!(value(out, "store-shell-status"), "0", "{out}");
     // tvix.args=LWMAZXhpdCA1AA is base64url of "-c\0exit 5\0".
-    assert_eq!(value(&out, "cmdline-run-status"), "5", "{out}");
-    assert_eq!(value(&out, "conflict-status"), "1", "{out}");
+    assert_eq!(value(out, "cmdline-run-status"), "5", "{out}");
+    assert_eq!(value(out, "conflict-status"), "1", "{out}");
     assert!(
         out.serial.contains("--run conflicts with the command line"),
         "{out}"
     );
 }
 
-#[test]
-fn init_switches_root_into_a_system_closure() {
-    let out = in_test_host(
-        r##"
+const INIT_SWITCHES_ROOT: &str = r##"
 mkdir -p /tmp/system
 {
   echo "#!$BB/bin/sh"
@@ -242,10 +265,12 @@ chmod +x /tmp/system/init
 SYSTEM=$(tvix-boot store import /tmp/system)
 tvix-boot --init "$SYSTEM/init"
 echo "init-status=$?"
-"##,
-    );
+"##;
+
+fn init_switches_root_into_a_system_closure(out: &TestHostOutput) {
+    finished(out);
     assert!(out.success(), "{out}");
-    assert_eq!(value(&out, "system-init pid"), "1", "runs as PID 1: {out}");
+    assert_eq!(value(out, "system-init pid"), "1", "runs as PID 1: {out}");
     assert!(out.serial.contains("system-store-ok"), "{out}");
     let root: Vec<&str> = out
         .serial
@@ -257,5 +282,5 @@ echo "init-status=$?"
         !root.contains(&"init"),
         "the initramfs is no longer / : {out}"
     );
-    assert_eq!(value(&out, "init-status"), "0", "{out}");
+    assert_eq!(value(out, "init-status"), "0", "{out}");
 }

@@ -7,8 +7,11 @@
 
 use std::time::Duration;
 
+use tvix_boot_tests::plan::Check;
 use tvix_boot_tests::tree::last_value;
-use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Initramfs, TestHost, TestHostOutput, assets};
+use tvix_boot_tests::{
+    GUEST_KERNEL, GuestFile, Initramfs, Suite, TestHost, TestHostOutput, assets,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 const PANIC_INITRD: &str = "/guest/panic.cpio";
@@ -46,7 +49,12 @@ pty-session 30 90 'expect:# ' 'send:sleep 1000\n' 'sleep:2' 'kill:TERM' -- tvix-
 echo sigterm-end
 "#;
 
-fn in_test_host() -> TestHostOutput {
+pub const CHECKS: &[(&str, Check)] = &[(
+    "the_guest_program_gets_a_real_terminal_and_the_host_terminal_comes_back_unchanged",
+    the_guest_program_gets_a_real_terminal_and_the_host_terminal_comes_back_unchanged,
+)];
+
+pub fn suite() -> Suite {
     let pty_session = assets::pty_session_static_once()
         .unwrap_or_else(|e| panic!("cannot build pty-session: {e}"));
     let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
@@ -54,11 +62,12 @@ fn in_test_host() -> TestHostOutput {
     let panic_initrd = Initramfs::busybox_init(&busybox, "echo guest-init-exits\nexit 1")
         .unwrap_or_else(|e| panic!("initrd: {e}"))
         .finish();
-    TestHost::builder().with_static_tvix_boot().run_checked(
+    Suite::new("terminal", TestHost::builder().with_static_tvix_boot()).case(
+        "the_guest_program_gets_a_real_terminal_and_the_host_terminal_comes_back_unchanged",
         &SCRIPT
             .replace("{kernel}", GUEST_KERNEL)
             .replace("{panic_initrd}", PANIC_INITRD),
-        &[
+        vec![
             GuestFile::host("/bin/pty-session", pty_session, 0o755),
             GuestFile::bytes(PANIC_INITRD, panic_initrd, 0o644),
         ],
@@ -75,31 +84,32 @@ fn value<'a>(text: &'a str, key: &str) -> &'a str {
     last_value(text, key).unwrap_or_else(|| panic!("no {key}= in:\n{text}"))
 }
 
-#[test]
-fn the_guest_program_gets_a_real_terminal_and_the_host_terminal_comes_back_unchanged() {
-    let out = in_test_host();
+fn the_guest_program_gets_a_real_terminal_and_the_host_terminal_comes_back_unchanged(
+    out: &TestHostOutput,
+) {
+    assert!(!out.timed_out, "timed out: {out}");
 
     // An interactive shell: the pty's size, TERM, Ctrl-C to the guest's job, resizes
     // followed, the shell's exit status, the terminal as it was.
-    let shell = section(&out, "shell");
+    let shell = section(out, "shell");
     assert!(!shell.contains("pty-session:"), "{out}");
     assert_eq!(value(shell, "pty-status"), "3", "{out}");
     assert_eq!(value(shell, "pty-termios-same"), "yes", "{out}");
 
     // --run with a terminal: the program's stdio is a terminal of the right size.
-    let run = section(&out, "run");
+    let run = section(out, "run");
     assert!(run.contains("24 80"), "{out}");
     assert_eq!(value(run, "pty-status"), "0", "{out}");
     assert_eq!(value(run, "pty-termios-same"), "yes", "{out}");
 
     // A guest kernel panic: tvix-boot exits 2, the terminal is restored.
-    let panic = section(&out, "panic");
+    let panic = section(out, "panic");
     assert!(panic.contains("guest-init-exits"), "{out}");
     assert_eq!(value(panic, "pty-status"), "2", "{out}");
     assert_eq!(value(panic, "pty-termios-same"), "yes", "{out}");
 
     // SIGTERM to tvix-boot: it dies of it (128 + 15), the terminal is restored.
-    let sigterm = section(&out, "sigterm");
+    let sigterm = section(out, "sigterm");
     assert_eq!(value(sigterm, "pty-status"), "143", "{out}");
     assert_eq!(value(sigterm, "pty-termios-same"), "yes", "{out}");
 }

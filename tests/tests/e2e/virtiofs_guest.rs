@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tvix_boot_tests::{GUEST_KERNEL, GuestFile, Initramfs, TVIX_BOOT, TestHost, assets};
+use tvix_boot_tests::plan::Check;
+use tvix_boot_tests::{
+    GUEST_KERNEL, GuestFile, Initramfs, Suite, TVIX_BOOT, TestHost, TestHostOutput, assets,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_INITRD: &str = "/guest/initrd.cpio";
@@ -61,12 +64,12 @@ fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[test]
-fn guest_reads_an_imported_tree_over_virtio_fs() {
-    let host = TestHost::builder()
-        .tvix_boot(tvix_boot_bin())
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"));
+pub const CHECKS: &[(&str, Check)] = &[(
+    "guest_reads_an_imported_tree_over_virtio_fs",
+    guest_reads_an_imported_tree_over_virtio_fs,
+)];
+
+pub fn suite() -> Suite {
     let busybox = assets::busybox().unwrap_or_else(|e| panic!("busybox: {e}"));
     let initrd = Initramfs::busybox_init(&busybox, GUEST_INIT)
         .unwrap()
@@ -74,14 +77,40 @@ fn guest_reads_an_imported_tree_over_virtio_fs() {
     let script = HOST_SCRIPT
         .replace("{kernel}", GUEST_KERNEL)
         .replace("{initrd}", GUEST_INITRD);
-    let out = host
-        .run(
-            &script.replace("tvix-boot ", &format!("{TVIX_BOOT} ")),
-            &[GuestFile::bytes(GUEST_INITRD, initrd, 0o644)],
-            TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
+    Suite::new(
+        "virtiofs_guest",
+        TestHost::builder().tvix_boot(tvix_boot_bin()),
+    )
+    .case(
+        "guest_reads_an_imported_tree_over_virtio_fs",
+        &script.replace("tvix-boot ", &format!("{TVIX_BOOT} ")),
+        vec![GuestFile::bytes(GUEST_INITRD, initrd, 0o644)],
+        TIMEOUT,
+    )
+}
+
+pub const TWO_CPUS_CHECKS: &[(&str, Check)] = &[(
+    "parallel_reads_on_two_vcpus_use_two_request_queues",
+    parallel_reads_on_two_vcpus_use_two_request_queues,
+)];
+
+/// A test host of its own with two CPUs, as before the suites: once, run after the
+/// other case in one 2-CPU test host, this test host stopped printing anything (the
+/// case's own deadline did not fire either) until it was killed.
+pub fn two_cpus_suite() -> Suite {
+    Suite::new(
+        "virtiofs_guest_two_cpus",
+        TestHost::builder().tvix_boot(tvix_boot_bin()).cpus(2),
+    )
+    .case(
+        "parallel_reads_on_two_vcpus_use_two_request_queues",
+        &PARALLEL_READ_SCRIPT.replace("{kernel}", GUEST_KERNEL),
+        vec![],
+        TIMEOUT,
+    )
+}
+
+fn guest_reads_an_imported_tree_over_virtio_fs(out: &TestHostOutput) {
     assert!(!out.timed_out, "timed out: {out}");
     assert_eq!(out.exit_code, Some(0), "{out}");
 
@@ -134,21 +163,7 @@ grep -o 'virtio-fs requests per queue: .*' /tmp/log | sed 's/^/parallel-/'
 cd /tmp/files && sha256sum a b | sed 's/^/host-sum /'
 "#;
 
-#[test]
-fn parallel_reads_on_two_vcpus_use_two_request_queues() {
-    let host = TestHost::builder()
-        .tvix_boot(tvix_boot_bin())
-        .cpus(2)
-        .build()
-        .unwrap_or_else(|e| panic!("cannot prepare the test host: {e}"));
-    let out = host
-        .run(
-            &PARALLEL_READ_SCRIPT.replace("{kernel}", GUEST_KERNEL),
-            &[],
-            TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("test host run failed: {e}"));
-    eprintln!("{out}");
+fn parallel_reads_on_two_vcpus_use_two_request_queues(out: &TestHostOutput) {
     assert!(!out.timed_out, "timed out: {out}");
     assert!(out.serial.contains("parallel-status=0"), "{out}");
 

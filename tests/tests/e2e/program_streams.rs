@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
+use tvix_boot_tests::plan::Check;
 use tvix_boot_tests::tree::last_value;
-use tvix_boot_tests::{GUEST_KERNEL, TestHost, TestHostOutput};
+use tvix_boot_tests::{GUEST_KERNEL, Suite, TestHost, TestHostOutput};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -127,17 +128,24 @@ echo "nofilter-status=$?"
 echo "nofilter-out=$(cat /tmp/nofilter.out)"
 "#;
 
-fn in_test_host() -> TestHostOutput {
-    TestHost::builder()
-        .with_static_tvix_boot()
-        .memory_mib(2048)
-        .run_checked(
-            &SCRIPT
-                .replace("{kernel}", GUEST_KERNEL)
-                .replace("{make_bytes}", MAKE_BYTES),
-            &[],
-            TIMEOUT,
-        )
+pub const CHECKS: &[(&str, Check)] = &[(
+    "run_passes_the_programs_streams_byte_exact_and_its_status",
+    run_passes_the_programs_streams_byte_exact_and_its_status,
+)];
+
+pub fn suite() -> Suite {
+    Suite::new(
+        "program_streams",
+        TestHost::builder().with_static_tvix_boot().memory_mib(2048),
+    )
+    .case(
+        "run_passes_the_programs_streams_byte_exact_and_its_status",
+        &SCRIPT
+            .replace("{kernel}", GUEST_KERNEL)
+            .replace("{make_bytes}", MAKE_BYTES),
+        vec![],
+        TIMEOUT,
+    )
 }
 
 /// The value of `key=` at the start of a line (the last such line).
@@ -153,79 +161,78 @@ fn seconds(out: &TestHostOutput, key: &str) -> f64 {
     v[1] - v[0]
 }
 
-#[test]
-fn run_passes_the_programs_streams_byte_exact_and_its_status() {
-    let out = in_test_host();
+fn run_passes_the_programs_streams_byte_exact_and_its_status(out: &TestHostOutput) {
+    assert!(!out.timed_out, "timed out: {out}");
 
     // 256 byte values twice plus the CR/LF mix, no final newline: identical on stdout,
     // nothing else there (no banner, no status lines, no kernel messages).
-    assert_eq!(value(&out, "bytes-size"), "525", "{out}");
-    assert_eq!(value(&out, "bytes-status"), "0", "{out}");
+    assert_eq!(value(out, "bytes-size"), "525", "{out}");
+    assert_eq!(value(out, "bytes-status"), "0", "{out}");
     assert!(
         out.serial.contains("bytes-identical"),
         "stdout differs: {out}"
     );
-    assert_eq!(value(&out, "bytes-stderr"), "0", "{out}");
+    assert_eq!(value(out, "bytes-stderr"), "0", "{out}");
 
     // stdout and stderr apart, each exactly what the program wrote; its own status.
-    assert_eq!(value(&out, "split-status"), "42", "{out}");
-    assert_eq!(value(&out, "split-out"), " t o - s t d o u t \\n", "{out}");
-    assert_eq!(value(&out, "split-err"), " t o - s t d e r r \\n", "{out}");
+    assert_eq!(value(out, "split-status"), "42", "{out}");
+    assert_eq!(value(out, "split-out"), " t o - s t d o u t \\n", "{out}");
+    assert_eq!(value(out, "split-err"), " t o - s t d e r r \\n", "{out}");
 
     // 64 MiB through stdin and back out.
-    assert_eq!(value(&out, "big-status"), "0", "{out}");
-    assert_eq!(value(&out, "big-in"), value(&out, "big-out"), "{out}");
+    assert_eq!(value(out, "big-status"), "0", "{out}");
+    assert_eq!(value(out, "big-in"), value(out, "big-out"), "{out}");
     eprintln!(
         "64 MiB in and out through the guest: {:.1} s",
-        seconds(&out, "big-seconds")
+        seconds(out, "big-seconds")
     );
 
     // A program from the store reads piped input to its end.
-    assert_eq!(value(&out, "sum-status"), "0", "{out}");
-    assert_eq!(value(&out, "sum-guest"), value(&out, "big-in"), "{out}");
+    assert_eq!(value(out, "sum-status"), "0", "{out}");
+    assert_eq!(value(out, "sum-guest"), value(out, "big-in"), "{out}");
 
     // No input is end of file at once.
-    assert_eq!(value(&out, "empty-status"), "0", "{out}");
-    assert_eq!(value(&out, "empty-bytes"), "0", "{out}");
+    assert_eq!(value(out, "empty-status"), "0", "{out}");
+    assert_eq!(value(out, "empty-bytes"), "0", "{out}");
 
     // The reader goes away: `yes` dies of SIGPIPE (128 + 13) and the VM ends promptly.
-    assert_eq!(value(&out, "yes-out"), "y", "{out}");
-    assert_eq!(value(&out, "yes-status"), "141", "{out}");
-    let yes_seconds = seconds(&out, "yes-seconds");
+    assert_eq!(value(out, "yes-out"), "y", "{out}");
+    assert_eq!(value(out, "yes-status"), "141", "{out}");
+    let yes_seconds = seconds(out, "yes-seconds");
     assert!(
         yes_seconds < 60.0,
         "`tvix-boot --run yes | head -c1` took {yes_seconds} s"
     );
 
     // Killed by a signal: 128 + SIGTERM.
-    assert_eq!(value(&out, "signal-status"), "143", "{out}");
+    assert_eq!(value(out, "signal-status"), "143", "{out}");
     // SIGTERM to tvix-boot went to the program, whose trap ran and chose the status;
     // SIGHUP ended a program without a handler: 128 + 1.
-    assert_eq!(value(&out, "trap-out"), "ready,caught-term,", "{out}");
-    assert_eq!(value(&out, "trap-status"), "7", "{out}");
-    assert_eq!(value(&out, "hup-status"), "129", "{out}");
+    assert_eq!(value(out, "trap-out"), "ready,caught-term,", "{out}");
+    assert_eq!(value(out, "trap-status"), "7", "{out}");
+    assert_eq!(value(out, "hup-status"), "129", "{out}");
 
     // --env adds to and replaces the small default environment; --workdir.
-    assert_eq!(value(&out, "env-status"), "0", "{out}");
+    assert_eq!(value(out, "env-status"), "0", "{out}");
     assert_eq!(
-        value(&out, "env-out"),
-        format!("[a b] /tmp {} /bin:/sbin unset", value(&out, "env-data")),
+        value(out, "env-out"),
+        format!("[a b] /tmp {} /bin:/sbin unset", value(out, "env-data")),
         "{out}"
     );
 
     // The init's complaints about the program go to the program's stderr.
-    assert_eq!(value(&out, "workdir-status"), "126", "{out}");
+    assert_eq!(value(out, "workdir-status"), "126", "{out}");
     assert!(
-        value(&out, "workdir-err").contains("working directory /no/such/dir"),
+        value(out, "workdir-err").contains("working directory /no/such/dir"),
         "{out}"
     );
-    assert_eq!(value(&out, "noexec-status"), "127", "{out}");
-    assert!(value(&out, "noexec-err").contains("cannot run"), "{out}");
+    assert_eq!(value(out, "noexec-status"), "127", "{out}");
+    assert!(value(out, "noexec-err").contains("cannot run"), "{out}");
 
     // The console is a log: on stderr with --verbose, in --console-log, and its last
     // lines after a guest that stopped without a status; never on stdout.
-    assert_eq!(value(&out, "poweroff-status"), "1", "{out}");
-    assert_eq!(value(&out, "poweroff-out"), "0", "{out}");
+    assert_eq!(value(out, "poweroff-status"), "1", "{out}");
+    assert_eq!(value(out, "poweroff-out"), "0", "{out}");
     for line in [
         "poweroff-said-why",
         "poweroff-showed-console",
@@ -234,26 +241,26 @@ fn run_passes_the_programs_streams_byte_exact_and_its_status() {
     ] {
         assert!(out.serial.contains(line), "no {line}: {out}");
     }
-    assert_eq!(value(&out, "verbose-out"), "0", "{out}");
+    assert_eq!(value(out, "verbose-out"), "0", "{out}");
 
     // --timeout stops a guest that would run on: 124, like timeout(1), and promptly
     // (the boot takes a few seconds here).
-    assert_eq!(value(&out, "timeout-status"), "124", "{out}");
+    assert_eq!(value(out, "timeout-status"), "124", "{out}");
     assert!(
-        value(&out, "timeout-err").contains("did not stop within 3s"),
+        value(out, "timeout-err").contains("did not stop within 3s"),
         "{out}"
     );
-    let timeout_seconds = seconds(&out, "timeout-seconds");
+    let timeout_seconds = seconds(out, "timeout-seconds");
     assert!(
         (3.0..30.0).contains(&timeout_seconds),
         "--timeout 3s took {timeout_seconds} s"
     );
 
     // The filters can be turned off.
-    assert_eq!(value(&out, "nofilter-status"), "0", "{out}");
-    assert_eq!(value(&out, "nofilter-out"), "unfiltered", "{out}");
+    assert_eq!(value(out, "nofilter-status"), "0", "{out}");
+    assert_eq!(value(out, "nofilter-out"), "unfiltered", "{out}");
 
     // The original CH_CMDLINE keys work the same way.
-    assert_eq!(value(&out, "cmdline-status"), "0", "{out}");
-    assert_eq!(value(&out, "cmdline-out"), "from-cmdline", "{out}");
+    assert_eq!(value(out, "cmdline-status"), "0", "{out}");
+    assert_eq!(value(out, "cmdline-out"), "from-cmdline", "{out}");
 }
