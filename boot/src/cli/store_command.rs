@@ -397,7 +397,7 @@ fn mount(
     // as FUSE daemons exit when their file system goes away.
     let unmounted = signals.waker();
     let mounted = HostMount::mount(
-        StoreFs::new(Arc::new(store), options),
+        StoreFs::new(fs_store(Arc::new(store)), options),
         dir,
         threads,
         Box::new(unmounted),
@@ -453,7 +453,7 @@ fn serve_vhost_user(
     let store = Arc::new(store);
     loop {
         let end = listener.serve_session(
-            StoreFs::new(store.clone(), options),
+            StoreFs::new(fs_store(store.clone()), options),
             request_queues,
             |frontend| match frontend {
                 Some(frontend) => eprintln!("tvix-boot: frontend connected: {frontend}"),
@@ -521,4 +521,13 @@ fn import_with_progress(store: &Store, path: &std::path::Path) -> Result<PathInf
     });
     bar.finish_and_clear();
     result
+}
+
+/// What a file system over `store` serves: its castore services and its store paths.
+fn fs_store(store: Arc<Store>) -> tvix_boot_virtiofs::FsStore {
+    tvix_boot_virtiofs::FsStore {
+        blobs: store.blobs.clone(),
+        directories: store.directories.clone(),
+        root_nodes: store,
+    }
 }
