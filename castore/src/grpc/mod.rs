@@ -140,8 +140,21 @@ impl GrpcAddress {
     }
 
     /// A channel to the service; it connects on first use (and again after the
-    /// connection broke), so opening a store never waits for its server.
+    /// connection broke), so opening a store never waits for its server. Services at the
+    /// same address share one channel (one connection, many streams).
     pub fn channel(&self) -> Result<Channel, GrpcAddressError> {
+        static CHANNELS: std::sync::Mutex<Vec<(GrpcTransport, Channel)>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut channels = CHANNELS.lock().expect("channel list poisoned");
+        if let Some((_, channel)) = channels.iter().find(|(t, _)| *t == self.transport) {
+            return Ok(channel.clone());
+        }
+        let channel = self.new_channel()?;
+        channels.push((self.transport.clone(), channel.clone()));
+        Ok(channel)
+    }
+
+    fn new_channel(&self) -> Result<Channel, GrpcAddressError> {
         let url = match &self.transport {
             GrpcTransport::Unix(path) => format!("unix://{}", path.display()),
             GrpcTransport::Http(host) => format!("http://{host}"),
