@@ -383,6 +383,19 @@ impl Store {
         }
     }
 
+    /// This store with another blob service (a layer over the one it had, say).
+    pub fn with_blobs(self, blobs: Arc<dyn BlobService>) -> Self {
+        Self { blobs, ..self }
+    }
+
+    /// This store with another directory service.
+    pub fn with_directories(self, directories: Arc<dyn DirectoryService>) -> Self {
+        Self {
+            directories,
+            ..self
+        }
+    }
+
     /// Flushes everything written to the store's local files so far to disk: file data,
     /// and the renames that put files in place. One `syncfs` per file system (rather than
     /// an fsync per file) keeps this cheap when many small files were written.
