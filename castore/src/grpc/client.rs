@@ -759,7 +759,12 @@ impl DirectoryService for GrpcDirectoryService {
         if let Some(directory) = self.cached(digest) {
             return Ok(Some(directory));
         }
-        self.fetch(digest, true)
+        match self.fetch(digest, true) {
+            Ok(found) => Ok(found),
+            // Something below it is wrong (or the stream broke): the directory itself may
+            // still be right, and the error then comes from what is wrong, when asked for.
+            Err(_) => self.fetch(digest, false),
+        }
     }
 
     fn has(&self, digest: &B3Digest) -> Result<bool, DirectoryError> {
