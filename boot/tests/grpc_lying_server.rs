@@ -20,9 +20,7 @@ use tvix_boot_store::grpc::{self, ListenAddr, Listener};
 use tvix_boot_store::import::import_path;
 use tvix_boot_store::{B3Digest, Directory, Node, PathComponent, Store, StoreAddrs};
 
-mod common;
-
-use common::BIN;
+const BIN: &str = env!("CARGO_BIN_EXE_tvix-boot");
 
 /// Where a flipped byte goes: in the third MiB of large blobs, the middle of small ones;
 /// blobs under 16 bytes are left alone.
@@ -206,7 +204,7 @@ fn tree(dir: &Path, store: &Store) -> (String, B3Digest, B3Digest, B3Digest) {
     let root = dir.join("lied-about");
     std::fs::create_dir_all(root.join("sub")).unwrap();
     std::fs::write(root.join("small"), b"small file, flipped in the middle\n").unwrap();
-    let big: Vec<u8> = (0..5u32 << 20).map(|i| (i ^ i >> 10) as u8).collect();
+    let big: Vec<u8> = (0..5u32 << 20).map(|i| (i ^ (i >> 10)) as u8).collect();
     std::fs::write(root.join("big"), &big).unwrap();
     std::fs::write(root.join("sub/inner"), b"inner\n").unwrap();
     let info = import_path(store, &root, &mut |_| {}).unwrap();
@@ -258,7 +256,7 @@ fn flipped_blob_bytes_are_eio_and_a_named_error() {
     assert!(
         head.iter()
             .enumerate()
-            .all(|(i, b)| *b == (i ^ i >> 10) as u8)
+            .all(|(i, b)| *b == (i ^ (i >> 10)) as u8)
     );
     let err = read(&at.join("big")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");

@@ -279,8 +279,8 @@ impl MemOutboard {
     pub fn check(&self, bytes: &[u8], start: u64) -> Result<(), OutboardError> {
         let digest = B3Digest::from(*self.inner.root.as_bytes());
         let end = start + bytes.len() as u64;
-        let aligned = start % self.group_bytes() == 0
-            && (end % self.group_bytes() == 0 || end == self.size())
+        let aligned = start.is_multiple_of(self.group_bytes())
+            && (end.is_multiple_of(self.group_bytes()) || end == self.size())
             && end <= self.size();
         if !aligned {
             return Err(OutboardError::Mismatch { digest, start, end });

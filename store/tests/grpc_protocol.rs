@@ -101,7 +101,7 @@ fn sample_tree(base: &Path) -> PathBuf {
     std::fs::write(root.join("lib/python/os.py"), b"import sys\n").unwrap();
     std::fs::write(root.join("lib/python/encodings/utf_8.py"), b"# utf-8\n").unwrap();
     let big: Vec<u8> = (0..3_000_017u32)
-        .map(|i| (i * 31 ^ i >> 11) as u8)
+        .map(|i| ((i * 31) ^ (i >> 11)) as u8)
         .collect();
     std::fs::write(root.join("lib/big.so"), &big).unwrap();
     std::fs::write(root.join("bin/run"), b"#!/bin/sh\necho hi\n").unwrap();
@@ -336,7 +336,7 @@ fn blob_rpcs_stat_with_outboard_read_put() {
 
         // Put, as a stream of pieces.
         let data: Vec<u8> = (0..(5u32 << 20) + 333)
-            .map(|i| (i * 7 ^ i >> 13) as u8)
+            .map(|i| ((i * 7) ^ (i >> 13)) as u8)
             .collect();
         let pieces: Vec<cproto::BlobChunk> = data
             .chunks(100_000)
@@ -550,7 +550,7 @@ fn a_lying_server_gives_errors_naming_the_object_never_bytes() {
         let small = B3Digest::of(b"import sys\n");
         let big = B3Digest::of(
             &(0..3_000_017u32)
-                .map(|i| (i * 31 ^ i >> 11) as u8)
+                .map(|i| ((i * 31) ^ (i >> 11)) as u8)
                 .collect::<Vec<u8>>(),
         );
 

@@ -316,7 +316,7 @@ impl BlobWriter for GrpcBlobWriter {
         drop(self.sender.take());
         let upload = self.upload.take().expect("upload kept until close");
         let url = self.url.clone();
-        let answer = block_on(async move { upload.await })
+        let answer = block_on(upload)
             .map_err(|e| io_err(io::Error::other(format!("blob upload to {url}: {e}"))))?
             .map_err(|status| io_err(remote_err(format!("Put to {}", self.url), status)))?
             .into_inner();
@@ -743,13 +743,11 @@ fn check_closure(
         }
         checked.push((digest, directory));
     }
-    if complete {
-        if let Some((child, parent)) = wanted.iter().find(|(d, _)| !got.contains(*d)) {
-            return Err(DirectoryError::MissingChild {
-                digest: *parent,
-                child: *child,
-            });
-        }
+    if complete && let Some((child, parent)) = wanted.iter().find(|(d, _)| !got.contains(*d)) {
+        return Err(DirectoryError::MissingChild {
+            digest: *parent,
+            child: *child,
+        });
     }
     Ok(checked)
 }

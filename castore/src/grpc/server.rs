@@ -163,14 +163,14 @@ impl BlobServer {
     fn remember(&self, blob: B3Digest, list: &Arc<[ChunkMeta]>) {
         let mut lists = self.lists.lock().expect("chunk lists poisoned");
         let mut index = self.index.lock().expect("chunk index poisoned");
-        if let Some((old, old_list)) = lists.push(blob, list.clone()) {
-            if old != blob {
-                for meta in old_list.iter() {
-                    if let Ok(d) = B3Digest::try_from(&meta.digest[..]) {
-                        if index.by_chunk.get(&d).is_some_and(|p| p.blob == old) {
-                            index.by_chunk.remove(&d);
-                        }
-                    }
+        if let Some((old, old_list)) = lists.push(blob, list.clone())
+            && old != blob
+        {
+            for meta in old_list.iter() {
+                if let Ok(d) = B3Digest::try_from(&meta.digest[..])
+                    && index.by_chunk.get(&d).is_some_and(|p| p.blob == old)
+                {
+                    index.by_chunk.remove(&d);
                 }
             }
         }
