@@ -33,7 +33,7 @@ pub enum DirectoryError {
         source: std::io::Error,
     },
     /// A remote service answered a Get of `root` with a directory that is not part of the
-    /// tree below it (or sent one twice).
+    /// tree below it.
     #[error(
         "asked for directory {root}, the server sent directory {digest}, which is not in its tree"
     )]

@@ -690,8 +690,8 @@ impl GrpcDirectoryService {
 }
 
 /// Checks a Get answer for `root`: the first directory is `root`; each further one is a
-/// directory an earlier one refers to, sent once; with `complete`, the stream ended and
-/// every directory referred to was sent. Returns each with its digest.
+/// directory an earlier one refers to (one sent again is skipped); with `complete`, the
+/// stream ended and every directory referred to was sent. Returns each with its digest.
 fn check_closure(
     root: &B3Digest,
     received: Vec<proto::Directory>,
@@ -722,11 +722,15 @@ fn check_closure(
                 actual: digest,
             });
         }
-        if !wanted.contains_key(&digest) || !got.insert(digest) {
+        if !wanted.contains_key(&digest) {
             return Err(DirectoryError::Unexpected {
                 root: *root,
                 digest,
             });
+        }
+        if !got.insert(digest) {
+            // Sent twice: the same bytes (the digest says so), harmless.
+            continue;
         }
         // Decoding re-encodes canonically; a message that is not in canonical form (so its
         // bytes as sent differ) or breaks a rule is refused.
