@@ -202,7 +202,7 @@ fn render_node<W: Write>(
             executable,
         } => {
             let blob = blobs
-                .open(digest)?
+                .open_sized(digest, *size)?
                 .ok_or(NarError::MissingBlob { digest: *digest })?;
             if blob.size() != *size {
                 return Err(NarError::BlobSize {

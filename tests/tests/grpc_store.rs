@@ -106,7 +106,9 @@ for i in {runs}; do
   done
 done
 
-remote $U tvix-boot store virtiofs --socket /run/vfs.sock --threads 2 2> /run/backend.log &
+env XDG_DATA_HOME=/nonexistent BLOB_SERVICE_ADDR=$U DIRECTORY_SERVICE_ADDR=$U \
+  PATH_INFO_SERVICE_ADDR=$U tvix-boot store virtiofs --socket /run/vfs.sock --threads 2 \
+  2> /run/backend.log &
 BACKEND=$!
 while [ ! -S /run/vfs.sock ]; do sleep 0.1; done
 qemu-system-x86_64 -M microvm,memory-backend=mem -enable-kvm -cpu host -smp 1 -m 256 \

@@ -393,7 +393,7 @@ impl StoreFs {
         {
             return Ok(blob.clone());
         }
-        let blob: Arc<dyn BlobReader> = match self.store.blobs.open(digest) {
+        let blob: Arc<dyn BlobReader> = match self.store.blobs.open_sized(digest, size) {
             Ok(Some(blob)) if blob.size() == size => blob,
             Ok(Some(blob)) => {
                 tracing::warn!(%digest, expected = size, actual = blob.size(), "blob has the wrong size");
