@@ -393,6 +393,21 @@ fn blob_rpcs_stat_with_outboard_read_put() {
             });
             assert!(bytes == data[offset..offset + chunk.size as usize]);
             assert_eq!(&chunk.digest[..], blake3::hash(&bytes).as_bytes());
+            // A chunk is there for Stat too, with no chunks of its own (tvix-store's
+            // client Stats every chunk before it reads it).
+            let mut stat = client.clone();
+            let chunk_digest = chunk.digest.clone();
+            let answer = block_on(async move {
+                stat.stat(cproto::StatBlobRequest {
+                    digest: chunk_digest,
+                    send_chunks: true,
+                    send_bao: true,
+                })
+                .await
+            })
+            .unwrap()
+            .into_inner();
+            assert!(answer.chunks.is_empty() && answer.bao.is_empty());
             offset += bytes.len();
         }
         // Stat without asking: neither. Small blobs: neither either. Absent: NOT_FOUND.

@@ -249,10 +249,21 @@ impl proto::blob_service_server::BlobService for Arc<BlobServer> {
             .get(&digest)
             .cloned();
         let blobs = self.blobs.clone();
+        let is_chunk = self
+            .index
+            .lock()
+            .expect("chunk index poisoned")
+            .by_chunk
+            .contains_key(&digest);
         let (list, bao) = self
             .pool
             .run(move || {
                 let Some(reader) = blobs.open(&digest).map_err(internal)? else {
+                    if is_chunk {
+                        // A chunk a Stat listed: Read serves it; it has no chunks of its
+                        // own (tvix's client Stats each chunk before reading it).
+                        return Ok((None, Vec::new()));
+                    }
                     return Err(Status::not_found(format!("blob {digest} not found")));
                 };
                 let large = reader.size() > OUTBOARD_MIN_BLOB;
