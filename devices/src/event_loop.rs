@@ -240,7 +240,7 @@ pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
 }
 
 /// Whether epoll can wait on `fd` (it refuses regular files and devices without poll).
-pub fn pollable(fd: RawFd) -> io::Result<bool> {
+fn pollable(fd: RawFd) -> io::Result<bool> {
     let epoll = vmm_sys_util::epoll::Epoll::new()?;
     let event = vmm_sys_util::epoll::EpollEvent::new(EventSet::IN, 0);
     match epoll.ctl(vmm_sys_util::epoll::ControlOperation::Add, fd, event) {

@@ -4,7 +4,7 @@
 //! transmit-holding-register-empty (THRE) interrupt, so without one only the first
 //! character of each write would ever appear.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::event_loop::Watch;
+use crate::event_loop::{HostFd, Watch};
 
 use crate::bus::{BusDevice, lock};
 
@@ -256,10 +256,9 @@ pub struct SerialIo {
 
 /// The host's stdin on its way to the guest.
 struct SerialInput {
-    /// Read only when epoll says it is readable, unless it cannot be waited on (a regular
-    /// file, /dev/null: always ready); so it may stay a blocking descriptor.
-    fd: OwnedFd,
-    pollable: bool,
+    /// Non-blocking (see [`HostFd::new`]): a readiness that is gone by the time it is
+    /// read cannot hold the loop up.
+    host: HostFd,
     watch: Watch,
     buf: [u8; 64],
     /// Bytes read but not yet taken by the guest: `buf[start..end]`.
@@ -284,14 +283,17 @@ impl SerialIo {
             uart.room = Some(room.try_clone()?);
         }
         let input = match input {
-            Some(fd) => Some(SerialInput {
-                pollable: crate::event_loop::pollable(fd.as_raw_fd())?,
-                watch: Watch::new(&fd, STDIN, EventSet::IN),
-                fd,
-                buf: [0; 64],
-                start: 0,
-                end: 0,
-            }),
+            Some(fd) => {
+                // Watched as the descriptor it becomes: it may be opened anew.
+                let host = HostFd::new(fd, false)?;
+                Some(SerialInput {
+                    watch: Watch::new(&host, STDIN, EventSet::IN),
+                    host,
+                    buf: [0; 64],
+                    start: 0,
+                    end: 0,
+                })
+            }
             None => None,
         };
         Ok(Self {
@@ -310,7 +312,7 @@ impl SerialIo {
         let Some(input) = &mut self.input else {
             return;
         };
-        let mut readable = readable || !input.pollable;
+        let mut readable = readable || !input.host.pollable();
         loop {
             if input.start < input.end {
                 input.start += lock(&self.console).queue_input(&input.buf[input.start..input.end]);
@@ -324,34 +326,21 @@ impl SerialIo {
                 input.watch.set(ops, true);
                 return;
             }
-            // SAFETY: `buf` is valid for writes of its length; the fd is owned by `input`.
-            let n = unsafe {
-                libc::read(
-                    input.fd.as_raw_fd(),
-                    input.buf.as_mut_ptr().cast(),
-                    input.buf.len(),
-                )
-            };
-            match n {
-                0 => break,
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    match e.kind() {
-                        io::ErrorKind::Interrupted => continue,
-                        io::ErrorKind::WouldBlock => {
-                            input.watch.set(ops, true);
-                            return;
-                        }
-                        _ => {
-                            tracing::warn!("serial: reading stdin: {e}");
-                            break;
-                        }
-                    }
+            match input.host.file().read(&mut input.buf) {
+                Ok(0) => break,
+                Ok(n) => (input.start, input.end) = (0, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    input.watch.set(ops, true);
+                    return;
                 }
-                n => (input.start, input.end) = (0, n as usize),
+                Err(e) => {
+                    tracing::warn!("serial: reading stdin: {e}");
+                    break;
+                }
             }
             // One read per readiness for pipes and terminals; files are read on.
-            readable = !input.pollable;
+            readable = !input.host.pollable();
         }
         // End of input (or an error): stop watching it for good.
         input.watch.set(ops, false);

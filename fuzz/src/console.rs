@@ -16,9 +16,9 @@
 //! - [`op::PUBLISH`] queue:u8 head:u16; [`op::AVAIL_IDX`] queue:u8 delta:u16;
 //!   [`op::NOTIFY`] queue:u8 flags:u16 used_event:u16; [`op::POKE`] addr:u32 len:u8
 //!   bytes[len]: as in `virtiofs_request`.
-//! - [`op::SERVE_CONTROL`]: the control thread's pass.
-//! - [`op::DRAIN`] port:u8: an output port thread's pass.
-//! - [`op::DELIVER`] port:u8 len:u16 bytes[len]: an input port thread read these bytes from
+//! - [`op::SERVE_CONTROL`]: the event loop's pass over the control queues.
+//! - [`op::DRAIN`] port:u8: the event loop's pass over an output port.
+//! - [`op::DELIVER`] port:u8 len:u16 bytes[len]: the event loop read these bytes from
 //!   its host end.
 //! - [`op::END_INPUT`] port:u8: an input port's host end reached end of file.
 //!
@@ -428,7 +428,7 @@ impl Harness {
         if let Err(e) = self.device.serve_control() {
             assert!(
                 !watch.plain() || before.iter().any(|b| self.overfull(b)),
-                "the control thread gave up on queues it could serve: {e}"
+                "the control queues' pass gave up on queues it could serve: {e}"
             );
             // Part of the pass happened before the queue broke: what the driver said is
             // no longer known.

@@ -44,10 +44,14 @@ fn the_library_examples_run_and_check_out() {
         );
     }
     assert!(out.serial.contains("hello from the guest\n"), "{out}");
-    assert!(out.serial.contains("exit status: Exited(0)"), "{out}");
     assert!(
-        out.serial
-            .contains("first VM: 1000 lines, Exited(3); second VM: 1000 lines, Exited(4)"),
+        out.serial.contains("exit status: Guest(Exited(0))"),
+        "{out}"
+    );
+    assert!(
+        out.serial.contains(
+            "first VM: 1000 lines, Guest(Exited(3)); second VM: 1000 lines, Guest(Exited(4))"
+        ),
         "{out}"
     );
     // Promptly: well before the 30 s grace time would have killed it.
@@ -57,5 +61,5 @@ fn the_library_examples_run_and_check_out() {
         .find_map(|l| l.strip_prefix("stopped in "))
         .unwrap_or_else(|| panic!("no stop report: {out}"));
     eprintln!("stop() took {stopped}");
-    assert!(stopped.ends_with(": Exited(143)"), "{out}");
+    assert!(stopped.ends_with(": Guest(Exited(143))"), "{out}");
 }

@@ -6,36 +6,37 @@
 
 use virtio_queue::Queue;
 
-use super::{
-    ActivateError, Activation, CONTROL_RX, CONTROL_TX, Ports, VirtioConsole, fill_buffers,
-    port_rx_queue,
-};
+use super::VirtioConsole;
+use super::device::{CONTROL_RX, CONTROL_TX, port_rx_queue};
+use super::event_handler::ActiveConsole;
+use super::queue::fill_buffers;
+use crate::virtio::{ActivateError, Activation};
 
 /// A console's queues, served one pass at a time on the calling thread.
 pub struct ConsoleQueues {
-    ports: Ports,
+    active: ActiveConsole,
 }
 
 impl ConsoleQueues {
     /// The work `console.activate(activation)` would hand to the event loop.
     pub fn new(console: &mut VirtioConsole, activation: Activation) -> Result<Self, ActivateError> {
         Ok(Self {
-            ports: console.ports(activation)?,
+            active: console.take_activation(activation)?,
         })
     }
 
     /// The control queues' pass: the driver's messages in, queued messages out.
     pub fn serve_control(&mut self) -> Result<(), virtio_queue::Error> {
-        let ports = &mut self.ports;
-        ports.control.serve(&mut ports.ctx).map(drop)
+        let active = &mut self.active;
+        active.control.serve(&mut active.ctx).map(drop)
     }
 
     /// An output port's pass: what the guest wrote goes to the host end. `None` when
     /// `port` is not an output port.
     pub fn drain_output(&mut self, port: usize) -> Option<Result<(), virtio_queue::Error>> {
-        let ports = &mut self.ports;
-        let output = ports.outputs.iter_mut().find(|o| o.port == port)?;
-        Some(output.drain_queue(&mut ports.ctx))
+        let active = &mut self.active;
+        let output = active.outputs.iter_mut().find(|o| o.port == port)?;
+        Some(output.drain_queue(&mut active.ctx))
     }
 
     /// What an input port does with `data` read from its host end: into the guest's
@@ -43,38 +44,32 @@ impl ConsoleQueues {
     /// has not opened it (the port would hold it back); `Some(false)` when the buffers
     /// ran out (the port would wait for more) or the queue broke.
     pub fn deliver_input(&mut self, port: usize, data: &[u8]) -> Option<bool> {
-        let ports = &mut self.ports;
-        let input = ports.inputs.iter_mut().find(|i| i.port == port)?;
-        if !ports.ctx.control.ports[port].guest_open {
+        let active = &mut self.active;
+        let input = active.inputs.iter_mut().find(|i| i.port == port)?;
+        if !active.ctx.control.guest_open(port) {
             return None;
         }
-        Some(fill_buffers(&mut input.queue, &ports.ctx, data).is_ok_and(|n| n == data.len()))
+        Some(fill_buffers(&mut input.queue, &active.ctx, data).is_ok_and(|n| n == data.len()))
     }
 
     /// The host end of input port `port` reached end of file.
     pub fn end_input(&mut self, port: usize) {
-        let ports = &mut self.ports;
-        if let Some(input) = ports.inputs.iter_mut().find(|i| i.port == port) {
-            input.retired = input.host.take();
-            ports.ctx.control.close_host_side(port);
+        let active = &mut self.active;
+        if let Some(input) = active.inputs.iter_mut().find(|i| i.port == port) {
+            input.host.close(&mut active.ctx.control, port);
         }
     }
 
     /// The driver said the guest side of `port` is open.
     pub fn guest_open(&self, port: usize) -> bool {
-        self.ports
-            .ctx
-            .control
-            .ports
-            .get(port)
-            .is_some_and(|p| p.guest_open)
+        self.active.ctx.control.guest_open(port)
     }
 
     /// The device's own state of queue `index` (numbered as the transport numbers them):
     /// how far it has taken the available ring. `None` for a queue nothing serves (the
     /// unused direction of a port).
     pub fn queue(&self, index: usize) -> Option<&Queue> {
-        let p = &self.ports;
+        let p = &self.active;
         match index {
             CONTROL_RX => Some(&p.control.rx),
             CONTROL_TX => Some(&p.control.tx),
@@ -91,6 +86,6 @@ impl ConsoleQueues {
 
     /// Messages for the driver still waiting for a control receive buffer.
     pub fn messages_waiting(&self) -> usize {
-        self.ports.ctx.control.outbox.len()
+        self.active.ctx.control.messages_waiting()
     }
 }
