@@ -90,10 +90,11 @@ fn main() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut log = BufReader::new(daemon.stderr.take().unwrap());
     let mut line = String::new();
-    BufReader::new(daemon.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    log.read_line(&mut line).unwrap();
+    // Drained, so the daemon's lines about clients never meet a closed pipe.
+    std::thread::spawn(move || for _ in log.lines() {});
     let url = format!("grpc+unix://{}", socket.display());
     let remote = || {
         let mut cmd = tvix_boot(Path::new("/nonexistent"));

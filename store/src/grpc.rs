@@ -528,7 +528,7 @@ impl<S: Connected> Connected for Conn<S> {
 }
 
 /// Streams a client may have open at once on one connection: with at most one message
-/// (256 KiB) waiting per stream, this bounds what one slow client makes the daemon hold.
+/// (1 MiB) waiting per stream, this bounds what one slow client makes the daemon hold.
 const MAX_STREAMS_PER_CLIENT: u32 = 16;
 
 /// Serves `store` on `listener` until `shutdown` completes: then it stops accepting, lets
@@ -564,6 +564,9 @@ pub async fn serve(
     }
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CLIENT)
+        // What a client may send ahead (a blob Put) before the daemon has taken it.
+        .initial_stream_window_size(tvix_boot_castore::grpc::STREAM_WINDOW)
+        .initial_connection_window_size(tvix_boot_castore::grpc::CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .layer(tower::util::MapRequestLayer::new(accept_snix_names))
         .add_service(health_service)

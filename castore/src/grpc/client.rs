@@ -62,7 +62,7 @@ pub fn transport(address: &GrpcAddress) -> Result<Transport, GrpcAddressError> {
 /// by range go to an unlinked temporary file.
 const IN_MEMORY_BLOB: u64 = 4 << 20;
 /// Chunks fetched ahead of a reader that reads a blob in order.
-const READ_AHEAD: usize = 3;
+const READ_AHEAD: usize = 4;
 /// Verified chunks a remote blob keeps: the one being read, the previous one and those
 /// read ahead. A random reader holds two.
 const KEPT_CHUNKS: usize = READ_AHEAD + 2;
@@ -386,7 +386,7 @@ struct RemoteBlob {
     digest: B3Digest,
     size: u64,
     chunks: Vec<Chunk>,
-    outboard: MemOutboard,
+    outboard: Arc<MemOutboard>,
     client: BlobServiceClient<Transport>,
     url: String,
     /// Checked chunks, by index, and chunks being fetched.
@@ -445,7 +445,7 @@ impl RemoteBlob {
             digest,
             size,
             chunks,
-            outboard,
+            outboard: Arc::new(outboard),
             client,
             url,
             slots: Mutex::new(HashMap::new()),
@@ -485,26 +485,47 @@ impl RemoteBlob {
     async fn fetch_chunk(&self, index: usize) -> io::Result<Bytes> {
         let chunk = self.chunks[index];
         let mut client = self.client.clone();
-        let fetched =
-            GrpcBlobService::fetch_whole(&mut client, &chunk.digest, chunk.size, Some(chunk.size))
-                .await?
-                .ok_or_else(|| {
-                    lying(format!(
-                        "{} listed chunk {} of blob {}, then has not got it",
-                        self.url, chunk.digest, self.digest
-                    ))
-                })?;
-        let bytes = match fetched.as_bytes() {
-            Some(bytes) => Bytes::copy_from_slice(bytes),
-            None => {
-                let mut bytes = vec![0u8; chunk.size as usize];
-                let n = fetched.read_at(&mut bytes, 0)?;
-                bytes.truncate(n);
-                Bytes::from(bytes)
+        let read = |status| remote_err(format!("Read of chunk {}", chunk.digest), status);
+        let mut stream = client
+            .read(proto::ReadBlobRequest {
+                digest: Bytes::copy_from_slice(chunk.digest.as_bytes()),
+            })
+            .await
+            .map_err(read)?
+            .into_inner();
+        // tvix-boot's daemon sends a chunk as one message: kept as it came, not copied.
+        let mut pieces: Vec<Bytes> = Vec::with_capacity(1);
+        let mut len = 0u64;
+        while let Some(message) = stream.next().await {
+            let data = message.map_err(read)?.data;
+            len += data.len() as u64;
+            if len > chunk.size {
+                return Err(lying(format!(
+                    "the server sent more than the {} bytes of chunk {} of blob {}",
+                    chunk.size, chunk.digest, self.digest
+                )));
+            }
+            pieces.push(data);
+        }
+        if len != chunk.size {
+            return Err(lying(format!(
+                "the server sent {len} of the {} bytes of chunk {} of blob {}",
+                chunk.size, chunk.digest, self.digest
+            )));
+        }
+        let bytes = match pieces.len() {
+            1 => pieces.pop().expect("one piece"),
+            _ => {
+                let mut joined = BytesMut::with_capacity(chunk.size as usize);
+                for piece in pieces {
+                    joined.extend_from_slice(&piece);
+                }
+                joined.freeze()
             }
         };
-        // The chunk is what its own digest says; whether it is this blob's bytes at this
-        // offset, only the outboard (which the blob's digest roots) can tell.
+        // Whether these are the blob's bytes at this offset only the outboard, which the
+        // blob's digest roots, can tell; the chunk's own digest adds nothing to that (and
+        // is not hashed: each byte is hashed once, here).
         let outboard = self.outboard.clone();
         let checked = bytes.clone();
         tokio::task::spawn_blocking(move || outboard.check(&checked, chunk.offset))

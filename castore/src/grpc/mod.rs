@@ -18,6 +18,11 @@ use crate::runtime;
 pub mod client;
 pub mod server;
 
+/// HTTP/2 receive window of one stream: two of the server's 1 MiB messages.
+pub const STREAM_WINDOW: u32 = 2 << 20;
+/// HTTP/2 receive window of a connection: the chunks read ahead of a few readers.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// Where a gRPC store service is, and which package names it speaks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrpcAddress {
@@ -169,6 +174,10 @@ impl GrpcAddress {
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
+            // HTTP/2's default windows (64 KiB) would cost a window update per 64 KiB of
+            // a blob: a chunk (1 MiB) may arrive whole, and several at once.
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .tcp_nodelay(true);
         if matches!(self.transport, GrpcTransport::Https(_)) {
             endpoint = endpoint.tls_config(tls_config()?).map_err(endpoint_err)?;

@@ -29,8 +29,8 @@ use crate::grpc::rename_request;
 use crate::outboard::{OUTBOARD_MIN_BLOB, WIRE_GROUP_LOG};
 use crate::proto::{self, get_directory_request::ByWhat, stat_blob_response::ChunkMeta};
 
-/// Bytes per BlobChunk message a Read sends.
-const READ_MESSAGE: usize = 256 << 10;
+/// Bytes per BlobChunk message a Read sends: a chunk Stat lists is one message.
+const READ_MESSAGE: usize = 1 << 20;
 /// Size of the chunks Stat lists for a large blob: one chunk group of the outboard sent.
 pub const CHUNK_SIZE: u64 = 1024 << WIRE_GROUP_LOG;
 /// Blobs whose chunk lists are kept.
