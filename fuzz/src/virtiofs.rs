@@ -137,7 +137,14 @@ pub fn run(data: &[u8]) -> Vec<Reply> {
         list_root: config & config::LIST_ROOT != 0,
         show_xattr: config & config::SHOW_XATTR != 0,
     };
-    let server = RequestServer::new(StoreFs::new(test_store().store.clone(), options));
+    let server = RequestServer::new(StoreFs::new(
+        tvix_boot_virtiofs::FsStore {
+            blobs: test_store().store.blobs.clone(),
+            directories: test_store().store.directories.clone(),
+            root_nodes: test_store().store.clone(),
+        },
+        options,
+    ));
     let mut alloc = Alloc::new(DATA_START, MEM_SIZE);
     let mut replies = Vec::new();
 

@@ -21,6 +21,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use crate::narinfo::{Compression, NarInfo, NarInfoError};
 use crate::nixbase32;
 use crate::pathinfo::IndexedNar;
+use crate::signing::SigningKey;
 use crate::store::{Store, StoreError};
 use crate::store_path::DIGEST_LEN;
 
@@ -91,9 +92,29 @@ impl IntoResponse for CacheError {
 }
 
 /// Serve `store` on `listener` until `shutdown` resolves.
+/// What the handlers share: the store, and the key narinfos are signed with.
+#[derive(Clone)]
+struct CacheState {
+    store: Arc<Store>,
+    key: Option<Arc<SigningKey>>,
+}
+
+/// Serves `store` as a binary cache on `listener` until `shutdown` completes; narinfos
+/// carry the signatures in their path info only.
 pub async fn serve(
     store: Arc<Store>,
     listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), CacheError> {
+    serve_signed(store, listener, None, shutdown).await
+}
+
+/// As [`serve`], signing every narinfo served with `key` as well, as nix-serve and
+/// harmonia do.
+pub async fn serve_signed(
+    store: Arc<Store>,
+    listener: tokio::net::TcpListener,
+    key: Option<Arc<SigningKey>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), CacheError> {
     let app = Router::new()
@@ -108,7 +129,7 @@ pub async fn serve(
         )
         .route("/{name}", get(get_narinfo).put(put_narinfo))
         .route("/nar/{name}", get(get_nar).put(put_nar))
-        .with_state(store);
+        .with_state(CacheState { store, key });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -156,24 +177,52 @@ fn parse_nar_name(name: &str) -> Result<([u8; 32], Compression), CacheError> {
 }
 
 async fn get_narinfo(
-    State(store): State<Arc<Store>>,
+    State(CacheState { store, key }): State<CacheState>,
     Path(name): Path<String>,
 ) -> Result<Response, CacheError> {
     let digest = parse_narinfo_name(&name)?;
-    let info =
-        blocking(move || Ok(store.path_infos.get(&digest).map_err(StoreError::from)?)).await?;
+    let info = blocking(move || {
+        let info = store.path_infos.get(&digest).map_err(StoreError::from)?;
+        if let Some(info) = &info {
+            // The NAR it points to is found by its hash: a path this process did not
+            // store (a remote path-info service's) is indexed now.
+            if store
+                .path_infos
+                .get_nar(&info.nar_sha256)
+                .map_err(StoreError::from)?
+                .is_none()
+            {
+                let nar = IndexedNar {
+                    node: info.node.clone(),
+                    nar_size: info.nar_size,
+                };
+                store
+                    .path_infos
+                    .put_nar(&info.nar_sha256, &nar)
+                    .map_err(StoreError::from)?;
+            }
+        }
+        Ok(info)
+    })
+    .await?;
     Ok(match info {
-        Some(info) => (
-            [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
-            NarInfo::for_path_info(&info).render(),
-        )
-            .into_response(),
+        Some(info) => {
+            let mut narinfo = NarInfo::for_path_info(&info);
+            if let Some(key) = &key {
+                key.sign_narinfo(&mut narinfo);
+            }
+            (
+                [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
+                narinfo.render(),
+            )
+                .into_response()
+        }
         None => StatusCode::NOT_FOUND.into_response(),
     })
 }
 
 async fn put_narinfo(
-    State(store): State<Arc<Store>>,
+    State(CacheState { store, .. }): State<CacheState>,
     Path(name): Path<String>,
     body: String,
 ) -> Result<Response, CacheError> {
@@ -257,7 +306,7 @@ fn ingest_upload(
 }
 
 async fn put_nar(
-    State(store): State<Arc<Store>>,
+    State(CacheState { store, .. }): State<CacheState>,
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Response, CacheError> {
@@ -305,7 +354,7 @@ impl Write for ChannelWriter {
 /// its narinfo cache: it is served compressed the same way (the bytes differ from the
 /// upload, but Nix checks the NAR hash after decompression, not the file hash).
 async fn get_nar(
-    State(store): State<Arc<Store>>,
+    State(CacheState { store, .. }): State<CacheState>,
     Path(name): Path<String>,
 ) -> Result<Response, CacheError> {
     let (name_sha256, compression) = parse_nar_name(&name)?;

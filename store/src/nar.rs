@@ -202,7 +202,7 @@ fn render_node<W: Write>(
             executable,
         } => {
             let blob = blobs
-                .open(digest)?
+                .open_sized(digest, *size)?
                 .ok_or(NarError::MissingBlob { digest: *digest })?;
             if blob.size() != *size {
                 return Err(NarError::BlobSize {
@@ -246,12 +246,13 @@ fn render_node<W: Write>(
 
 /// SHA-256 and length of a byte stream, as Nix records them for a NAR.
 #[derive(Default)]
-pub(crate) struct NarHasher {
+pub struct NarHasher {
     sha256: Sha256,
     len: u64,
 }
 
 impl NarHasher {
+    /// The SHA-256 and length of everything written.
     pub fn finish(self) -> ([u8; 32], u64) {
         (self.sha256.finalize().into(), self.len)
     }

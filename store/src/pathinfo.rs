@@ -70,6 +70,13 @@ pub enum PathInfoError {
     /// Substituting the path from a binary cache failed.
     #[error("substituting: {0}")]
     Substitute(Box<crate::substituter::SubstituteError>),
+    /// A remote path-info service failed, or sent what it must not.
+    #[error("{what} at {url}: {reason}")]
+    Remote {
+        url: String,
+        what: String,
+        reason: String,
+    },
     /// The key-value backend failed.
     #[error(transparent)]
     Backend(#[from] KvError),
@@ -371,12 +378,14 @@ fn nar_file_key(file_sha256: &[u8; 32]) -> Vec<u8> {
 }
 
 /// Path info in any key-value backend, keyed by the store path digest.
-pub(crate) struct KvPathInfoService {
+/// Path info in a key-value backend, keyed by store path digest.
+pub struct KvPathInfoService {
     kv: Arc<dyn Kv>,
 }
 
 impl KvPathInfoService {
-    pub(crate) fn new(kv: Arc<dyn Kv>) -> Self {
+    /// Path info kept in `kv`.
+    pub fn new(kv: Arc<dyn Kv>) -> Self {
         Self { kv }
     }
 

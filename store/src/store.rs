@@ -5,11 +5,17 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use thiserror::Error;
+use tvix_boot_castore::root_nodes::{RootNodes, RootNodesError};
+
+use tvix_boot_castore::grpc::client::{GrpcBlobService, GrpcDirectoryService};
+use tvix_boot_castore::grpc::{GrpcAddress, GrpcAddressError};
 
 use crate::blobservice::{BlobError, BlobService, MemoryBlobService, ObjectStoreBlobService};
 use crate::castore::Node;
 use crate::directoryservice::{DirectoryError, DirectoryService, KvDirectoryService};
+use crate::grpc::GrpcPathInfoService;
 use crate::kv::{Kv, KvError, MemoryKv, ObjectStoreKv, RedbKv};
 use crate::nar::{IngestedNar, NarError, ingest_nar, render_nar};
 use crate::pathinfo::{IndexedNar, KvPathInfoService, PathInfo, PathInfoError, PathInfoService};
@@ -164,6 +170,8 @@ pub struct Store {
 }
 
 enum Backend {
+    /// A remote store's service over gRPC (`grpc+unix://`, `grpc+http(s)://`).
+    Grpc(GrpcAddress),
     /// Lives as long as the service that opened it: each `memory://` is a fresh store.
     Memory,
     LocalObjectStore(PathBuf),
@@ -191,13 +199,16 @@ fn parse_address(service: &'static str, url: &str) -> Result<Backend, StoreError
         Ok(path)
     };
     match parsed.scheme() {
+        scheme if scheme.starts_with("grpc+") => GrpcAddress::parse(url)
+            .map(Backend::Grpc)
+            .map_err(|e| bad(&e.to_string())),
         "memory" => Ok(Backend::Memory),
         "objectstore+file" => Ok(Backend::LocalObjectStore(absolute_path()?)),
         "objectstore+memory" => Ok(Backend::MemoryObjectStore),
         "redb" if service != "blob" => Ok(Backend::Redb(absolute_path()?)),
         "redb" => Err(bad("redb holds directories and path info, not blobs")),
         other => Err(bad(&format!(
-            "unknown scheme {other:?}; supported: memory://, objectstore+file:///path, objectstore+memory://{}",
+            "unknown scheme {other:?}; supported: memory://, objectstore+file:///path, objectstore+memory://, grpc+unix:///path, grpc+http://host:port, grpc+https://host:port{}",
             if service == "blob" {
                 ""
             } else {
@@ -229,12 +240,24 @@ fn local_object_store(
         })
 }
 
+fn grpc_err<'a>(
+    service: &'static str,
+    url: &'a str,
+) -> impl Fn(GrpcAddressError) -> StoreError + 'a {
+    move |e| StoreError::BadAddress {
+        service,
+        url: url.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
 fn open_kv(
     service: &'static str,
     url: &str,
     redb_table: &'static str,
 ) -> Result<Arc<dyn Kv>, StoreError> {
     Ok(match parse_address(service, url)? {
+        Backend::Grpc(_) => unreachable!("gRPC services are opened before key-value ones"),
         Backend::Memory => Arc::new(MemoryKv::default()),
         Backend::LocalObjectStore(path) => Arc::new(ObjectStoreKv::new(
             local_object_store(&path, service, url)?,
@@ -255,6 +278,9 @@ fn open_kv(
 
 fn open_blob_service(url: &str) -> Result<Arc<dyn BlobService>, StoreError> {
     Ok(match parse_address("blob", url)? {
+        Backend::Grpc(address) => {
+            Arc::new(GrpcBlobService::new(&address, url).map_err(grpc_err("blob", url))?)
+        }
         Backend::Memory => Arc::new(MemoryBlobService::default()),
         Backend::LocalObjectStore(path) => {
             let store = local_object_store(&path, "blob", url)?;
@@ -270,6 +296,11 @@ fn open_blob_service(url: &str) -> Result<Arc<dyn BlobService>, StoreError> {
 }
 
 fn open_directory_service(url: &str) -> Result<Arc<dyn DirectoryService>, StoreError> {
+    if let Backend::Grpc(address) = parse_address("directory", url)? {
+        return Ok(Arc::new(
+            GrpcDirectoryService::new(&address, url).map_err(grpc_err("directory", url))?,
+        ));
+    }
     Ok(Arc::new(KvDirectoryService::new(open_kv(
         "directory",
         url,
@@ -278,6 +309,11 @@ fn open_directory_service(url: &str) -> Result<Arc<dyn DirectoryService>, StoreE
 }
 
 fn open_path_info_service(url: &str) -> Result<Arc<dyn PathInfoService>, StoreError> {
+    if let Backend::Grpc(address) = parse_address("path info", url)? {
+        return Ok(Arc::new(
+            GrpcPathInfoService::new(&address, url).map_err(grpc_err("path info", url))?,
+        ));
+    }
     Ok(Arc::new(KvPathInfoService::new(open_kv(
         "path info",
         url,
@@ -347,10 +383,25 @@ impl Store {
         }
     }
 
+    /// This store with another blob service (a layer over the one it had, say).
+    pub fn with_blobs(self, blobs: Arc<dyn BlobService>) -> Self {
+        Self { blobs, ..self }
+    }
+
+    /// This store with another directory service.
+    pub fn with_directories(self, directories: Arc<dyn DirectoryService>) -> Self {
+        Self {
+            directories,
+            ..self
+        }
+    }
+
     /// Flushes everything written to the store's local files so far to disk: file data,
     /// and the renames that put files in place. One `syncfs` per file system (rather than
     /// an fsync per file) keeps this cheap when many small files were written.
     pub fn sync(&self) -> Result<(), StoreError> {
+        // A remote directory service sends the trees put so far.
+        self.directories.flush()?;
         let mut synced_devices = Vec::new();
         for dir in &self.local_dirs {
             let sync_err = |source| StoreError::Sync {
@@ -452,6 +503,30 @@ impl Store {
     /// Ingest one NAR: blobs and directories are stored, no path info is written.
     pub fn ingest_nar(&self, input: impl Read) -> Result<IngestedNar, StoreError> {
         Ok(ingest_nar(input, &*self.blobs, &*self.directories)?)
+    }
+}
+
+/// The store paths at the root of a /nix/store file system: a name is a node when it is a
+/// store path the store has path info for.
+impl RootNodes for Store {
+    fn get(&self, name: &[u8]) -> Result<Option<Node>, RootNodesError> {
+        let Ok(path) = StorePath::from_basename_bytes(name) else {
+            return Ok(None);
+        };
+        Ok(self
+            .path_info(&path)
+            .map_err(|e| RootNodesError(Box::new(e)))?
+            .map(|info| info.node))
+    }
+
+    fn list(&self) -> Result<Vec<(Bytes, Node)>, RootNodesError> {
+        Ok(self
+            .path_infos
+            .list()
+            .map_err(|e| RootNodesError(Box::new(e)))?
+            .into_iter()
+            .map(|info| (Bytes::from(info.store_path.to_basename()), info.node))
+            .collect())
     }
 }
 

@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 
 use fuse_backend_rs::file_buf::FileVolatileSlice;
 use fuse_backend_rs::file_traits::FileReadWriteVolatile;
-use tvix_boot_store::blobservice::BlobReader;
+use tvix_boot_castore::blobservice::BlobReader;
 
 /// Most iovecs one preadv takes (Linux's UIO_MAXIOV).
 const MAX_IOVECS: usize = 1024;

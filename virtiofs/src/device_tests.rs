@@ -37,7 +37,7 @@ impl<'a> Harness<'a> {
         let mock = MockSplitQueue::create(memory, GuestAddress(0), QUEUE_LEN);
         let queue: Queue = mock.create_queue().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let fs = StoreFs::new(Arc::new(store), StoreFsOptions::default());
+        let fs = StoreFs::new(crate::fs::test_fs_store(store), StoreFsOptions::default());
         let worker = QueueWorker {
             memory: memory.clone(),
             queue,
@@ -517,7 +517,10 @@ proptest::proptest! {
 
 #[test]
 fn config_space_holds_tag_and_queue_count() {
-    let fs = StoreFs::new(Arc::new(Store::memory()), StoreFsOptions::default());
+    let fs = StoreFs::new(
+        crate::fs::test_fs_store(Store::memory()),
+        StoreFsOptions::default(),
+    );
     let device = VirtioFs::new(fs, "tvix", 3).unwrap();
     // Linux reads the tag a byte at a time and the queue count as one 32-bit read.
     let tag: Vec<u8> = (0..36)

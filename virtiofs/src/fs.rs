@@ -26,8 +26,9 @@ use fuse_backend_rs::api::filesystem::{
     SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
 use lru::LruCache;
-use tvix_boot_store::blobservice::BlobReader;
-use tvix_boot_store::{B3Digest, Node, Store, StorePath};
+use tvix_boot_castore::blobservice::{BlobReader, BlobService};
+use tvix_boot_castore::directoryservice::DirectoryService;
+use tvix_boot_castore::{B3Digest, Node, RootNodes};
 
 use crate::blob_source::BlobSource;
 
@@ -64,6 +65,18 @@ pub struct StoreFsOptions {
     pub list_root: bool,
     /// Expose the castore digests as `user.tvix.castore.*` extended attributes.
     pub show_xattr: bool,
+}
+
+/// What a [`StoreFs`] serves: the castore's blobs and directories, and the nodes at its
+/// root by name (for /nix/store: store paths, which the Nix layer looks up in path info).
+#[derive(Clone)]
+pub struct FsStore {
+    /// File contents.
+    pub blobs: Arc<dyn BlobService>,
+    /// Directories.
+    pub directories: Arc<dyn DirectoryService>,
+    /// The names at the root.
+    pub root_nodes: Arc<dyn RootNodes>,
 }
 
 /// An entry of a directory, as the file system hands it out.
@@ -199,7 +212,7 @@ struct OpenFile {
 /// path appears at the root when looked up by name, and its contents come from the
 /// store's directories and blobs. Every request that would change something gets EROFS.
 pub struct StoreFs {
-    store: Arc<Store>,
+    store: FsStore,
     options: StoreFsOptions,
     root: Arc<InodeKind>,
     inodes: RwLock<InodeTable>,
@@ -220,7 +233,7 @@ fn read_only<T>() -> io::Result<T> {
 
 impl StoreFs {
     /// A file system over `store`. Nothing is read from the store until the first request.
-    pub fn new(store: Arc<Store>, options: StoreFsOptions) -> Self {
+    pub fn new(store: FsStore, options: StoreFsOptions) -> Self {
         let table = InodeTable {
             inodes: HashMap::new(),
             by_content: HashMap::new(),
@@ -310,7 +323,8 @@ impl StoreFs {
         Ok(children.get_or_init(|| list).clone())
     }
 
-    /// Look up a store path by its basename; anything that is not one is simply absent.
+    /// Look up a name at the root (a store path's basename); anything the root does not
+    /// have is simply absent.
     fn lookup_root(&self, name: &[u8]) -> io::Result<Entry> {
         {
             let mut table = self.inodes.write().expect("inode table poisoned");
@@ -323,12 +337,11 @@ impl StoreFs {
                 }
             }
         }
-        let path = StorePath::from_basename_bytes(name).map_err(|_| errno(libc::ENOENT))?;
         if self.recently_missing(name) {
             return Err(errno(libc::ENOENT));
         }
-        let info = match self.store.path_info(&path) {
-            Ok(Some(info)) => info,
+        let node = match self.store.root_nodes.get(name) {
+            Ok(Some(node)) => node,
             Ok(None) => {
                 self.missing_paths
                     .lock()
@@ -337,12 +350,13 @@ impl StoreFs {
                 return Err(errno(libc::ENOENT));
             }
             Err(e) => {
-                tracing::warn!(%path, error = %e, "cannot read path info");
+                let name = String::from_utf8_lossy(name);
+                tracing::warn!(%name, error = %e, "cannot look the name up");
                 return Err(errno(libc::EIO));
             }
         };
         let mut table = self.inodes.write().expect("inode table poisoned");
-        let inode = table.hand_out(&info.node);
+        let inode = table.hand_out(&node);
         let name = Bytes::copy_from_slice(name);
         let entry = table.inodes.get_mut(&inode).expect("just handed out");
         if !entry.root_names.contains(&name) {
@@ -350,7 +364,7 @@ impl StoreFs {
         }
         table.root_entries.insert(name, inode);
         drop(table);
-        Ok(Self::entry(inode, &info.node))
+        Ok(Self::entry(inode, &node))
     }
 
     fn recently_missing(&self, name: &[u8]) -> bool {
@@ -379,7 +393,7 @@ impl StoreFs {
         {
             return Ok(blob.clone());
         }
-        let blob: Arc<dyn BlobReader> = match self.store.blobs.open(digest) {
+        let blob: Arc<dyn BlobReader> = match self.store.blobs.open_sized(digest, size) {
             Ok(Some(blob)) if blob.size() == size => blob,
             Ok(Some(blob)) => {
                 tracing::warn!(%digest, expected = size, actual = blob.size(), "blob has the wrong size");
@@ -403,16 +417,13 @@ impl StoreFs {
         if !self.options.list_root {
             return Err(errno(libc::EPERM));
         }
-        let infos = self.store.path_infos.list().map_err(|e| {
-            tracing::warn!(error = %e, "cannot list path info");
+        let nodes = self.store.root_nodes.list().map_err(|e| {
+            tracing::warn!(error = %e, "cannot list the root");
             errno(libc::EIO)
         })?;
-        let mut children: Vec<Child> = infos
-            .iter()
-            .map(|info| Child {
-                name: Bytes::from(info.store_path.to_basename()),
-                node: info.node.clone(),
-            })
+        let mut children: Vec<Child> = nodes
+            .into_iter()
+            .map(|(name, node)| Child { name, node })
             .collect();
         children.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(children.into())
@@ -963,3 +974,14 @@ impl FileSystem for StoreFs {
 #[cfg(test)]
 #[path = "fs_tests.rs"]
 mod tests;
+
+/// The file system's view of a whole store, for tests.
+#[cfg(test)]
+pub(crate) fn test_fs_store(store: tvix_boot_store::Store) -> FsStore {
+    let store = Arc::new(store);
+    FsStore {
+        blobs: store.blobs.clone(),
+        directories: store.directories.clone(),
+        root_nodes: store,
+    }
+}

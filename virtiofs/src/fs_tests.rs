@@ -4,6 +4,7 @@
 use std::ffi::CString;
 
 use super::*;
+use tvix_boot_store::Store;
 
 /// A store path `tree` with `a` (file), `b` (file, other content), `same-as-a` (a's
 /// content), `sub/` (directory with `c`) and `link` (symlink to `a`).
@@ -18,7 +19,7 @@ fn fs_with_tree() -> (StoreFs, CString) {
     std::fs::write(root.join("sub/c"), b"content c").unwrap();
     std::os::unix::fs::symlink("a", root.join("link")).unwrap();
     let info = tvix_boot_store::import::import_path(&store, &root, &mut |_| {}).unwrap();
-    let fs = StoreFs::new(Arc::new(store), StoreFsOptions::default());
+    let fs = StoreFs::new(crate::fs::test_fs_store(store), StoreFsOptions::default());
     (fs, CString::new(info.store_path.to_basename()).unwrap())
 }
 

@@ -16,4 +16,4 @@ pub mod vhost_user;
 pub mod fuzzing;
 
 pub use device::{QueueService, VirtioFs};
-pub use fs::{StoreFs, StoreFsOptions};
+pub use fs::{FsStore, StoreFs, StoreFsOptions};

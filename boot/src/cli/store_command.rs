@@ -12,9 +12,11 @@ use thiserror::Error;
 use tvix_boot::StopSignals;
 use tvix_boot::seccomp::{EnableError, SeccompError, ThreadRole};
 use tvix_boot_store::binary_cache::{self, CacheError};
+use tvix_boot_store::grpc;
 use tvix_boot_store::import::{ImportError, import_path};
 use tvix_boot_store::local_nix::{self, LocalNixError};
 use tvix_boot_store::nixbase32;
+use tvix_boot_store::signing::{SigningKey, SigningKeyError};
 use tvix_boot_store::store::{
     BLOB_SERVICE_ADDR_ENV, DIRECTORY_SERVICE_ADDR_ENV, PATH_INFO_SERVICE_ADDR_ENV,
 };
@@ -33,23 +35,34 @@ const PROGRESS_DELAY: Duration = Duration::from_secs(1);
 /// $XDG_DATA_HOME/tvix-boot (or ~/.local/share/tvix-boot).
 #[derive(Args, Clone, Debug)]
 pub struct StoreAddrArgs {
-    /// Blob service: memory://, objectstore+file:///path, objectstore+memory://
+    /// Blob service: memory://, objectstore+file:///path, objectstore+memory://,
+    /// grpc+unix:///socket, grpc+http://host:port, grpc+https://host:port
     #[arg(long, global = true, env = BLOB_SERVICE_ADDR_ENV)]
     pub blob_service_addr: Option<String>,
-    /// Directory service: memory://, redb:///path, objectstore+file:///path
+    /// Directory service: memory://, redb:///path, objectstore+file:///path, grpc+…
     #[arg(long, global = true, env = DIRECTORY_SERVICE_ADDR_ENV)]
     pub directory_service_addr: Option<String>,
-    /// Path-info service: memory://, redb:///path, objectstore+file:///path
+    /// Path-info service: memory://, redb:///path, objectstore+file:///path, grpc+…,
+    /// nix+https://cache?trusted-public-keys=…
     #[arg(long, global = true, env = PATH_INFO_SERVICE_ADDR_ENV)]
     pub path_info_service_addr: Option<String>,
 }
 
 impl StoreAddrArgs {
-    /// Whether the store substitutes from a binary cache over HTTP(S).
+    /// Whether the store substitutes from a binary cache over HTTP(S) or reaches a
+    /// remote store over gRPC (a unix socket or TCP): its threads then need sockets.
     pub fn fetches_over_network(&self) -> bool {
         self.path_info_service_addr
             .as_deref()
             .is_some_and(|addr| addr.starts_with("nix+http"))
+            || [
+                &self.blob_service_addr,
+                &self.directory_service_addr,
+                &self.path_info_service_addr,
+            ]
+            .into_iter()
+            .flatten()
+            .any(|addr| addr.starts_with("grpc+"))
     }
 
     pub fn open(&self) -> Result<Store, StoreError> {
@@ -93,6 +106,7 @@ impl StoreArgs {
         matches!(
             self.command,
             StoreCommand::ServeNar { .. }
+                | StoreCommand::Daemon { .. }
                 | StoreCommand::Mount { .. }
                 | StoreCommand::Virtiofs { .. }
         )
@@ -124,6 +138,27 @@ enum StoreCommand {
     ServeNar {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: String,
+        /// Sign every narinfo with this key (Nix's format, as `nix-store
+        /// --generate-binary-cache-key` writes it), so a Nix that trusts its public key
+        /// copies with its default settings.
+        #[arg(long)]
+        secret_key: Option<PathBuf>,
+    },
+    /// Serve the store over gRPC, as tvix-store's daemon does (its blob, directory and
+    /// path-info services, under both tvix.* and snix.* names, and grpc.health.v1), to
+    /// many clients at once, until SIGINT or SIGTERM; requests running then finish first.
+    /// Clients use grpc+unix:///PATH or grpc+http://HOST:PORT as store addresses.
+    Daemon {
+        /// A unix socket path (created with mode 0600, or 0660 with --socket-group), or
+        /// HOST:PORT for TCP (a bare PORT listens on 127.0.0.1).
+        #[arg(long, short = 'l')]
+        listen: String,
+        /// Give the unix socket to this group (name or number) and let it connect too.
+        #[arg(long)]
+        socket_group: Option<String>,
+        /// Threads that call the store (its backends block); at least 1.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
     },
     /// Mount the store read-only at DIR through /dev/fuse, in the foreground, until
     /// SIGINT or SIGTERM.
@@ -204,6 +239,10 @@ enum CliError {
     VhostUser(#[from] VhostUserFsError),
     #[error("--socket-group {0:?}: no such group")]
     NoSuchGroup(String),
+    #[error(transparent)]
+    SigningKey(SigningKeyError),
+    #[error(transparent)]
+    Daemon(#[from] grpc::DaemonError),
 }
 
 pub fn run(addrs: &StoreAddrArgs, args: StoreArgs) -> ExitCode {
@@ -251,7 +290,21 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
                 writeln!(stdout, "{path}").map_err(CliError::Stdout)?;
             }
         }
-        StoreCommand::ServeNar { listen } => serve_nar(store, &listen)?,
+        StoreCommand::ServeNar { listen, secret_key } => {
+            let key = secret_key
+                .map(|path| SigningKey::read(&path))
+                .transpose()
+                .map_err(CliError::SigningKey)?;
+            serve_nar(store, &listen, key)?
+        }
+        StoreCommand::Daemon {
+            listen,
+            socket_group,
+            threads,
+        } => {
+            let group = socket_group.as_deref().map(group_id).transpose()?;
+            daemon(store, &listen, group, threads)?;
+        }
         StoreCommand::Mount {
             dir,
             list_root,
@@ -364,12 +417,50 @@ fn write_info(out: &mut impl Write, info: &PathInfo) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve_nar(store: Store, listen: &str) -> Result<(), CliError> {
+fn daemon(store: Store, listen: &str, group: Option<u32>, threads: usize) -> Result<(), CliError> {
+    let signals = StopSignals::new().map_err(CliError::Signals)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("daemon")
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime.block_on(async {
+        let listener = grpc::Listener::bind(&grpc::ListenAddr::parse(listen), group).await?;
+        eprintln!(
+            "tvix-boot: serving the store over gRPC; clients use {}",
+            listener.client_url()
+        );
+        let shutdown = async move {
+            match signals.recv().await {
+                Ok(signal) => eprintln!(
+                    "tvix-boot: signal {signal}: finishing running requests, then exiting"
+                ),
+                Err(e) => {
+                    tracing::warn!("cannot wait for SIGINT and SIGTERM: {e}");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let on_connect: Arc<dyn Fn(&str) + Send + Sync> =
+            Arc::new(|peer: &str| eprintln!("tvix-boot: client connected: {peer}"));
+        grpc::serve(Arc::new(store), listener, threads, on_connect, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn serve_nar(store: Store, listen: &str, key: Option<SigningKey>) -> Result<(), CliError> {
     let signals = StopSignals::new().map_err(CliError::Signals)?;
     let runtime = tokio::runtime::Runtime::new().map_err(CliError::Runtime)?;
     runtime.block_on(async {
         let (listener, addr) = binary_cache::bind(listen).await?;
         eprintln!("tvix-boot: serving the store as a binary cache on http://{addr}");
+        if let Some(key) = &key {
+            eprintln!(
+                "tvix-boot: narinfos are signed; the public key is {}",
+                key.public_key()
+            );
+        }
         let shutdown = async move {
             match signals.recv().await {
                 Ok(signal) => tracing::info!(signal, "stopping the binary cache"),
@@ -381,7 +472,7 @@ fn serve_nar(store: Store, listen: &str) -> Result<(), CliError> {
                 }
             }
         };
-        binary_cache::serve(Arc::new(store), listener, shutdown).await?;
+        binary_cache::serve_signed(Arc::new(store), listener, key.map(Arc::new), shutdown).await?;
         Ok(())
     })
 }
@@ -397,7 +488,7 @@ fn mount(
     // as FUSE daemons exit when their file system goes away.
     let unmounted = signals.waker();
     let mounted = HostMount::mount(
-        StoreFs::new(Arc::new(store), options),
+        StoreFs::new(fs_store(Arc::new(store)), options),
         dir,
         threads,
         Box::new(unmounted),
@@ -453,7 +544,7 @@ fn serve_vhost_user(
     let store = Arc::new(store);
     loop {
         let end = listener.serve_session(
-            StoreFs::new(store.clone(), options),
+            StoreFs::new(fs_store(store.clone()), options),
             request_queues,
             |frontend| match frontend {
                 Some(frontend) => eprintln!("tvix-boot: frontend connected: {frontend}"),
@@ -521,4 +612,13 @@ fn import_with_progress(store: &Store, path: &std::path::Path) -> Result<PathInf
     });
     bar.finish_and_clear();
     result
+}
+
+/// What a file system over `store` serves: its castore services and its store paths.
+fn fs_store(store: Arc<Store>) -> tvix_boot_virtiofs::FsStore {
+    tvix_boot_virtiofs::FsStore {
+        blobs: store.blobs.clone(),
+        directories: store.directories.clone(),
+        root_nodes: store,
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tvix_boot_guest_init::protocol::Mode;
 use tvix_boot_store::{Store, StoreAddrs};
-use tvix_boot_virtiofs::{QueueService, StoreFs, StoreFsOptions, VirtioFs};
+use tvix_boot_virtiofs::{FsStore, QueueService, StoreFs, StoreFsOptions, VirtioFs};
 use tvix_boot_vmm::{ConsoleIo, HostStop, Initrd, VmBuilder, VmConfig, startup};
 
 use super::ports::{Ports, dup_own};
@@ -252,7 +252,11 @@ pub(crate) fn program_env(
 /// queue per vCPU. The root is listable, so `tvix.find` and `ls /nix/store` work.
 fn store_device(store: Arc<Store>, request_queues: u16, service: QueueService) -> Box<VirtioFs> {
     let fs = StoreFs::new(
-        store,
+        FsStore {
+            blobs: store.blobs.clone(),
+            directories: store.directories.clone(),
+            root_nodes: store,
+        },
         StoreFsOptions {
             list_root: true,
             show_xattr: false,

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::castore::{Directory, ValidateError};
 use crate::digest::B3Digest;
+use crate::directory::{Directory, ValidateError};
 use crate::kv::{Kv, KvError};
 
 /// Why a directory could not be read or stored.
@@ -25,6 +25,19 @@ pub enum DirectoryError {
     /// A directory put before one of its child directories.
     #[error("directory {digest} refers to child directory {child}, which is not in the store")]
     MissingChild { digest: B3Digest, child: B3Digest },
+    /// A remote directory service failed, or sent what it must not.
+    #[error("directory {digest} from {url}: {source}")]
+    Remote {
+        digest: B3Digest,
+        url: String,
+        source: std::io::Error,
+    },
+    /// A remote service answered a Get of `root` with a directory that is not part of the
+    /// tree below it.
+    #[error(
+        "asked for directory {root}, the server sent directory {digest}, which is not in its tree"
+    )]
+    Unexpected { root: B3Digest, digest: B3Digest },
     /// The key-value backend failed.
     #[error(transparent)]
     Backend(#[from] KvError),
@@ -39,15 +52,21 @@ pub trait DirectoryService: Send + Sync {
     /// Store a directory whose child directories are already stored (so a stored
     /// directory's whole tree is always present: put leaves first).
     fn put(&self, directory: &Directory) -> Result<B3Digest, DirectoryError>;
+    /// Makes every directory put so far stored: a service that sends trees whole (a remote
+    /// one) sends them now. The store calls this before it writes path info.
+    fn flush(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
 }
 
 /// Directories in any key-value backend, keyed by digest.
-pub(crate) struct KvDirectoryService {
+pub struct KvDirectoryService {
     kv: Arc<dyn Kv>,
 }
 
 impl KvDirectoryService {
-    pub(crate) fn new(kv: Arc<dyn Kv>) -> Self {
+    /// Directories kept in `kv`.
+    pub fn new(kv: Arc<dyn Kv>) -> Self {
         Self { kv }
     }
 }
@@ -95,7 +114,7 @@ impl DirectoryService for KvDirectoryService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::castore::{Node, PathComponent};
+    use crate::directory::{Node, PathComponent};
     use crate::kv::MemoryKv;
 
     #[test]

@@ -47,6 +47,13 @@ pub enum BlobError {
     /// Reading the blob failed.
     #[error("blob {digest}: {source}")]
     Io { digest: B3Digest, source: io::Error },
+    /// The blob is not as long as the directory that names it says.
+    #[error("blob {digest} has {actual} bytes, not the {expected} its directory says")]
+    WrongSize {
+        digest: B3Digest,
+        expected: u64,
+        actual: u64,
+    },
     /// Writing a new blob's bytes to a temporary file in `dir` failed.
     #[error("writing a blob to {dir}: {source}")]
     Spool { dir: PathBuf, source: io::Error },
@@ -92,6 +99,31 @@ pub trait BlobService: Send + Sync {
     fn open(&self, digest: &B3Digest) -> Result<Option<Arc<dyn BlobReader>>, BlobError>;
     /// A writer for a new blob; [`BlobWriter::close`] gives its digest.
     fn writer(&self) -> Result<Box<dyn BlobWriter>, BlobError>;
+    /// As [`open`](Self::open), for a blob known (from a checked directory) to be `size`
+    /// bytes long: a remote service then fetches no more than that, and a blob of
+    /// another size is an error.
+    fn open_sized(
+        &self,
+        digest: &B3Digest,
+        size: u64,
+    ) -> Result<Option<Arc<dyn BlobReader>>, BlobError> {
+        let blob = self.open(digest)?;
+        if let Some(blob) = &blob
+            && blob.size() != size
+        {
+            return Err(BlobError::WrongSize {
+                digest: *digest,
+                expected: size,
+                actual: blob.size(),
+            });
+        }
+        Ok(blob)
+    }
+    /// The blob's outboard with chunk groups of 2^`group_log` KiB (the file layout of
+    /// `outboard`), when the service has one at hand: what a gRPC server sends with Stat.
+    fn outboard(&self, _digest: &B3Digest, _group_log: u8) -> Result<Option<Vec<u8>>, BlobError> {
+        Ok(None)
+    }
 }
 
 impl BlobReader for Bytes {
@@ -144,6 +176,15 @@ impl BlobService for MemoryBlobService {
             .get(digest)
             .cloned();
         Ok(blob.map(|b| Arc::new(b) as Arc<dyn BlobReader>))
+    }
+    fn outboard(&self, digest: &B3Digest, group_log: u8) -> Result<Option<Vec<u8>>, BlobError> {
+        let blob = self
+            .blobs
+            .read()
+            .expect("blob map poisoned")
+            .get(digest)
+            .cloned();
+        Ok(blob.map(|data| crate::outboard::outboard_of(&data, group_log)))
     }
     fn writer(&self) -> Result<Box<dyn BlobWriter>, BlobError> {
         Ok(Box::new(MemoryBlobWriter {
@@ -561,6 +602,25 @@ impl BlobService for ObjectStoreBlobService {
         Ok(Some(Arc::new(data)))
     }
 
+    fn outboard(&self, digest: &B3Digest, group_log: u8) -> Result<Option<Vec<u8>>, BlobError> {
+        let Some(path) = self.inner.local_path(digest) else {
+            return Ok(None);
+        };
+        let io_err = |source| BlobError::Io {
+            digest: *digest,
+            source,
+        };
+        let size = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        match Outboard::open(&outboard_path(&path), *digest, size) {
+            Ok(Some(outboard)) => outboard.coarsen(group_log).map(Some).map_err(io_err),
+            // None, or not usable: the blob is served whole until its pass writes one.
+            _ => Ok(None),
+        }
+    }
     fn writer(&self) -> Result<Box<dyn BlobWriter>, BlobError> {
         Ok(Box::new(ObjectStoreBlobWriter {
             blobs: self.inner.clone(),

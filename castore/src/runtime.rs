@@ -108,7 +108,7 @@ const BACKGROUND_LIMIT: usize = 2;
 /// threads named `store-io` like the runtime's own, so work that must not hold up a caller
 /// (hashing a whole blob behind a virtio-fs queue) runs in the same thread role as the
 /// store's other I/O. Works from any thread, inside a tokio runtime or not.
-pub(crate) fn spawn_background<F>(work: F)
+pub fn spawn_background<F>(work: F)
 where
     F: FnOnce() + Send + 'static,
 {
@@ -122,4 +122,10 @@ where
         // A panic in `work` is the blocking task's: it ends here, the permit is returned.
         let _ = tokio::task::spawn_blocking(work).await;
     }));
+}
+
+/// The store's runtime, for setting up tasks that live on it (a gRPC channel's
+/// connection); started like [`block_on`] starts it.
+pub fn handle() -> &'static Handle {
+    runtime().handle()
 }

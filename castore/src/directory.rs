@@ -96,7 +96,8 @@ impl std::fmt::Display for PathComponent {
     }
 }
 
-pub(crate) fn validate_symlink_target(target: &[u8]) -> Result<(), ValidateError> {
+/// Checks a symlink target: 1 to [`MAX_SYMLINK_TARGET_LEN`] bytes, no NUL.
+pub fn validate_symlink_target(target: &[u8]) -> Result<(), ValidateError> {
     if target.is_empty() || target.len() > MAX_SYMLINK_TARGET_LEN || target.contains(&0) {
         return Err(ValidateError::InvalidSymlinkTarget(Bytes::copy_from_slice(
             target,
@@ -132,7 +133,8 @@ pub enum Node {
 }
 
 impl Node {
-    pub(crate) fn to_proto(&self, name: Bytes) -> proto::Node {
+    /// The wire form of this node under `name`.
+    pub fn to_proto(&self, name: Bytes) -> proto::Node {
         let node = match self {
             Node::Directory { digest, size } => {
                 proto::node::Node::Directory(proto::DirectoryNode {
@@ -161,7 +163,7 @@ impl Node {
 
     /// Convert a wire node, returning its (unvalidated) name beside it: a root node's name
     /// is a store path basename, which has rules of its own.
-    pub(crate) fn from_proto(node: proto::Node) -> Result<(Bytes, Node), ValidateError> {
+    pub fn from_proto(node: proto::Node) -> Result<(Bytes, Node), ValidateError> {
         match node.node.ok_or(ValidateError::EmptyNode)? {
             proto::node::Node::Directory(d) => {
                 let digest = parse_digest(&d.name, &d.digest)?;
@@ -256,7 +258,8 @@ impl Directory {
             .fold(0u64, u64::saturating_add)
     }
 
-    pub(crate) fn to_proto(&self) -> proto::Directory {
+    /// The wire form (its entries split into the three sorted lists).
+    pub fn to_proto(&self) -> proto::Directory {
         let mut out = proto::Directory::default();
         for (name, node) in &self.entries {
             match node.to_proto(name.0.clone()).node {

@@ -36,18 +36,23 @@ pub enum KvError {
     },
 }
 
-pub(crate) trait Kv: Send + Sync {
+/// A small key-value map: directories by digest, path info by store path digest.
+pub trait Kv: Send + Sync {
+    /// The value under `key`, if any.
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, KvError>;
     /// Store `value` under `key`, atomically: a reader sees the old state or the new one.
     fn put(&self, key: &[u8], value: Bytes) -> Result<(), KvError>;
+    /// Whether there is a value under `key`.
     fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
         Ok(self.get(key)?.is_some())
     }
+    /// Every key.
     fn keys(&self) -> Result<Vec<Vec<u8>>, KvError>;
 }
 
 #[derive(Default)]
-pub(crate) struct MemoryKv {
+/// A map in this process (`memory://`).
+pub struct MemoryKv {
     map: RwLock<BTreeMap<Vec<u8>, Bytes>>,
 }
 
@@ -74,7 +79,7 @@ impl Kv for MemoryKv {
 }
 
 /// One table of a redb database file.
-pub(crate) struct RedbKv {
+pub struct RedbKv {
     db: Arc<redb::Database>,
     path: PathBuf,
     table: TableDefinition<'static, &'static [u8], &'static [u8]>,
@@ -83,7 +88,7 @@ pub(crate) struct RedbKv {
 impl RedbKv {
     /// Open (or create) `path` and use `table` in it. Several services may name the same
     /// file: redb allows one open handle per file, so handles are shared within the process.
-    pub(crate) fn open(path: &Path, table: &'static str) -> Result<Self, KvError> {
+    pub fn open(path: &Path, table: &'static str) -> Result<Self, KvError> {
         static OPEN: Mutex<Vec<(PathBuf, Weak<redb::Database>)>> = Mutex::new(Vec::new());
         let mut open = OPEN.lock().expect("redb registry poisoned");
         open.retain(|(_, db)| db.strong_count() > 0);
@@ -163,13 +168,14 @@ impl Kv for RedbKv {
 }
 
 /// Values as objects named `<hex key[..2]>/<hex key>` in an object store.
-pub(crate) struct ObjectStoreKv {
+pub struct ObjectStoreKv {
     store: Arc<dyn ObjectStore>,
     url: String,
 }
 
 impl ObjectStoreKv {
-    pub(crate) fn new(store: Arc<dyn ObjectStore>, url: &str) -> Self {
+    /// Values as objects in `store`, which `url` names in errors.
+    pub fn new(store: Arc<dyn ObjectStore>, url: &str) -> Self {
         Self {
             store,
             url: url.to_owned(),
@@ -185,7 +191,7 @@ impl ObjectStoreKv {
 }
 
 /// The object name for `key`, fanned out over 256 prefixes so no listing gets huge.
-pub(crate) fn fanned_out_path(key: &[u8]) -> ObjectPath {
+pub fn fanned_out_path(key: &[u8]) -> ObjectPath {
     let hex = data_encoding::HEXLOWER.encode(key);
     ObjectPath::from(format!("{}/{hex}", &hex[..2.min(hex.len())]))
 }

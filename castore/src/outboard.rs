@@ -199,11 +199,134 @@ impl TreeHasher {
 }
 
 fn header(size: u64) -> [u8; HEADER_LEN as usize] {
+    header_with(size, GROUP_CHUNK_LOG)
+}
+
+fn header_with(size: u64, group_chunk_log: u8) -> [u8; HEADER_LEN as usize] {
     let mut header = [0u8; HEADER_LEN as usize];
     header[..8].copy_from_slice(&MAGIC);
-    header[8] = GROUP_CHUNK_LOG;
+    header[8] = group_chunk_log;
     header[16..].copy_from_slice(&size.to_le_bytes());
     header
+}
+
+/// Coarsest and finest chunk groups an outboard from elsewhere (a remote store's Stat) may
+/// use: 16 KiB to 64 MiB. Finer ones make the outboard large for nothing; coarser ones
+/// make each check hash a lot.
+pub const MIN_WIRE_GROUP_LOG: u8 = 4;
+/// See [`MIN_WIRE_GROUP_LOG`].
+pub const MAX_WIRE_GROUP_LOG: u8 = 16;
+/// The chunk groups of the outboards the gRPC server sends: 1 MiB, the size of the chunks
+/// it lists, so a client checks each chunk it fetched with one call. 64 KiB per GiB.
+pub const WIRE_GROUP_LOG: u8 = 10;
+
+/// An outboard held in memory, as a remote store sent it: untrusted, like the bytes it
+/// checks (a wrong hash pair fails the check as a wrong byte does).
+#[derive(Clone)]
+pub struct MemOutboard {
+    inner: PreOrderMemOutboard,
+    group_log: u8,
+}
+
+impl MemOutboard {
+    /// Parses an outboard in the file layout (header, then pairs) for the blob `digest`.
+    /// Returns the blob's size, which the header states and every check confirms.
+    pub fn parse(digest: B3Digest, bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() < HEADER_LEN as usize {
+            return Err(format!("{} bytes, shorter than its header", bytes.len()));
+        }
+        let (head, pairs) = bytes.split_at(HEADER_LEN as usize);
+        let group_log = head[8];
+        let size = u64::from_le_bytes(head[16..24].try_into().expect("8 bytes"));
+        if head[..8] != MAGIC || head[9..16] != [0; 7] {
+            return Err("no outboard header".into());
+        }
+        if !(MIN_WIRE_GROUP_LOG..=MAX_WIRE_GROUP_LOG).contains(&group_log) {
+            return Err(format!(
+                "chunk groups of 2^{group_log} KiB, not between 2^{MIN_WIRE_GROUP_LOG} and 2^{MAX_WIRE_GROUP_LOG}"
+            ));
+        }
+        let tree = BaoTree::new(size, BlockSize::from_chunk_log(group_log));
+        if pairs.len() as u64 != tree.outboard_size() {
+            return Err(format!(
+                "{} bytes of hash pairs where a {size}-byte blob has {}",
+                pairs.len(),
+                tree.outboard_size()
+            ));
+        }
+        Ok(Self {
+            inner: PreOrderMemOutboard {
+                root: blake3::Hash::from(*digest.as_bytes()),
+                tree,
+                data: pairs.to_vec(),
+            },
+            group_log,
+        })
+    }
+
+    /// The blob's size, as the outboard states it.
+    pub fn size(&self) -> u64 {
+        self.inner.tree.size()
+    }
+
+    /// Bytes per chunk group: what [`check`](Self::check) takes whole.
+    pub fn group_bytes(&self) -> u64 {
+        1024 << self.group_log
+    }
+
+    /// Checks `bytes`, the blob's bytes at `start`: whole chunk groups (the last may end
+    /// with the blob).
+    pub fn check(&self, bytes: &[u8], start: u64) -> Result<(), OutboardError> {
+        let digest = B3Digest::from(*self.inner.root.as_bytes());
+        let end = start + bytes.len() as u64;
+        let aligned = start.is_multiple_of(self.group_bytes())
+            && (end.is_multiple_of(self.group_bytes()) || end == self.size())
+            && end <= self.size();
+        if !aligned {
+            return Err(OutboardError::Mismatch { digest, start, end });
+        }
+        let ranges = ChunkRanges::from(ChunkNum::full_chunks(start)..ChunkNum::chunks(end));
+        let window = Window { base: start, bytes };
+        encode_ranges_validated(window, &self.inner, &ranges, io::sink())
+            .map_err(|_| OutboardError::Mismatch { digest, start, end })
+    }
+}
+
+/// The outboard of `data` with chunk groups of 2^`group_log` KiB, in the file layout.
+pub fn outboard_of(data: &[u8], group_log: u8) -> Vec<u8> {
+    let outboard = PreOrderMemOutboard::create(data, BlockSize::from_chunk_log(group_log));
+    let mut file = header_with(data.len() as u64, group_log).to_vec();
+    file.extend_from_slice(&outboard.data);
+    file
+}
+
+impl Outboard {
+    /// The same tree's pairs above coarser chunk groups of 2^`group_log` KiB, in the file
+    /// layout: what the gRPC server sends as a Stat's `bao`. Read from this outboard, and
+    /// checked as bao_tree reads them (a damaged pair fails the client's checks, never
+    /// passes them).
+    pub fn coarsen(&self, group_log: u8) -> io::Result<Vec<u8>> {
+        let size = self.tree.size();
+        let coarse = BaoTree::new(size, BlockSize::from_chunk_log(group_log));
+        let mut out = PreOrderMemOutboard {
+            root: blake3::Hash::from(*self.digest.as_bytes()),
+            tree: coarse,
+            data: vec![0u8; usize::try_from(coarse.outboard_size()).expect("fits memory")],
+        };
+        for node in coarse.pre_order_nodes_iter() {
+            if let Some(pair) = bao_tree::io::sync::Outboard::load(&self, node)? {
+                out.save(node, &pair)?;
+            }
+        }
+        let mut file = header_with(size, group_log).to_vec();
+        file.extend_from_slice(&out.data);
+        Ok(file)
+    }
+
+    /// The blob's size.
+    pub fn size(&self) -> u64 {
+        self.tree.size()
+    }
 }
 
 /// Where the outboard of the blob at `blob_path` lives: beside it, so it is written,
