@@ -96,6 +96,15 @@ impl GuestCmdline {
         self.0.push_str(key);
     }
 
+    /// `key=value`; `value` has no spaces or quotes.
+    pub(crate) fn push_value(&mut self, key: &str, value: &str) {
+        debug_assert!(!value.contains([' ', '"']));
+        self.0.push(' ');
+        self.0.push_str(key);
+        self.0.push('=');
+        self.0.push_str(value);
+    }
+
     /// The keys for `mode`: the guest then does `mode` as checked, e.g. with
     /// `--shell-path`'s store path resolved to its bin/sh.
     pub(crate) fn push_mode(&mut self, mode: &Mode) -> Result<(), GuestModeError> {

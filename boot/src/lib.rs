@@ -26,6 +26,7 @@ mod guest_mode;
 mod host_signals;
 mod initrd;
 mod microvm;
+mod network;
 pub mod seccomp;
 mod terminal;
 
@@ -38,6 +39,7 @@ pub use microvm::{
     Console, DEFAULT_CMDLINE, DEFAULT_STOP_GRACE, ExitStatus, GuestEnd, MicroVm, MicroVmError,
     RunningVm, Stdio, VmStopper, default_kernel,
 };
+pub use network::{GUEST_NETWORK, Network, NetworkError, PublishedPort, TAP_MTU};
 /// The content-addressed store a VM serves at /nix/store.
 pub use tvix_boot_store as store;
 pub use tvix_boot_store::{Store, StoreAddrs};

@@ -39,6 +39,8 @@ pub enum InitError {
     Fork { source: io::Error },
     /// The program's stdio ports are missing or cannot be opened.
     Ports { detail: String },
+    /// The network the host asked for (`tvix.net`) could not be set up.
+    Network { detail: String },
 }
 
 impl fmt::Display for InitError {
@@ -65,6 +67,7 @@ impl fmt::Display for InitError {
             InitError::Wait { pid, source } => write!(f, "waiting for pid {pid}: {source}"),
             InitError::Fork { source } => write!(f, "cannot fork to run the program: {source}"),
             InitError::Ports { detail } => write!(f, "program stdio: {detail}"),
+            InitError::Network { detail } => write!(f, "network: {detail}"),
         }
     }
 }

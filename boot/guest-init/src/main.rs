@@ -40,6 +40,7 @@
 //! reports 256 and powers off, because PID 1 exiting would panic the kernel.
 
 mod error;
+mod net;
 mod stdio_ports;
 mod sys;
 
@@ -55,7 +56,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tvix_boot_guest_init::protocol::{
     self, Cmdline, EXIT_STATUS_PORT, EXIT_STATUS_PORT_LEN, HostRequest, KEY_ARGS, KEY_CONTROL_PORT,
-    KEY_FIND, KEY_INIT, KEY_RUN, KEY_SHELL, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode,
+    KEY_FIND, KEY_INIT, KEY_NET, KEY_RUN, KEY_SHELL, KEY_STDIO_PORTS, KEY_WINSIZE_PORT, Mode,
     POWER_OFF_LINE, PROGRAM_ENV_FILE, PROGRAM_WORKDIR_FILE, STATUS_INIT_FAILED, STATUS_STOPPED,
 };
 
@@ -129,6 +130,7 @@ fn run() -> Result<Option<u32>, InitError> {
         fs::read_to_string("/proc/cmdline").map_err(|source| InitError::ReadCmdline { source })?;
     let cmdline = Cmdline::parse(&cmdline);
     let mode = Mode::from_cmdline(&cmdline).map_err(InitError::Cmdline)?;
+    set_up_network(&cmdline)?;
 
     if cmdline.has(KEY_CONTROL_PORT) {
         let walking = matches!(mode, Mode::Find);
@@ -188,6 +190,25 @@ fn run() -> Result<Option<u32>, InitError> {
             Ok(None)
         }
     }
+}
+
+/// `lo` in every guest (a failure there is reported, not fatal: few programs need it);
+/// `eth0` when the host gave the guest a network, and then a failure is fatal: the
+/// program was meant to have one.
+fn set_up_network(cmdline: &Cmdline) -> Result<(), InitError> {
+    if let Err(e) = net::bring_up_loopback() {
+        say!("tvix-init: {e}");
+    }
+    let Some(value) = cmdline.get(KEY_NET) else {
+        return Ok(());
+    };
+    let network =
+        protocol::GuestNetwork::parse(value.unwrap_or("")).map_err(|e| InitError::Network {
+            detail: e.to_string(),
+        })?;
+    net::configure(&network).map_err(|e| InitError::Network {
+        detail: e.to_string(),
+    })
 }
 
 fn mkdir(path: &str) -> Result<(), InitError> {

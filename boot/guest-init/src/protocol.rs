@@ -289,6 +289,74 @@ fn base64url_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Key: configure `eth0`, the first virtio-net interface: `tvix.net=ADDRESS/PREFIX,GATEWAY`
+/// with an optional `,DNS` (IPv4, dotted). The init brings the interface up with the
+/// address, adds a default route through the gateway and writes the name server into
+/// /etc/resolv.conf. IPv6 needs no key: the kernel configures it from the router
+/// advertisements the host side sends. `lo` is brought up in every guest.
+pub const KEY_NET: &str = "tvix.net";
+
+/// What `tvix.net` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestNetwork {
+    pub address: std::net::Ipv4Addr,
+    /// The network prefix length, 0 to 32.
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub dns: Option<std::net::Ipv4Addr>,
+}
+
+/// A `tvix.net` value the init cannot use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadNetworkKey(pub String);
+
+impl std::fmt::Display for BadNetworkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{KEY_NET}={:?} is not ADDRESS/PREFIX,GATEWAY[,DNS] (IPv4)",
+            self.0
+        )
+    }
+}
+
+impl GuestNetwork {
+    /// The key's value.
+    pub fn to_value(&self) -> String {
+        let mut value = format!("{}/{},{}", self.address, self.prefix_len, self.gateway);
+        if let Some(dns) = self.dns {
+            value.push_str(&format!(",{dns}"));
+        }
+        value
+    }
+
+    pub fn parse(value: &str) -> Result<Self, BadNetworkKey> {
+        let bad = || BadNetworkKey(value.to_owned());
+        let mut fields = value.split(',');
+        let (address, prefix_len) = fields
+            .next()
+            .and_then(|f| f.split_once('/'))
+            .ok_or_else(bad)?;
+        let network = GuestNetwork {
+            address: address.parse().map_err(|_| bad())?,
+            prefix_len: prefix_len
+                .parse()
+                .ok()
+                .filter(|&p: &u8| p <= 32)
+                .ok_or_else(bad)?,
+            gateway: fields.next().ok_or_else(bad)?.parse().map_err(|_| bad())?,
+            dns: fields
+                .next()
+                .map(|dns| dns.parse().map_err(|_| bad()))
+                .transpose()?,
+        };
+        if fields.next().is_some() {
+            return Err(bad());
+        }
+        Ok(network)
+    }
+}
+
 /// The kernel command line, split into parameters the way the kernel's
 /// `next_arg` does: whitespace separates, double quotes group (and are
 /// dropped). Parsing stops at a lone `--` (what follows is init's argv).
@@ -457,6 +525,37 @@ impl Mode {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_network_key_round_trips_and_rejects_what_the_init_cannot_use() {
+        let network = GuestNetwork {
+            address: "10.0.2.15".parse().unwrap(),
+            prefix_len: 24,
+            gateway: "10.0.2.2".parse().unwrap(),
+            dns: Some("10.0.2.3".parse().unwrap()),
+        };
+        assert_eq!(network.to_value(), "10.0.2.15/24,10.0.2.2,10.0.2.3");
+        assert_eq!(GuestNetwork::parse(&network.to_value()), Ok(network));
+        let without_dns = GuestNetwork {
+            dns: None,
+            ..network
+        };
+        assert_eq!(
+            GuestNetwork::parse("10.0.2.15/24,10.0.2.2"),
+            Ok(without_dns)
+        );
+        for bad in [
+            "",
+            "10.0.2.15",
+            "10.0.2.15/33,10.0.2.2",
+            "10.0.2.15/24",
+            "10.0.2.15/24,gateway",
+            "10.0.2.15/24,10.0.2.2,10.0.2.3,extra",
+            "::1/64,::2",
+        ] {
+            assert!(GuestNetwork::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tvix_boot::seccomp::EnableError;
 use tvix_boot::{
     Console, DEFAULT_STOP_GRACE, ExitStatus, FORWARDED_SIGNALS, GuestEnd, HostStop, MicroVm,
-    MicroVmError, QueueService,
+    MicroVmError, Network, PublishedPort, QueueService,
 };
 use tvix_boot_guest_init::protocol::Mode;
 
@@ -103,6 +103,18 @@ pub struct VmArgs {
     /// event loop (for comparing the two; threads serve parallel requests in parallel).
     #[arg(long, value_name = "WHERE", default_value = "threads", value_parser = parse_queue_service)]
     virtiofs_queues: QueueService,
+
+    /// Give the guest a network (without it, it has only lo): `passt` (the default:
+    /// user-mode networking through passt, no root; the guest is 10.0.2.15, the host's
+    /// loopback is 10.0.2.2) or `tap=NAME` (an existing tap device).
+    #[arg(long, value_name = "passt|tap=NAME", num_args = 0..=1,
+          default_missing_value = "passt", value_parser = parse_network)]
+    net: Option<Network>,
+
+    /// With --net: the host's TCP port HOST_PORT reaches GUEST_PORT in the guest
+    /// (repeatable; one number for both).
+    #[arg(long, value_name = "HOST_PORT:GUEST_PORT", requires = "net")]
+    publish: Vec<PublishedPort>,
 
     #[command(flatten)]
     seccomp: SeccompArgs,
@@ -231,6 +243,12 @@ fn boot(
         vm = vm.timeout(timeout);
     }
     vm = vm.virtiofs_queues(args.virtiofs_queues);
+    if let Some(mut network) = args.net {
+        for port in args.publish {
+            network = network.publish(port);
+        }
+        vm = vm.network(network);
+    }
     for (key, value) in args.env {
         vm = vm.env(key, value);
     }
@@ -322,6 +340,15 @@ fn parse_size(text: &str) -> Result<u64, String> {
     number
         .checked_mul(1 << shift)
         .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// `--net`'s value.
+fn parse_network(text: &str) -> Result<Network, String> {
+    match text.split_once('=') {
+        None if text == "passt" => Ok(Network::passt()),
+        Some(("tap", name)) if !name.is_empty() => Ok(Network::tap(name)),
+        _ => Err(format!("{text:?}: expected passt or tap=NAME")),
+    }
 }
 
 #[cfg(test)]

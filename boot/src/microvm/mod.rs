@@ -22,6 +22,7 @@ use tvix_boot_vmm::VmError;
 
 use crate::guest_mode::GuestModeError;
 use crate::initrd::InitrdError;
+use crate::network::{Network, NetworkError};
 
 mod exit_status;
 mod ports;
@@ -90,6 +91,9 @@ pub enum MicroVmError {
     /// The program's streams could not be set up as console ports.
     #[error("{0}")]
     Console(ConsoleError),
+    /// The guest's network could not be set up (passt, a tap device).
+    #[error("cannot set up the guest's network: {0}")]
+    Network(#[from] NetworkError),
     /// The thread that runs the VM could not be started.
     #[error("cannot start the VM's thread: {0}")]
     Thread(SeccompError),
@@ -178,6 +182,7 @@ pub struct MicroVm {
     console_log: Option<Box<dyn Write + Send>>,
     timeout: Option<Duration>,
     stop_grace: Duration,
+    network: Option<Network>,
 }
 
 impl MicroVm {
@@ -203,6 +208,7 @@ impl MicroVm {
             console_log: None,
             timeout: None,
             stop_grace: DEFAULT_STOP_GRACE,
+            network: None,
         }
     }
 
@@ -400,6 +406,13 @@ impl MicroVm {
     /// help (default [`DEFAULT_STOP_GRACE`]).
     pub fn stop_grace(mut self, grace: Duration) -> Self {
         self.stop_grace = grace;
+        self
+    }
+
+    /// Gives the guest a network: an `eth0` through passt (user-mode, no root) or a tap
+    /// device; see [`Network`]. Without it the guest has only `lo`.
+    pub fn network(mut self, network: Network) -> Self {
+        self.network = Some(network);
         self
     }
 

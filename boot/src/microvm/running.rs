@@ -56,6 +56,7 @@ impl VmThread {
             stopper,
             thread: self.thread.take(),
             status: None,
+            passt: None,
         }
     }
 }
@@ -84,6 +85,8 @@ pub struct RunningVm {
     stopper: VmStopper,
     thread: Option<VmThreadHandle>,
     status: Option<ExitStatus>,
+    /// The guest's passt, reaped once the VM (and with it passt's socket) is gone.
+    pub(super) passt: Option<crate::network::Passt>,
 }
 
 impl RunningVm {
@@ -96,7 +99,10 @@ impl RunningVm {
         // Like Child::wait: the program must not block on a stdin nobody closes.
         drop(self.stdin.take());
         let thread = self.thread.take().ok_or(MicroVmError::AlreadyReported)?;
-        let status = thread.join().flatten().ok_or(MicroVmError::Panicked)??;
+        let status = thread.join().flatten().ok_or(MicroVmError::Panicked);
+        // The VM is gone, and its end of passt's socket with it: passt ends now.
+        drop(self.passt.take());
+        let status = status??;
         self.status = Some(status);
         Ok(status)
     }

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tvix_boot_guest_init::protocol::Mode;
+use tvix_boot_devices::virtio::net::{DEFAULT_MAC, VirtioNet};
+use tvix_boot_guest_init::protocol::{KEY_NET, Mode};
 use tvix_boot_store::{Store, StoreAddrs};
 use tvix_boot_virtiofs::{FsStore, QueueService, StoreFs, StoreFsOptions, VirtioFs};
 use tvix_boot_vmm::{ConsoleIo, HostStop, Initrd, VmBuilder, VmConfig, startup};
@@ -21,6 +22,7 @@ use super::{
 use crate::guest_mode::{self, GuestCmdline};
 use crate::host_signals::HostSignals;
 use crate::initrd::{self, HOST_BUSYBOX, ProgramSetup};
+use crate::network::{self, GUEST_NETWORK, NetworkError};
 use crate::terminal::RawTerminal;
 
 /// The virtio-fs tag the guest mounts at /nix/store.
@@ -116,6 +118,8 @@ impl MicroVm {
             },
         };
         let mut plan = Plan::new(&self)?;
+        // passt starts while the VM is set up; it is waited for before the VM runs.
+        let mut network = self.network.as_ref().map(network::start).transpose()?;
         // Installing its seccomp filter overlaps with the set-up below.
         let vm_thread = VmThread::start()?;
 
@@ -147,6 +151,9 @@ impl MicroVm {
         }
         if plan.runs_a_program() {
             ports.add_control(&mut plan.cmdline)?;
+        }
+        if network.is_some() {
+            plan.cmdline.push_value(KEY_NET, &GUEST_NETWORK.to_value());
         }
 
         let initrd = match (&plan.guest, &plan.mode) {
@@ -191,6 +198,13 @@ impl MicroVm {
         if let Some(console_ports) = ports.device()? {
             vm.add_virtio_device(Box::new(console_ports))?;
         }
+        let mut passt = None;
+        if let Some(host) = network.take() {
+            let device =
+                VirtioNet::new(host.backend, DEFAULT_MAC, host.mtu).map_err(NetworkError::from)?;
+            vm.add_virtio_device(Box::new(device))?;
+            passt = host.passt;
+        }
         let exit = vm.exit_notifier();
         if let Some(timeout) = self.timeout {
             exit.set_deadline(started_at + timeout, HostStop::TimedOut);
@@ -208,6 +222,10 @@ impl MicroVm {
         let status = vm.guest_status();
         // Here, not on the VM's thread: creating vCPUs takes ioctls its filter forbids.
         let vm = vm.build()?;
+        if let Some(passt) = &mut passt {
+            passt.wait_ready()?;
+            startup::mark("passt ready");
+        }
 
         let console_stdio = plan.console_stdio;
         let job: VmJob = Box::new(move || {
@@ -224,6 +242,7 @@ impl MicroVm {
         running.stdin = ports.stdin;
         running.stdout = ports.stdout;
         running.stderr = ports.stderr;
+        running.passt = passt;
         Ok(running)
     }
 }

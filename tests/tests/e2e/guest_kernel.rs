@@ -96,6 +96,9 @@ const REQUIRED_OPTIONS: &[(&str, &str)] = &[
         "CONFIG_VIRTIO_CONSOLE",
         "tvix-boot: program streams on virtio-console ports",
     ),
+    ("CONFIG_VIRTIO_NET", "tvix-boot --net: the guest's eth0"),
+    ("CONFIG_INET", "tvix-boot --net: IPv4"),
+    ("CONFIG_IPV6", "tvix-boot --net: IPv6"),
     ("CONFIG_ACPI", "tvix-boot: power-off through ACPI S5"),
     (
         "CONFIG_PVPANIC",

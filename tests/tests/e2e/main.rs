@@ -13,6 +13,7 @@
 mod bounded_resources;
 mod guest_kernel;
 mod library_examples;
+mod network;
 mod nix_closure;
 mod program_streams;
 mod run_modes;
@@ -82,6 +83,7 @@ fn main() {
         virtiofs_guest::TWO_CPUS_CHECKS,
     );
     plan.suite("vm_boot", secs(45), vm_boot::suite, vm_boot::CHECKS);
+    plan.suite("network", secs(120), network::suite, network::CHECKS);
     plan.suite(
         "nix_closure",
         secs(30),
