@@ -343,6 +343,15 @@ pub fn open_many_static_once() -> std::result::Result<PathBuf, String> {
         .clone()
 }
 
+/// `net-probe` (tests/src/bin), static: TCP throughput and connect time, measured by the
+/// same program in every guest and in the test host. Built once per process.
+pub fn net_probe_static_once() -> std::result::Result<PathBuf, String> {
+    static BIN: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BIN.get_or_init(|| build_static("tvix-boot-tests", "net-probe").map_err(|e| e.to_string()))
+        .clone()
+}
+
 /// The static tvix-boot binary for the test host: `$TVIX_BOOT_BIN` when set
 /// (checked to be static), otherwise [`build_tvix_boot_static`].
 pub fn tvix_boot_static() -> Result<PathBuf> {
