@@ -44,8 +44,7 @@ poweroff -f
 "#;
 
 const HOST_SCRIPT: &str = r#"
-ip link set lo up
-net-probe sink 9000 &
+{uplink}net-probe sink 9000 &
 net-probe source 9001 {bytes} &
 qemu() {
   qemu-system-x86_64 -M microvm -enable-kvm -cpu host -smp 1 -m 512 \
@@ -115,6 +114,7 @@ fn main() {
     files.push(GuestFile::bytes(GUEST_INITRD, initrd.finish(), 0o644));
 
     let script = HOST_SCRIPT
+        .replace("{uplink}", assets::UPLINK_SETUP)
         .replace("{bytes}", &BYTES.to_string())
         .replace("{runs}", &RUNS.to_string())
         .replace("{bzimage}", GUEST_BZIMAGE)

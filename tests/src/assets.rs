@@ -11,13 +11,26 @@ use crate::error::{Error, Result, last_lines};
 /// Debian metapackage that always depends on the current cloud kernel.
 const TESTHOST_KERNEL_META: &str = "linux-image-cloud-amd64";
 
-/// Modules that give the test host /dev/kvm, in load order, with their path
-/// under `lib/modules/<version>/kernel/`.
-pub const KVM_MODULES: &[(&str, &str)] = &[
+/// Modules the test host loads, in load order, with their path under
+/// `lib/modules/<version>/kernel/`: /dev/kvm, and dummy network interfaces (passt
+/// needs a non-loopback interface with a default route, which a test host without a
+/// network card lacks; see [`UPLINK_SETUP`]).
+pub const TESTHOST_MODULES: &[(&str, &str)] = &[
     ("irqbypass", "virt/lib/irqbypass"),
     ("kvm", "arch/x86/kvm/kvm"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd"),
+    ("dummy", "drivers/net/dummy"),
 ];
+
+/// Test-host shell lines that bring `lo` up and give the test host a dummy uplink with a
+/// default route (TEST-NET-1 addresses, reaching nothing), so that passt, which
+/// refuses to start without an external interface, can run there.
+pub const UPLINK_SETUP: &str = "ip link set lo up
+ip link add uplink0 type dummy
+ip addr add 192.0.2.1/24 dev uplink0
+ip link set uplink0 up
+ip route add default via 192.0.2.254 dev uplink0
+";
 
 /// Where Debian's busybox-static puts its binary.
 const BUSYBOX: &str = "/bin/busybox";
@@ -106,7 +119,7 @@ impl TestHostKernel {
         if !vmlinuz.is_file() {
             return Err(missing("test-host kernel", &vmlinuz, ""));
         }
-        let modules = KVM_MODULES
+        let modules = TESTHOST_MODULES
             .iter()
             .map(|(name, _)| {
                 let ko = dir.join(format!("{name}.ko"));
@@ -184,7 +197,7 @@ fn fetch_kernel_package(package: &str, version: &str, dir: &Path) -> Result<()> 
     let vmlinuz = unpacked.join(format!("boot/vmlinuz-{version}"));
     copy(&vmlinuz, &result.join("vmlinuz"))?;
     let module_dir = unpacked.join(format!("lib/modules/{version}/kernel"));
-    for (name, rel) in KVM_MODULES {
+    for (name, rel) in TESTHOST_MODULES {
         let dest = result.join(format!("{name}.ko"));
         install_module(&module_dir, rel, &dest)?;
     }

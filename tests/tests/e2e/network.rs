@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tvix_boot_tests::plan::Check;
 use tvix_boot_tests::tree::last_value;
-use tvix_boot_tests::{GUEST_KERNEL, Suite, TestHost, TestHostOutput, qemu};
+use tvix_boot_tests::{GUEST_KERNEL, Suite, TestHost, TestHostOutput, assets, qemu};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -22,8 +22,7 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 const SETUP: &str = r#"
 set -e
 export XDG_DATA_HOME=/suite/data TVIX_BOOT_KERNEL={kernel}
-ip link set lo up
-mkdir -p /suite/bb/bin /suite/www
+{uplink}mkdir -p /suite/bb/bin /suite/www
 cp /bin/busybox /suite/bb/bin/busybox
 ln -s busybox /suite/bb/bin/sh
 BB=$(tvix-boot store import /suite/bb)
@@ -133,7 +132,12 @@ pub fn suite() -> Suite {
         "network",
         TestHost::builder().with_static_tvix_boot().memory_mib(1536),
     )
-    .setup(&SETUP.replace("{kernel}", GUEST_KERNEL), TIMEOUT)
+    .setup(
+        &SETUP
+            .replace("{kernel}", GUEST_KERNEL)
+            .replace("{uplink}", assets::UPLINK_SETUP),
+        TIMEOUT,
+    )
     .files(passt)
     .case(
         "without_net_the_guest_has_a_working_lo_and_nothing_else",
