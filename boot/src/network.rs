@@ -43,6 +43,9 @@ pub const TAP_MTU: u16 = 1500;
 /// How long passt may take to start (it writes its PID file when ready).
 const PASST_START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whom passt runs as when tvix-boot runs as root: `nobody` on Debian.
+const PASST_RUNAS_ROOT: &str = "65534:65534";
+
 /// Where the descriptor of the socket pair's passt end is, in passt.
 const PASST_FD: i32 = 3;
 
@@ -247,6 +250,12 @@ impl Passt {
             .args(["--gateway", &network.gateway.to_string()]);
         if let Some(dns) = network.dns {
             command.args(["--dns-forward", &dns.to_string()]);
+        }
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            // passt refuses to keep root and looks `nobody` up by name, which a minimal
+            // system (a container, the test host) may not have: name it by number.
+            command.args(["--runas", PASST_RUNAS_ROOT]);
         }
         for port in publish {
             command.args(["--tcp-ports", &format!("{}:{}", port.host, port.guest)]);

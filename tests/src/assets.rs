@@ -108,7 +108,7 @@ impl TestHostKernel {
         };
         let version = version.to_string_lossy().into_owned();
         let dir = root.join(&version);
-        if !dir.join(".complete").exists() {
+        if !is_complete(&dir) {
             return Ok(None);
         }
         Self::load(&dir, &version).map(Some)
@@ -126,7 +126,7 @@ impl TestHostKernel {
                 if ko.is_file() {
                     Ok((name.to_string(), ko))
                 } else {
-                    Err(missing("test-host KVM module", &ko, ""))
+                    Err(missing("test-host kernel module", &ko, ""))
                 }
             })
             .collect::<Result<_>>()?;
@@ -204,18 +204,28 @@ fn fetch_kernel_package(package: &str, version: &str, dir: &Path) -> Result<()> 
     let complete = result.join(".complete");
     std::fs::write(&complete, format!("{package}\n")).map_err(Error::io(&complete))?;
 
-    if dir.join(".complete").exists() {
+    if is_complete(dir) {
         // Another process finished first; its copy is as good as ours.
         return Ok(());
     }
-    // A leftover without .complete is from an interrupted fetch.
+    // A leftover that is not complete is from an interrupted fetch, or from before a
+    // module joined the list.
     let _ = std::fs::remove_dir_all(dir);
     match std::fs::rename(&result, dir) {
         Ok(()) => Ok(()),
         // Lost a race with another process that just renamed its copy in.
-        Err(_) if dir.join(".complete").exists() => Ok(()),
+        Err(_) if is_complete(dir) => Ok(()),
         Err(e) => Err(Error::io(dir)(e)),
     }
+}
+
+/// Whether a fetched test-host kernel in `dir` is whole: marked complete, and with every
+/// module of [`TESTHOST_MODULES`] (a cache from before a module joined the list is not).
+fn is_complete(dir: &Path) -> bool {
+    dir.join(".complete").exists()
+        && TESTHOST_MODULES
+            .iter()
+            .all(|(name, _)| dir.join(format!("{name}.ko")).is_file())
 }
 
 /// Copies a module out of the package, uncompressing it: newer Debian kernels
@@ -233,7 +243,7 @@ fn install_module(module_dir: &Path, rel: &str, dest: &Path) -> Result<()> {
         }
     }
     Err(missing(
-        "KVM module",
+        "test-host kernel module",
         &plain,
         "; the kernel package has no such module (.ko, .ko.xz or .ko.zst)",
     ))

@@ -153,6 +153,10 @@ const REQUIRED_OPTIONS: &[(&str, &str)] = &[
 /// Options that must be off, and why.
 const FORBIDDEN_OPTIONS: &[(&str, &str)] = &[
     (
+        "CONFIG_IPV6_SIT",
+        "tvix-boot: a guest's interfaces are lo and, with --net, eth0 (no sit0)",
+    ),
+    (
         "CONFIG_MODULES",
         "tvix-boot: no modules, everything built in",
     ),
