@@ -129,6 +129,7 @@ fn serve(store: Store, socket: PathBuf) -> Server {
                     async move {
                         let _ = stopped.await;
                     },
+                    Duration::ZERO,
                 )
                 .await
                 .unwrap();
