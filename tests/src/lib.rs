@@ -33,6 +33,7 @@ pub mod assets;
 mod error;
 pub mod initramfs;
 mod kvm;
+pub mod lying_store;
 pub mod nix;
 pub mod plan;
 pub mod qemu;
