@@ -30,6 +30,7 @@
 //! of its own.
 
 pub mod assets;
+pub mod cpython;
 mod error;
 pub mod initramfs;
 mod kvm;
