@@ -54,6 +54,7 @@ fn export(mut cmd: Command, path: &str) -> Duration {
 }
 
 fn main() {
+    tvix_boot_benches::bench_mode_only("grpc_blob_read");
     let rounds: usize = std::env::var("GRPC_BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())

@@ -5,141 +5,25 @@
 //! (`store export-nar`) fail with a message naming the blob or directory.
 //!
 //! The lying server is the real daemon code (`tvix_boot_store::grpc::serve`) over a
-//! store whose blob or directory service lies, in this test process. `store mount`
-//! needs root and /dev/fuse.
+//! store whose blob or directory service lies (tvix_boot_tests::lying_store, which the
+//! end-to-end suite `grpc_store` runs in the test host, where a guest reads through
+//! it), in this test process. `store mount` needs root and /dev/fuse.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tvix_boot_store::blobservice::{BlobError, BlobReader, BlobService, BlobWriter};
-use tvix_boot_store::directoryservice::{DirectoryError, DirectoryService};
-use tvix_boot_store::grpc::{self, ListenAddr, Listener};
 use tvix_boot_store::import::import_path;
-use tvix_boot_store::{B3Digest, Directory, Node, PathComponent, Store, StoreAddrs};
+use tvix_boot_store::{B3Digest, Node, Store, StoreAddrs};
+use tvix_boot_tests::lying_store::{self, Lie, PLANTED, Server, Targets};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tvix-boot");
 
-/// Where a flipped byte goes: in the third MiB of large blobs, the middle of small ones;
-/// blobs under 16 bytes are left alone.
-fn flip_at(size: u64) -> u64 {
-    match size {
-        0..16 => u64::MAX,
-        16..=0x30_0000 => size / 2,
-        _ => (2 << 20) + 4321,
-    }
-}
-
-struct FlippingBlobs(Arc<dyn BlobService>);
-struct FlippingReader(Arc<dyn BlobReader>);
-
-impl BlobReader for FlippingReader {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        let n = self.0.read_at(buf, offset)?;
-        let flip = flip_at(self.size());
-        if (offset..offset + n as u64).contains(&flip) {
-            buf[(flip - offset) as usize] ^= 1;
-        }
-        Ok(n)
-    }
-}
-
-impl BlobService for FlippingBlobs {
-    fn has(&self, digest: &B3Digest) -> Result<bool, BlobError> {
-        self.0.has(digest)
-    }
-    fn open(&self, digest: &B3Digest) -> Result<Option<Arc<dyn BlobReader>>, BlobError> {
-        Ok(self
-            .0
-            .open(digest)?
-            .map(|r| Arc::new(FlippingReader(r)) as Arc<dyn BlobReader>))
-    }
-    fn writer(&self) -> Result<Box<dyn BlobWriter>, BlobError> {
-        self.0.writer()
-    }
-    fn outboard(&self, digest: &B3Digest, log: u8) -> Result<Option<Vec<u8>>, BlobError> {
-        self.0.outboard(digest, log)
-    }
-}
-
-/// Serves every directory but the root with an extra entry.
-struct PlantingDirectories(Arc<dyn DirectoryService>, B3Digest);
-
-impl DirectoryService for PlantingDirectories {
-    fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, DirectoryError> {
-        let honest = self.0.get(digest)?;
-        if *digest == self.1 {
-            return Ok(honest);
-        }
-        Ok(honest.map(|mut d| {
-            let _ = d.add(
-                PathComponent::try_from(&b"planted"[..]).unwrap(),
-                Node::Symlink {
-                    target: "/etc/shadow".into(),
-                },
-            );
-            d
-        }))
-    }
-    fn has(&self, digest: &B3Digest) -> Result<bool, DirectoryError> {
-        self.0.has(digest)
-    }
-    fn put(&self, directory: &Directory) -> Result<B3Digest, DirectoryError> {
-        self.0.put(directory)
-    }
-}
-
-struct Server {
-    socket: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serve(store: Store, socket: PathBuf) -> Server {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let listen = ListenAddr::Unix(socket.clone());
-    let (ready, is_ready) = std::sync::mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        tokio::runtime::Runtime::new()
-            .unwrap()
-            .block_on(async move {
-                let listener = Listener::bind(&listen, None).await.unwrap();
-                ready.send(()).unwrap();
-                grpc::serve(
-                    Arc::new(store),
-                    listener,
-                    2,
-                    Arc::new(|_: &str| {}),
-                    async move {
-                        let _ = stopped.await;
-                    },
-                )
-                .await
-                .unwrap();
-            })
-    });
-    is_ready.recv().unwrap();
-    Server {
-        socket,
-        stop: Some(stop),
-        thread: Some(thread),
-    }
+/// Serves `honest` telling `lie` about everything below `path`.
+fn serve_lying(honest: Store, lie: Lie, path: &str, socket: PathBuf) -> Server {
+    let targets = Targets::below(&honest, path).unwrap();
+    Server::start(lying_store::lying(honest, lie, targets), socket).unwrap()
 }
 
 fn with_grpc<'a>(cmd: &'a mut Command, socket: &Path) -> &'a mut Command {
@@ -199,8 +83,9 @@ fn export_nar(socket: &Path, store_path: &str) -> (bool, String) {
     )
 }
 
-/// A tree with a small file, a 5 MiB file and a subdirectory, imported into `store`.
-fn tree(dir: &Path, store: &Store) -> (String, B3Digest, B3Digest, B3Digest) {
+/// A tree with a small file, a 5 MiB file and a subdirectory, imported into `store`: its
+/// store path and the subdirectory's digest.
+fn tree(dir: &Path, store: &Store) -> (String, B3Digest) {
     let root = dir.join("lied-about");
     std::fs::create_dir_all(root.join("sub")).unwrap();
     std::fs::write(root.join("small"), b"small file, flipped in the middle\n").unwrap();
@@ -215,12 +100,7 @@ fn tree(dir: &Path, store: &Store) -> (String, B3Digest, B3Digest, B3Digest) {
     let Some(Node::Directory { digest: sub, .. }) = root_dir.get(b"sub") else {
         panic!("sub is a directory")
     };
-    (
-        info.store_path.to_absolute_path(),
-        digest,
-        B3Digest::of(&big),
-        *sub,
-    )
+    (info.store_path.to_absolute_path(), *sub)
 }
 
 fn read(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -233,17 +113,20 @@ fn read(path: &Path) -> std::io::Result<Vec<u8>> {
 fn flipped_blob_bytes_are_eio_and_a_named_error() {
     let work = tempfile::tempdir().unwrap();
     let honest = Store::open(&StoreAddrs::in_directory(&work.path().join("store"))).unwrap();
-    let (path, _, big, _) = tree(work.path(), &honest);
-    let blobs = honest.blobs.clone();
-    let liar = honest.with_blobs(Arc::new(FlippingBlobs(blobs)));
-    let server = serve(liar, work.path().join("liar.sock"));
+    let (path, _) = tree(work.path(), &honest);
+    let server = serve_lying(
+        honest,
+        Lie::FlipBlobBytes,
+        &path,
+        work.path().join("liar.sock"),
+    );
 
-    let (ok, stderr) = export_nar(&server.socket, &path);
+    let (ok, stderr) = export_nar(server.socket(), &path);
     assert!(!ok, "export-nar of a lied-about path succeeded");
     assert!(stderr.contains("blob b3:"), "names the blob: {stderr}");
 
     let mnt = work.path().join("mnt");
-    let _mount = mount(&server.socket, &mnt, &path);
+    let _mount = mount(server.socket(), &mnt, &path);
     let at = mnt.join(path.trim_start_matches("/nix/store/"));
     // The small file: EIO at open or read. The large one: its first MiBs read right,
     // the range with the flipped byte is EIO.
@@ -261,19 +144,21 @@ fn flipped_blob_bytes_are_eio_and_a_named_error() {
     let err = read(&at.join("big")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_eq!(read(&at.join("sub/inner")).unwrap(), b"inner\n");
-    let _ = big;
 }
 
 #[test]
 fn a_directory_that_does_not_match_its_digest_is_eio_and_a_named_error() {
     let work = tempfile::tempdir().unwrap();
     let honest = Store::open(&StoreAddrs::in_directory(&work.path().join("store"))).unwrap();
-    let (path, root, _, sub) = tree(work.path(), &honest);
-    let directories = honest.directories.clone();
-    let liar = honest.with_directories(Arc::new(PlantingDirectories(directories, root)));
-    let server = serve(liar, work.path().join("liar.sock"));
+    let (path, sub) = tree(work.path(), &honest);
+    let server = serve_lying(
+        honest,
+        Lie::PlantDirectoryEntries,
+        &path,
+        work.path().join("liar.sock"),
+    );
 
-    let (ok, stderr) = export_nar(&server.socket, &path);
+    let (ok, stderr) = export_nar(server.socket(), &path);
     assert!(!ok, "export-nar through a lied-about directory succeeded");
     assert!(
         stderr.contains(&sub.to_string()),
@@ -281,11 +166,11 @@ fn a_directory_that_does_not_match_its_digest_is_eio_and_a_named_error() {
     );
 
     let mnt = work.path().join("mnt");
-    let _mount = mount(&server.socket, &mnt, &path);
+    let _mount = mount(server.socket(), &mnt, &path);
     let at = mnt.join(path.trim_start_matches("/nix/store/"));
     // The root is honest; `sub` is not, and is never listed with the planted entry.
     assert!(read(&at.join("small")).is_ok());
     let err = std::fs::read_dir(at.join("sub")).and_then(|mut d| d.next().transpose());
     assert_eq!(err.unwrap_err().raw_os_error(), Some(libc::EIO));
-    assert!(std::fs::symlink_metadata(at.join("sub/planted")).is_err());
+    assert!(std::fs::symlink_metadata(at.join("sub").join(PLANTED)).is_err());
 }

@@ -3,7 +3,7 @@
 //! The guest drives the vCPU threads (every MMIO and port access), the virtio-fs workers
 //! (every FUSE request) and the event loop (its console queues). A bug in any of them
 //! that gives the guest control of a thread should not give it the host: each thread is
-//! restricted to the system calls its role needs ([`filters`] lists them, as data). None
+//! restricted to the system calls its role needs (`filters.rs` lists them, as data). None
 //! of them may start a process (`execve`, `fork`: `clone` is allowed only with
 //! `CLONE_THREAD`), trace one, mount, load kernel code or change credentials; vCPU
 //! threads may not even open a file.

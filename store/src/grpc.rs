@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use prost::Message;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -459,10 +460,32 @@ pub struct Conn<S> {
     started: std::time::Instant,
     read: u64,
     written: u64,
+    clients: Clients,
+}
+
+impl<S> Conn<S> {
+    fn accepted(
+        inner: S,
+        peer: String,
+        on_connect: &Arc<dyn Fn(&str) + Send + Sync>,
+        clients: &Clients,
+    ) -> Self {
+        on_connect(&peer);
+        clients.send_modify(|n| *n += 1);
+        Conn {
+            inner,
+            peer,
+            started: std::time::Instant::now(),
+            read: 0,
+            written: 0,
+            clients: clients.clone(),
+        }
+    }
 }
 
 impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
+        self.clients.send_modify(|n| *n -= 1);
         tracing::debug!(
             "client {} gone: {:.1} s, {} bytes in, {} bytes out",
             self.peer,
@@ -531,14 +554,51 @@ impl<S: Connected> Connected for Conn<S> {
 /// (1 MiB) waiting per stream, this bounds what one slow client makes the daemon hold.
 const MAX_STREAMS_PER_CLIENT: u32 = 16;
 
-/// Serves `store` on `listener` until `shutdown` completes: then it stops accepting, lets
-/// running requests finish, and returns. `store` is called on `threads` threads.
+/// After the grace time, what the requests still running get to end, their clients told
+/// (HTTP/2 GOAWAY) that no new ones are taken; then their connections are closed. A
+/// request that a client is still reading takes a step per message, so a client that
+/// reads at all finishes in this time; one that stopped reading does not.
+const LAST_REQUESTS: Duration = Duration::from_secs(5);
+
+/// The connections a daemon serves: counted as they are accepted and dropped, so that a
+/// stopping daemon knows when its last client has gone.
+type Clients = Arc<tokio::sync::watch::Sender<usize>>;
+
+/// A daemon's unix socket, removed once: when the daemon stops accepting, so that a
+/// new daemon may bind the path while this one still serves its clients (and is not
+/// robbed of its socket when this one ends).
+struct SocketFile(std::sync::Mutex<Option<PathBuf>>);
+
+impl SocketFile {
+    fn remove(&self) {
+        let path = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(path) = path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Serves `store` on `listener` until `shutdown` completes, then stops as a daemon under
+/// a supervisor should:
+///
+/// - it takes no new clients: the listener is closed (a unix socket removed) at once;
+/// - the clients connected go on as before, new requests included, so that work made of
+///   many requests (a NAR export reads blob after blob, a large blob chunk by chunk)
+///   finishes; it returns when the last of them has disconnected;
+/// - `grace` after `shutdown`, the clients still connected are told to send no new
+///   requests; the requests running get 5 s more, and then whatever is still open is
+///   closed. A client that stopped reading a stream (stuck, or stopped with SIGSTOP)
+///   therefore holds the daemon `grace` plus 5 s at most, and then gets an error (never
+///   a short answer passed off as whole).
+///
+/// `store` is called on `threads` threads.
 pub async fn serve(
     store: Arc<Store>,
     listener: Listener,
     threads: usize,
     on_connect: Arc<dyn Fn(&str) + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
 ) -> Result<(), DaemonError> {
     use tonic_health::ServingStatus;
     let pool = BlockingPool::new(threads, "store-daemon").map_err(DaemonError::Threads)?;
@@ -579,54 +639,102 @@ pub async fn serve(
         .add_service(proto::path_info_service_server::PathInfoServiceServer::new(
             path_infos,
         ));
-    match listener {
-        Listener::Unix(listener, path) => {
-            let on_connect = on_connect.clone();
-            let incoming =
-                tokio_stream::wrappers::UnixListenerStream::new(listener).map(move |conn| {
+
+    let clients: Clients = Arc::new(tokio::sync::watch::Sender::new(0));
+    let socket = Arc::new(SocketFile(std::sync::Mutex::new(match &listener {
+        Listener::Unix(_, path) => Some(path.clone()),
+        Listener::Tcp(_) => None,
+    })));
+    let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
+    // tonic stops every connection (GOAWAY) as soon as its shutdown future completes,
+    // which would fail a client between two requests of one export: so the signal only
+    // closes the listener, and tonic's future completes when the clients have gone or
+    // the grace time is over.
+    let drain = {
+        let clients = clients.clone();
+        let socket = socket.clone();
+        async move {
+            shutdown.await;
+            socket.remove();
+            let _ = stop_accepting.send(());
+            let connected = *clients.borrow();
+            if connected > 0 {
+                tracing::info!(
+                    "taking no new clients; waiting for the {connected} connected to \
+                     disconnect (at most {} s)",
+                    grace.as_secs_f64()
+                );
+            }
+            let mut count = clients.subscribe();
+            tokio::select! {
+                _ = count.wait_for(|n| *n == 0) => {}
+                () = tokio::time::sleep(grace) => tracing::warn!(
+                    "{} client(s) still connected {} s after the signal: they may send \
+                     no new requests, and their connections close when their running \
+                     requests end (at most {} s)",
+                    *clients.borrow(),
+                    grace.as_secs_f64(),
+                    LAST_REQUESTS.as_secs_f64(),
+                ),
+            }
+            let _ = draining.send(());
+        }
+    };
+    let cut_off = async move {
+        if drain_started.await.is_err() {
+            // The drain was dropped: tonic has returned, and this branch is not polled.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(LAST_REQUESTS).await;
+    };
+    // After the signal, the listener is dropped (Chain drops a finished stream) and
+    // nothing more is accepted; a stream that ended would make tonic stop every
+    // connection at once.
+    let serving = match listener {
+        Listener::Unix(listener, _) => {
+            let (on_connect, clients) = (on_connect.clone(), clients.clone());
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+                .map(move |conn| {
                     conn.map(|stream| {
                         let peer = describe_unix_peer(&stream);
-                        on_connect(&peer);
-                        Conn {
-                            inner: stream,
-                            peer,
-                            started: std::time::Instant::now(),
-                            read: 0,
-                            written: 0,
-                        }
+                        Conn::accepted(stream, peer, &on_connect, &clients)
                     })
-                });
-            let result = router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await;
-            let _ = std::fs::remove_file(&path);
-            result.map_err(DaemonError::Serve)
+                })
+                .take_until(accepting_stopped)
+                .chain(futures::stream::pending());
+            router.serve_with_incoming_shutdown(incoming, drain).boxed()
         }
         Listener::Tcp(listener) => {
-            let incoming =
-                tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |conn| {
+            let (on_connect, clients) = (on_connect.clone(), clients.clone());
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+                .map(move |conn| {
                     conn.map(|stream| {
                         let _ = stream.set_nodelay(true);
                         let peer = stream
                             .peer_addr()
                             .map(|a| a.to_string())
                             .unwrap_or_else(|_| "?".into());
-                        on_connect(&peer);
-                        Conn {
-                            inner: stream,
-                            peer,
-                            started: std::time::Instant::now(),
-                            read: 0,
-                            written: 0,
-                        }
+                        Conn::accepted(stream, peer, &on_connect, &clients)
                     })
-                });
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-                .map_err(DaemonError::Serve)
+                })
+                .take_until(accepting_stopped)
+                .chain(futures::stream::pending());
+            router.serve_with_incoming_shutdown(incoming, drain).boxed()
         }
-    }
+    };
+    let result = tokio::select! {
+        result = serving => result.map_err(DaemonError::Serve),
+        () = cut_off => {
+            tracing::warn!(
+                "closed {} client connection(s) with requests still running",
+                *clients.borrow()
+            );
+            Ok(())
+        }
+    };
+    socket.remove();
+    result
 }
 
 /// The encoding of a path info's root node under its store path's name: what the golden

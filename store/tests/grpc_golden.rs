@@ -149,6 +149,8 @@ fn the_daemon_answers_tvix_and_snix_method_paths() {
                     async move {
                         let _ = stopped.await;
                     },
+                    // Stopped when the test is done with it: nothing to wait for.
+                    std::time::Duration::ZERO,
                 )
                 .await
                 .unwrap();

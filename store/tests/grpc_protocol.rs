@@ -62,9 +62,17 @@ fn start_daemon(store: Arc<Store>, via: Via) -> Daemon {
         runtime.block_on(async move {
             let listener = Listener::bind(&addr, None).await.unwrap();
             url_tx.send(listener.client_url()).unwrap();
-            grpc::serve(store, listener, 4, Arc::new(|_: &str| {}), async move {
-                let _ = stopped.await;
-            })
+            grpc::serve(
+                store,
+                listener,
+                4,
+                Arc::new(|_: &str| {}),
+                async move {
+                    let _ = stopped.await;
+                },
+                // Stopped when the test is done with it: nothing to wait for.
+                std::time::Duration::ZERO,
+            )
             .await
             .unwrap();
         });

@@ -375,6 +375,15 @@ pub fn net_probe_static_once() -> std::result::Result<PathBuf, String> {
         .clone()
 }
 
+/// `lying-store` (tests/src/bin, see [`crate::lying_store`]), static: a store server that
+/// lies about one store path, for the test host. Built once per test process.
+pub fn lying_store_static_once() -> std::result::Result<PathBuf, String> {
+    static BIN: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BIN.get_or_init(|| build_static("tvix-boot-tests", "lying-store").map_err(|e| e.to_string()))
+        .clone()
+}
+
 /// The static tvix-boot binary for the test host: `$TVIX_BOOT_BIN` when set
 /// (checked to be static), otherwise [`build_tvix_boot_static`].
 pub fn tvix_boot_static() -> Result<PathBuf> {

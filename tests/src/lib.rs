@@ -30,9 +30,11 @@
 //! of its own.
 
 pub mod assets;
+pub mod cpython;
 mod error;
 pub mod initramfs;
 mod kvm;
+pub mod lying_store;
 pub mod nix;
 pub mod plan;
 pub mod qemu;

@@ -299,7 +299,7 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
 }
 
 /// A duration like `90s`, `5m`, `1.5h`, `250ms`, `2d`; a bare number is seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

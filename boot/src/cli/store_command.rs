@@ -26,6 +26,7 @@ use tvix_boot_virtiofs::host_mount::{HostMount, MountError};
 use tvix_boot_virtiofs::vhost_user::{MAX_REQUEST_QUEUES, VhostUserFsError, VhostUserFsSocket};
 use tvix_boot_virtiofs::{StoreFs, StoreFsOptions};
 
+use super::run_vm::parse_duration;
 use super::seccomp_flag::SeccompArgs;
 
 /// Imports slower than this get a progress bar.
@@ -146,8 +147,10 @@ enum StoreCommand {
     },
     /// Serve the store over gRPC, as tvix-store's daemon does (its blob, directory and
     /// path-info services, under both tvix.* and snix.* names, and grpc.health.v1), to
-    /// many clients at once, until SIGINT or SIGTERM; requests running then finish first.
-    /// Clients use grpc+unix:///PATH or grpc+http://HOST:PORT as store addresses.
+    /// many clients at once, until SIGINT or SIGTERM. Then it takes no new clients, lets
+    /// the connected ones finish (for at most --shutdown-grace, then a few seconds for the
+    /// requests running) and exits 0. Clients use grpc+unix:///PATH or
+    /// grpc+http://HOST:PORT as store addresses.
     Daemon {
         /// A unix socket path (created with mode 0600, or 0660 with --socket-group), or
         /// HOST:PORT for TCP (a bare PORT listens on 127.0.0.1).
@@ -159,6 +162,13 @@ enum StoreCommand {
         /// Threads that call the store (its backends block); at least 1.
         #[arg(long, default_value_t = 8)]
         threads: usize,
+        /// After SIGINT or SIGTERM, how long connected clients may go on (`30s`, `2m`)
+        /// before they may send no new requests and are disconnected once their running
+        /// ones end.
+        // 30 s: long enough for a NAR export or an import in progress, well inside a
+        // supervisor's stop timeout (systemd's is 90 s).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        shutdown_grace: Duration,
     },
     /// Mount the store read-only at DIR through /dev/fuse, in the foreground, until
     /// SIGINT or SIGTERM.
@@ -301,9 +311,10 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
             listen,
             socket_group,
             threads,
+            shutdown_grace,
         } => {
             let group = socket_group.as_deref().map(group_id).transpose()?;
-            daemon(store, &listen, group, threads)?;
+            daemon(store, &listen, group, threads, shutdown_grace)?;
         }
         StoreCommand::Mount {
             dir,
@@ -417,7 +428,13 @@ fn write_info(out: &mut impl Write, info: &PathInfo) -> std::io::Result<()> {
     Ok(())
 }
 
-fn daemon(store: Store, listen: &str, group: Option<u32>, threads: usize) -> Result<(), CliError> {
+fn daemon(
+    store: Store,
+    listen: &str,
+    group: Option<u32>,
+    threads: usize,
+    grace: Duration,
+) -> Result<(), CliError> {
     let signals = StopSignals::new().map_err(CliError::Signals)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -434,7 +451,9 @@ fn daemon(store: Store, listen: &str, group: Option<u32>, threads: usize) -> Res
         let shutdown = async move {
             match signals.recv().await {
                 Ok(signal) => eprintln!(
-                    "tvix-boot: signal {signal}: finishing running requests, then exiting"
+                    "tvix-boot: signal {signal}: taking no new clients; exiting when the \
+                     connected ones have finished (at most {} s)",
+                    grace.as_secs_f64()
                 ),
                 Err(e) => {
                     tracing::warn!("cannot wait for SIGINT and SIGTERM: {e}");
@@ -444,7 +463,15 @@ fn daemon(store: Store, listen: &str, group: Option<u32>, threads: usize) -> Res
         };
         let on_connect: Arc<dyn Fn(&str) + Send + Sync> =
             Arc::new(|peer: &str| eprintln!("tvix-boot: client connected: {peer}"));
-        grpc::serve(Arc::new(store), listener, threads, on_connect, shutdown).await?;
+        grpc::serve(
+            Arc::new(store),
+            listener,
+            threads,
+            on_connect,
+            shutdown,
+            grace,
+        )
+        .await?;
         Ok(())
     })
 }

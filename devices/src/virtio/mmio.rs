@@ -163,13 +163,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size() as u32),
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().is_some_and(|q| q.ready()) as u32,
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            VIRTIO_MMIO_STATUS => {
-                if lock(&self.device).failed {
-                    self.status | VIRTIO_CONFIG_S_NEEDS_RESET
-                } else {
-                    self.status
-                }
-            }
+            VIRTIO_MMIO_STATUS => self.driver_visible_status(),
             VIRTIO_MMIO_CONFIG_GENERATION => 0,
             // No shared memory regions (yet): the spec says a missing region reads as all
             // ones. Reading 0 instead makes Linux's virtio-fs think it has a DAX window of
@@ -244,15 +238,27 @@ impl MmioTransport {
         }
     }
 
+    /// The status register as the driver reads it: what it wrote, and DEVICE_NEEDS_RESET
+    /// once an activation failed on the event loop.
+    fn driver_visible_status(&self) -> u32 {
+        if lock(&self.device).failed {
+            self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
     fn set_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
             return;
         }
-        // The driver may only add bits, in the order the spec gives.
-        if value & self.status != self.status {
+        // The driver may only add bits, in the order the spec gives; DEVICE_NEEDS_RESET,
+        // once the device set it, is one of the bits it must keep.
+        let current = self.driver_visible_status();
+        if value & current != current {
             tracing::warn!(
-                from = self.status,
+                from = current,
                 to = value,
                 "virtio-mmio: status bits cleared without a reset"
             );
@@ -701,6 +707,13 @@ mod tests {
         .unwrap();
         start_driver(&mut t);
         event_loop.run_once(0).unwrap();
+        assert_eq!(
+            read(&mut t, VIRTIO_MMIO_STATUS),
+            0xf | VIRTIO_CONFIG_S_NEEDS_RESET
+        );
+        // DEVICE_NEEDS_RESET is a bit the driver must keep: writing the status without
+        // it (here with FAILED instead, as the fuzzer found) changes nothing.
+        write(&mut t, VIRTIO_MMIO_STATUS, 0xf | VIRTIO_CONFIG_S_FAILED);
         assert_eq!(
             read(&mut t, VIRTIO_MMIO_STATUS),
             0xf | VIRTIO_CONFIG_S_NEEDS_RESET

@@ -11,6 +11,7 @@
 //! whole serial log under the target directory (`tmp/e2e-logs/<suite>.log`).
 
 mod bounded_resources;
+mod grpc_store;
 mod guest_kernel;
 mod library_examples;
 mod network;
@@ -57,6 +58,12 @@ fn main() {
         program_streams::CHECKS,
     );
     plan.suite("run_modes", secs(165), run_modes::suite, run_modes::CHECKS);
+    plan.suite(
+        "grpc_store",
+        secs(350),
+        grpc_store::suite,
+        grpc_store::CHECKS,
+    );
     plan.suite("terminal", secs(65), terminal::suite, terminal::CHECKS);
     plan.suite(
         "library_examples",
