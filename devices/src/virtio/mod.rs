@@ -130,6 +130,57 @@ pub struct Activation {
     pub event_loop: EventLoopHandle,
 }
 
+/// Copies `config`, a device's configuration space, from `offset` into `data`; what lies
+/// past its end reads as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
+    let n = (config.len() - start).min(data.len());
+    data[..n].copy_from_slice(&config[start..start + n]);
+    data[n..].fill(0);
+}
+
+/// The current activation of a device whose queues are served by a subscriber of the
+/// VM's event loop: the subscriber stops when its stop eventfd is signalled, which
+/// happens on a driver reset, on the next activation, and when the device is dropped.
+#[derive(Default)]
+pub struct LoopActivation {
+    stop: Option<EventFd>,
+}
+
+impl LoopActivation {
+    /// Stops the previous activation and hands `subscriber` to `event_loop`; `stop` is
+    /// a duplicate of the eventfd the subscriber stops on.
+    pub fn start(
+        &mut self,
+        device: &'static str,
+        event_loop: &EventLoopHandle,
+        subscriber: crate::event_loop::Subscriber,
+        stop: EventFd,
+    ) -> Result<(), ActivateError> {
+        self.stop();
+        event_loop
+            .add(subscriber)
+            .map_err(|source| ActivateError::EventLoop { device, source })?;
+        self.stop = Some(stop);
+        Ok(())
+    }
+
+    /// Stops the current activation, if any.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.write(1);
+        }
+    }
+}
+
+impl Drop for LoopActivation {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A virtio device type, independent of the transport that puts it before the guest.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (26 for virtio-fs).

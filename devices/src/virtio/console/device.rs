@@ -12,7 +12,8 @@ use super::queue::Context;
 use crate::event_loop::HostFd;
 
 use crate::virtio::{
-    ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    ActivateError, Activation, LoopActivation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice, read_config_space,
 };
 
 /// How errors name this device.
@@ -39,8 +40,8 @@ pub struct VirtioConsole {
     /// Host ends, handed to the activation's subscriber (a reset-and-reactivate by the
     /// driver finds them gone: streams are not replayed).
     ends: Vec<Option<HostEnd>>,
-    /// Stops the current activation's subscriber.
-    stop: Option<EventFd>,
+    /// The current activation's subscriber on the event loop.
+    activation: LoopActivation,
 }
 
 /// A port's host end, ready for the event loop.
@@ -74,14 +75,8 @@ impl VirtioConsole {
         Ok(Self {
             names,
             ends,
-            stop: None,
+            activation: LoopActivation::default(),
         })
-    }
-
-    fn stop_activation(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.write(1);
-        }
     }
 
     fn queue_count(&self) -> usize {
@@ -140,12 +135,6 @@ impl VirtioConsole {
     }
 }
 
-impl Drop for VirtioConsole {
-    fn drop(&mut self) {
-        self.stop_activation();
-    }
-}
-
 impl VirtioDevice for VirtioConsole {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_CONSOLE
@@ -168,18 +157,12 @@ impl VirtioDevice for VirtioConsole {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 12];
         config[4..8].copy_from_slice(&(self.names.len() as u32).to_le_bytes());
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(config.len());
-        let n = (config.len() - start).min(data.len());
-        data[..n].copy_from_slice(&config[start..start + n]);
-        data[n..].fill(0);
+        read_config_space(&config, offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let event_loop = activation.event_loop.clone();
         let active = self.take_activation(activation)?;
-        self.stop_activation();
         let stop = active
             .stop
             .try_clone()
@@ -187,18 +170,12 @@ impl VirtioDevice for VirtioConsole {
                 device: DEVICE_NAME,
                 source,
             })?;
-        event_loop
-            .add(Box::new(active))
-            .map_err(|source| ActivateError::EventLoop {
-                device: DEVICE_NAME,
-                source,
-            })?;
-        self.stop = Some(stop);
-        Ok(())
+        self.activation
+            .start(DEVICE_NAME, &event_loop, Box::new(active), stop)
     }
 
     fn reset(&mut self) {
-        self.stop_activation();
+        self.activation.stop();
     }
 }
 

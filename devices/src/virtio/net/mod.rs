@@ -26,8 +26,8 @@ pub use backend::{Backend, BackendError, MAX_FRAME_LEN};
 
 use self::active::ActiveNet;
 use crate::virtio::{
-    ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    ActivateError, Activation, LoopActivation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, read_config_space,
 };
 
 /// How errors name this device.
@@ -77,8 +77,8 @@ pub struct VirtioNet {
     /// The configuration space's status field; the activation takes the link down when
     /// the backend goes away.
     status: Arc<AtomicU16>,
-    /// Stops the current activation's subscriber.
-    stop: Option<EventFd>,
+    /// The current activation's subscriber on the event loop.
+    activation: LoopActivation,
 }
 
 impl VirtioNet {
@@ -94,14 +94,8 @@ impl VirtioNet {
             mtu,
             backend: Arc::new(Mutex::new(backend)),
             status: Arc::new(AtomicU16::new(LINK_UP)),
-            stop: None,
+            activation: LoopActivation::default(),
         })
-    }
-
-    fn stop_activation(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.write(1);
-        }
     }
 
     /// The work of one activation, not yet handed to the event loop.
@@ -135,12 +129,6 @@ impl VirtioNet {
     }
 }
 
-impl Drop for VirtioNet {
-    fn drop(&mut self) {
-        self.stop_activation();
-    }
-}
-
 impl VirtioDevice for VirtioNet {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -168,18 +156,12 @@ impl VirtioDevice for VirtioNet {
         config[6..8].copy_from_slice(&self.status.load(Ordering::SeqCst).to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&self.mtu.to_le_bytes());
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(config.len());
-        let n = (config.len() - start).min(data.len());
-        data[..n].copy_from_slice(&config[start..start + n]);
-        data[n..].fill(0);
+        read_config_space(&config, offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let event_loop = activation.event_loop.clone();
         let active = self.take_activation(activation)?;
-        self.stop_activation();
         let stop = active
             .stop
             .try_clone()
@@ -187,18 +169,12 @@ impl VirtioDevice for VirtioNet {
                 device: DEVICE_NAME,
                 source,
             })?;
-        event_loop
-            .add(Box::new(active))
-            .map_err(|source| ActivateError::EventLoop {
-                device: DEVICE_NAME,
-                source,
-            })?;
-        self.stop = Some(stop);
-        Ok(())
+        self.activation
+            .start(DEVICE_NAME, &event_loop, Box::new(active), stop)
     }
 
     fn reset(&mut self) {
-        self.stop_activation();
+        self.activation.stop();
     }
 }
 
