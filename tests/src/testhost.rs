@@ -432,6 +432,22 @@ impl TestHost {
             .collect();
         format!(
             r#"#!/bin/busybox sh
+# The initramfs is rootfs, where pivot_root(2) is refused, and passt sandboxes itself
+# with pivot_root: move everything to a tmpfs and switch_root into it first. Moved, not
+# copied, so that the store and tools in the initramfs are not held twice.
+if [ ! -e /.testhost-root ]; then
+    /bin/busybox mkdir -p /.newroot
+    /bin/busybox mount -t tmpfs -o mode=0755 tmpfs /.newroot
+    for entry in /*; do
+        case "$entry" in
+            # switch_root checks that the old root still has /init, and runs on /bin.
+            /bin|/init) /bin/busybox cp -a "$entry" /.newroot/ ;;
+            *) /bin/busybox mv "$entry" /.newroot/ ;;
+        esac
+    done
+    : > /.newroot/.testhost-root
+    exec /bin/busybox switch_root /.newroot /init
+fi
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=dumb
 mount -t proc proc /proc

@@ -93,7 +93,8 @@ tvix-boot --net --publish 8080:80 --timeout 240 --run $BB/bin/sh -- -c "
 VM=$!
 got=
 for i in $(seq 1 120); do
-  got=$(wget -q -T 5 -O - http://127.0.0.1:8080/index.html 2>/dev/null) && break
+  # Not wget -T: busybox 1.35's static wget segfaults with it.
+  got=$(timeout 10 wget -q -O - http://127.0.0.1:8080/index.html 2>/dev/null) && break
   sleep 1
 done
 echo "host-got=$got"
@@ -110,7 +111,7 @@ tvix-boot --net --timeout 240 --run $BB/bin/sh -- -c "
   B=$BB/bin/busybox
   \$B wget -q -O /dev/null http://10.0.2.2:8000/small && echo first-download-ok
   \$B sleep 8
-  \$B wget -q -T 5 -O /dev/null http://10.0.2.2:8000/small
+  \$B timeout 20 \$B wget -q -O /dev/null http://10.0.2.2:8000/small
   echo \"after-kill=\$?\"
 " > /tmp/guest.out 2>&1 &
 VM=$!
