@@ -2,11 +2,13 @@
 //! in tvix-boot's guest, in QEMU's guest and in the test host, so every contender is
 //! measured by the same code (busybox's nc stops reading its input early).
 //!
-//!     net-probe sink PORT                 accept forever; read each connection to its end
-//!     net-probe source PORT BYTES         accept forever; write BYTES to each, then close
-//!     net-probe send HOST:PORT BYTES      connect, write BYTES, wait for the peer's close
-//!     net-probe recv HOST:PORT            connect, read to the end
-//!     net-probe connect HOST:PORT COUNT   COUNT connections one after another
+//! ```text
+//! net-probe sink PORT                 accept forever; read each connection to its end
+//! net-probe source PORT BYTES         accept forever; write BYTES to each, then close
+//! net-probe send HOST:PORT BYTES      connect, write BYTES, wait for the peer's close
+//! net-probe recv HOST:PORT            connect, read to the end
+//! net-probe connect HOST:PORT COUNT   COUNT connections one after another
+//! ```
 //!
 //! The client commands print one line, `net-probe KIND bytes=N seconds=S` (for
 //! `connect`: `count=N seconds=S`), timed with the local clock.
