@@ -318,9 +318,17 @@ fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
 /// An explicit `--target` keeps the static RUSTFLAGS away from build scripts
 /// and proc macros, and keeps these artifacts apart from the normal ones, so
 /// neither build invalidates the other.
+///
+/// This is a second release build of every dependency, which no other step needs. Its
+/// intermediate artifacts are kept in the cache (`static-build`, cargo's build
+/// directory), like the kernels, so a fresh clone builds only the project's own crates
+/// again; the binaries still land in this checkout's target directory.
 fn build_static_target(package: &str, kind: &str, name: &str, output: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
+    if std::env::var_os("CARGO_BUILD_BUILD_DIR").is_none() {
+        cmd.env("CARGO_BUILD_BUILD_DIR", cache_dir().join("static-build"));
+    }
     cmd.current_dir(workspace_root())
         .args([
             "build",
