@@ -627,6 +627,7 @@ pub async fn serve(
         // What a client may send ahead (a blob Put) before the daemon has taken it.
         .initial_stream_window_size(tvix_boot_castore::grpc::STREAM_WINDOW)
         .initial_connection_window_size(tvix_boot_castore::grpc::CONNECTION_WINDOW)
+        .max_frame_size(tvix_boot_castore::grpc::MAX_FRAME)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .layer(tower::util::MapRequestLayer::new(accept_snix_names))
         .add_service(health_service)

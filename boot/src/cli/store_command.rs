@@ -1,6 +1,7 @@
 //! `tvix-boot store ...`: import, list, inspect and export store paths.
 
 use std::io::{BufWriter, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -266,6 +267,9 @@ pub fn run(addrs: &StoreAddrArgs, args: StoreArgs) -> ExitCode {
     }
 }
 
+/// The buffer between `export-nar` and its stdout: NAR framing comes in small writes.
+const NAR_WRITE_BUFFER: usize = 256 << 10;
+
 fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliError> {
     // The threads that serve requests run under filters (see tvix_boot::seccomp).
     if let StoreCommand::Mount { seccomp, .. } | StoreCommand::Virtiofs { seccomp, .. } = &command {
@@ -293,7 +297,15 @@ fn run_command(addrs: &StoreAddrArgs, command: StoreCommand) -> Result<(), CliEr
         }
         StoreCommand::ExportNar { store_path } => {
             let info = lookup(&store, &store_path)?;
-            store.write_nar(&info.node, &mut stdout)?;
+            // Straight to descriptor 1: std's stdout is line-buffered, so it would scan
+            // every byte of the NAR for newlines and split its writes at them.
+            let raw = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(CliError::Stdout)?;
+            let mut nar = BufWriter::with_capacity(NAR_WRITE_BUFFER, std::fs::File::from(raw));
+            store.write_nar(&info.node, &mut nar)?;
+            nar.flush().map_err(CliError::Stdout)?;
         }
         StoreCommand::Copy { store_paths } => {
             for (path, _already_there) in local_nix::copy_closure(&store, &store_paths)? {
