@@ -12,14 +12,15 @@ use crate::error::{Error, Result, last_lines};
 const TESTHOST_KERNEL_META: &str = "linux-image-cloud-amd64";
 
 /// Modules the test host loads, in load order, with their path under
-/// `lib/modules/<version>/kernel/`: /dev/kvm, and dummy network interfaces (passt
-/// needs a non-loopback interface with a default route, which a test host without a
-/// network card lacks; see [`UPLINK_SETUP`]).
+/// `lib/modules/<version>/kernel/`: /dev/kvm, dummy network interfaces (passt needs a
+/// non-loopback interface with a default route, which a test host without a network card
+/// lacks; see [`UPLINK_SETUP`]), and /dev/net/tun.
 pub const TESTHOST_MODULES: &[(&str, &str)] = &[
     ("irqbypass", "virt/lib/irqbypass"),
     ("kvm", "arch/x86/kvm/kvm"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd"),
     ("dummy", "drivers/net/dummy"),
+    ("tun", "drivers/net/tun"),
 ];
 
 /// Test-host shell lines that bring `lo` up and give the test host a dummy uplink with a

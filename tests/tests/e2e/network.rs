@@ -5,7 +5,9 @@
 //!   64 MiB from an HTTP server on the test host's loopback, through the gateway
 //!   address, and the sha256 matches;
 //! - `--publish` lets the test host reach a server in the guest;
-//! - killing passt gives the guest network errors, not a hung VM.
+//! - killing passt gives the guest network errors, not a hung VM;
+//! - `--net tap=NAME`: tvix-boot opens a tap device (creating it, as root), the test host
+//!   gives its end 10.0.2.2/24, and the guest fetches a file from a server there.
 //!
 //! Needs passt and busybox-static on the build machine. Fails, never skips.
 
@@ -49,6 +51,10 @@ pub const CHECKS: &[(&str, Check)] = &[
     (
         "killing_passt_gives_the_guest_network_errors_not_a_hung_vm",
         killing_passt_gives_the_guest_network_errors_not_a_hung_vm,
+    ),
+    (
+        "a_tap_device_carries_the_guests_traffic",
+        a_tap_device_carries_the_guests_traffic,
     ),
 ];
 
@@ -126,6 +132,31 @@ echo "status=$?"
 cat /tmp/guest.out
 "#;
 
+/// `--net tap=tap0`: the guest waits until the test host has put 10.0.2.2/24 on its
+/// end of the tap (which tvix-boot's TUNSETIFF creates) and serves a file there.
+const TAP: &str = r#"
+tvix-boot --net tap=tap0 --timeout 240 --run $BB/bin/sh -- -c "
+  B=$BB/bin/busybox
+  \$B ip -4 addr show eth0 | \$B grep inet
+  for i in \$(\$B seq 1 100); do
+    \$B wget -q -O - http://10.0.2.2:8001/small > /got 2>/dev/null && break
+    \$B sleep 0.2
+  done
+  echo \"tap-got=\$(\$B cat /got)\"
+" > /tmp/guest.out 2>&1 &
+VM=$!
+for i in $(seq 1 200); do
+  ip link show tap0 > /dev/null 2>&1 && break
+  sleep 0.05
+done
+ip addr add 10.0.2.2/24 dev tap0
+ip link set tap0 up
+busybox httpd -p 10.0.2.2:8001 -h /suite/www
+wait $VM
+echo "status=$?"
+cat /tmp/guest.out
+"#;
+
 pub fn suite() -> Suite {
     let passt = qemu::binary_with_libraries(std::path::Path::new("/usr/bin/passt"))
         .unwrap_or_else(|e| panic!("passt (apt-get install passt): {e}"));
@@ -161,6 +192,12 @@ pub fn suite() -> Suite {
     .case(
         "killing_passt_gives_the_guest_network_errors_not_a_hung_vm",
         KILL_PASST,
+        vec![],
+        TIMEOUT,
+    )
+    .case(
+        "a_tap_device_carries_the_guests_traffic",
+        TAP,
         vec![],
         TIMEOUT,
     )
@@ -226,4 +263,12 @@ fn killing_passt_gives_the_guest_network_errors_not_a_hung_vm(out: &TestHostOutp
         Some("0"),
         "the VM ended normally: {out}"
     );
+}
+
+fn a_tap_device_carries_the_guests_traffic(out: &TestHostOutput) {
+    finished(out);
+    assert_eq!(value(out, "status"), Some("0"), "{out}");
+    // Without passt the guest gets the same defaults.
+    assert!(out.script_output().contains("inet 10.0.2.15/24"), "{out}");
+    assert_eq!(value(out, "tap-got"), Some("small"), "{out}");
 }
