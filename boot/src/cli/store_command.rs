@@ -670,12 +670,13 @@ fn fs_store(store: Arc<Store>) -> tvix_boot_virtiofs::FsStore {
 /// freed and its trim threshold to twice that. With a few 1 MiB blocks in flight, the
 /// free space at the top of a thread's heap keeps crossing 2 MiB and is handed back to
 /// the kernel, and the next block faults it in again, zeroed. Reading a 1 GiB blob over
-/// `grpc+unix` (`store export-nar`) spent most of its system time so: 0.9 s with the
-/// defaults, 0.3 s with these values, and 1.3 s wall instead of 1.8 s (a trim threshold
-/// of 8 MiB gave 1.3 s, 16 MiB 1.1 s, 32 MiB 0.95 s). The local `export-nar` of the
-/// same blob went from 0.9 to 0.45 s. The cost: up to 32 MiB of free space kept at the
-/// top of a heap (the client's peak RSS for that read: 41 to 50 MB). A VM keeps glibc's
-/// defaults: there this kept 7.6 MiB more after a guest's 100,000 opens.
+/// `grpc+unix` (`store export-nar`) spent most of its system time so: 0.7 to 0.9 s with
+/// the defaults, 0.3 s with these values (1.8 against 1.3 s wall, beside another job).
+/// On a quiet machine a trim threshold of 8, 16 and 32 MiB took 1.3, 1.1 and 0.95 s.
+/// The local `export-nar` of the same blob went from 0.9 to 0.45 s. The cost: up to
+/// 32 MiB of free space kept at the top of a heap (the client's peak RSS for that read:
+/// 41 to 50 MB). A VM keeps glibc's defaults: there this kept 7.6 MiB more after a
+/// guest's 100,000 opens.
 fn tune_allocator_for_streams() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
