@@ -176,15 +176,7 @@ impl TreeHasher {
                             .save(node, &(left, right))
                             .expect("saving into memory of the outboard's size");
                     }
-                    stack.push(if is_root {
-                        merge_subtrees_root(left.as_bytes(), right.as_bytes(), Mode::Hash)
-                    } else {
-                        blake3::Hash::from(merge_subtrees_non_root(
-                            left.as_bytes(),
-                            right.as_bytes(),
-                            Mode::Hash,
-                        ))
-                    });
+                    stack.push(parent_cv(&left, &right, is_root));
                 }
             }
         }
@@ -398,6 +390,19 @@ impl bao_tree::io::sync::Outboard for &Outboard {
 }
 
 /// Bytes of the blob read into a host buffer: `base` is the blob offset of `bytes[0]`.
+/// The chaining value of a parent node from its children's (the blob's digest at the root).
+fn parent_cv(left: &blake3::Hash, right: &blake3::Hash, is_root: bool) -> blake3::Hash {
+    if is_root {
+        merge_subtrees_root(left.as_bytes(), right.as_bytes(), Mode::Hash)
+    } else {
+        blake3::Hash::from(merge_subtrees_non_root(
+            left.as_bytes(),
+            right.as_bytes(),
+            Mode::Hash,
+        ))
+    }
+}
+
 /// Why bytes failed [`check_groups`].
 enum GroupsError {
     /// A leaf or parent hash that does not match, or a pair the outboard lacks.
@@ -435,16 +440,7 @@ fn check_groups<O: bao_tree::io::sync::Outboard>(
                     .load(node)
                     .map_err(GroupsError::Io)?
                     .ok_or(GroupsError::Mismatch)?;
-                let actual = if is_root {
-                    merge_subtrees_root(l.as_bytes(), r.as_bytes(), Mode::Hash)
-                } else {
-                    blake3::Hash::from(merge_subtrees_non_root(
-                        l.as_bytes(),
-                        r.as_bytes(),
-                        Mode::Hash,
-                    ))
-                };
-                if expected.pop() != Some(actual) {
+                if expected.pop() != Some(parent_cv(&l, &r, is_root)) {
                     return Err(GroupsError::Mismatch);
                 }
                 if right {
