@@ -151,14 +151,16 @@ pub struct LoopActivation {
 
 impl LoopActivation {
     /// Stops the previous activation and hands `subscriber` to `event_loop`; `stop` is
-    /// a duplicate of the eventfd the subscriber stops on.
+    /// a duplicate of the eventfd the subscriber stops on (`try_clone` of it, so that the
+    /// caller can take it before the subscriber moves).
     pub fn start(
         &mut self,
         device: &'static str,
         event_loop: &EventLoopHandle,
+        stop: std::io::Result<EventFd>,
         subscriber: crate::event_loop::Subscriber,
-        stop: EventFd,
     ) -> Result<(), ActivateError> {
+        let stop = stop.map_err(|source| ActivateError::Spawn { device, source })?;
         self.stop();
         event_loop
             .add(subscriber)

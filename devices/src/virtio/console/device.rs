@@ -163,15 +163,9 @@ impl VirtioDevice for VirtioConsole {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let event_loop = activation.event_loop.clone();
         let active = self.take_activation(activation)?;
-        let stop = active
-            .stop
-            .try_clone()
-            .map_err(|source| ActivateError::Spawn {
-                device: DEVICE_NAME,
-                source,
-            })?;
+        let stop = active.stop.try_clone();
         self.activation
-            .start(DEVICE_NAME, &event_loop, Box::new(active), stop)
+            .start(DEVICE_NAME, &event_loop, stop, Box::new(active))
     }
 
     fn reset(&mut self) {
